@@ -1,0 +1,66 @@
+# ovs-underlay — build, test, demo. `make test` and `make demo` work on a fresh Debian 12 as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PROTO_OUT := ipamd/_proto/ipam_pb2.py
+DIST := dist/ovs-underlay
+PREFIX ?= /opt/ovs-underlay
+CNI_BIN_DIR ?= /opt/cni/bin
+DESTDIR ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup sysdeps venv proto lint test unit integration binary cnitool install demo bench bench-quick clean
+
+setup: sysdeps venv proto
+
+sysdeps:
+	@if [ "$$(id -u)" = 0 ]; then scripts/setup-system.sh; else echo "make: not root, skipping system packages" >&2; fi
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+proto: $(PROTO_OUT)
+$(PROTO_OUT): proto/ipam.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iipamd/_proto=proto --python_out=. --grpc_python_out=. --pyi_out=. ipamd/_proto/ipam.proto
+
+lint: setup
+	$(BIN)/ruff check cni ipamd tests scripts bench
+	$(BIN)/mypy cni ipamd
+
+unit: setup
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+# The whole suite: unit + integration (root, real netns, real OVS, real ipamd process).
+test: setup
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+binary: setup
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller packaging/ovs-underlay.spec
+
+cnitool:
+	scripts/build-cnitool.sh build/cnitool
+
+install: binary
+	scripts/install.sh "$(DESTDIR)" "$(PREFIX)" "$(CNI_BIN_DIR)" "$(EXAMPLES)"
+
+demo: setup binary cnitool
+	$(PY) scripts/demo.py $(if $(KEEP),--keep,)
+
+bench: setup binary
+	$(PY) bench/run.py
+
+bench-quick: setup binary
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf build dist $(VENV) .pytest_cache .mypy_cache .ruff_cache ipamd/_proto/*_pb2*.py ipamd/_proto/*_pb2*.pyi
