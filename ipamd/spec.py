@@ -393,7 +393,8 @@ def _finish_subnets(
     subnets = [e[0] for e in entries]
     for i, a in enumerate(subnets):
         for b in subnets[i + 1 :]:
-            if a.version == b.version and (a.subnet.first <= b.subnet.last and b.subnet.first <= a.subnet.last):
+            overlap = a.subnet.first <= b.subnet.last and b.subnet.first <= a.subnet.last
+            if a.version == b.version and overlap:
                 raise ConfigError(f"{where}: subnets {a.subnet} and {b.subnet} overlap")
     for r in pool_excludes:
         if not any(r.version == s.version and r.first >= s.subnet.first and r.last <= s.subnet.last
@@ -475,8 +476,8 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
     conf = _canonicalize(ipam, where)
 
     entries: list[tuple[SubnetSpec, list[IPRange]]] = []
-    spellings = [k for k in ("subnets", "ranges", "ipRanges") if k in conf]
-    single = [k for k in ("subnet", "range") if k in conf]
+    spellings: list[str] = [k for k in ("subnets", "ranges", "ipRanges") if k in conf]
+    single: list[str] = [k for k in ("subnet", "range") if k in conf]
     if len(spellings) + (1 if single else 0) > 1:
         raise ConfigError(f"{where}: give the subnets once (found {', '.join(spellings + single)})")
     if "subnets" in conf:

@@ -19,8 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import netbed  # noqa: E402
-
+import netbed
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import pytest
-
 import netbed
+import pytest
 
 
 @pytest.fixture

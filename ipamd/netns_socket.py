@@ -1,0 +1,106 @@
+"""Open a socket inside another network namespace without moving the process there.
+
+Why: ipamd probes (ARP/NDP) and the plugin's gratuitous ARP must send from the pod's interface,
+which lives in the pod's netns. A socket belongs to the netns it was created in, for its whole
+life, whatever thread later uses it. setns(2) with CLONE_NEWNET only moves the *calling thread*,
+so we create the socket on a short-lived thread that enters the netns, makes the socket and
+exits. The thread never returns to a pool and runs no other code, so no other work (gRPC
+handlers, SQLite, logging) ever runs in a pod's netns, and the process's own netns never changes.
+No fork: the daemon is multi-threaded (pyroute2's fork-based helpers are unsafe there).
+
+stdlib only: the plugin imports this on the ADD path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import socket
+import struct
+import threading
+
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs fd: the namespace type (linux/nsfs.h)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+
+
+class NetnsError(OSError):
+    """The path is not a network namespace, or entering it failed."""
+
+
+def check_netns(path: str) -> int:
+    """Return the inode of the network namespace at `path`; raise NetnsError if `path` is not
+    one (a plain file, a mount namespace, a missing path)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetnsError(exc.errno, f"cannot open netns {path}: {exc.strerror}") from exc
+    try:
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError as exc:
+            raise NetnsError(errno.EINVAL, f"{path} is not a namespace file") from exc
+        if nstype != CLONE_NEWNET:
+            raise NetnsError(errno.EINVAL, f"{path} is a namespace but not a network namespace")
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def own_netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def socket_in_netns(netns_path: str, family: int, type_: int, proto: int = 0) -> socket.socket:
+    """Create a socket in the network namespace at `netns_path` (see module docstring)."""
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    box: dict[str, object] = {}
+
+    def make() -> None:
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetnsError(err, f"setns({netns_path}): {os.strerror(err)}")
+            box["sock"] = socket.socket(family, type_, proto)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["err"] = exc
+
+    try:
+        t = threading.Thread(target=make, name="netns-socket", daemon=True)
+        t.start()
+        t.join()
+    finally:
+        os.close(fd)
+    if "err" in box:
+        raise box["err"]  # type: ignore[misc]
+    sock = box["sock"]
+    assert isinstance(sock, socket.socket)
+    return sock
+
+
+def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.socket, int]:
+    """An AF_PACKET/SOCK_RAW socket bound to `ifname` inside the netns, receiving `ethertype`.
+    Returns the socket and the interface index (raises OSError ENODEV if ifname is missing)."""
+    sock = socket_in_netns(netns_path, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+    try:
+        sock.bind((ifname, ethertype))
+        ifindex = _ifindex_of(sock)
+    except OSError:
+        sock.close()
+        raise
+    return sock, ifindex
+
+
+def _ifindex_of(sock: socket.socket) -> int:
+    # getsockname() on a bound AF_PACKET socket gives (ifname, proto, pkttype, hatype, addr);
+    # the index is not exposed, so resolve it via SIOCGIFINDEX on this (namespaced) socket.
+
+    name = sock.getsockname()[0]
+    req = struct.pack("16si12x", name.encode(), 0)
+    res = fcntl.ioctl(sock.fileno(), 0x8933, req)  # SIOCGIFINDEX
+    return int(struct.unpack("16si12x", res)[1])
