@@ -157,6 +157,7 @@ class ProbeResult:
     mac: str | None
     elapsed_ms: float
     cached: bool = False
+    skipped: bool = False  # the interface was not in the netns (or down): nothing was sent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +199,10 @@ ALIASES: dict[str, str] = {
     "timeoutMs": "timeoutMs",
 }
 _ALIASES_LOWER = {k.lower(): v for k, v in ALIASES.items()}
+
+# ovn-kubernetes NADs carry the IPAM at the top level of the network config, with no `ipam`
+# section; these are the keys read from there (daemonSocket so a node can move the socket).
+TOP_LEVEL_KEYS = ("subnets", "excludeSubnets", "daemonSocket")
 
 # Keys a CNI ipam section carries that are not ours to interpret.
 _PASSTHROUGH = {"type", "name", "cniVersion", "dataDir", "resolvConf", "log_level", "log_file"}
@@ -462,7 +467,7 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
     """Parse a CNI `ipam` section into the canonical `IpamConf`.
 
     `top_level` is the ovn-kubernetes spelling: a network config with `subnets` /
-    `excludeSubnets` at its top level and no `ipam` section. Only those two keys are read from
+    `excludeSubnets` at its top level and no `ipam` section. Only TOP_LEVEL_KEYS are read from
     it. Raises ConfigError with the key and value at fault.
     """
     where = "ipam"
@@ -470,7 +475,7 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
         if top_level is None:
             raise ConfigError("ipam: no ipam section and no top-level subnets")
         where = "config"
-        ipam = {k: top_level[k] for k in ("subnets", "excludeSubnets") if k in top_level}
+        ipam = {k: top_level[k] for k in TOP_LEVEL_KEYS if k in top_level}
     if not isinstance(ipam, Mapping):
         raise ConfigError(f"{where}: expected an object, got {ipam!r}")
     conf = _canonicalize(ipam, where)

@@ -1,0 +1,199 @@
+"""`ovs-underlay-ipamd`: `serve` and the admin subcommands (a contract other tools rely on).
+
+    serve   [--config FILE] [--socket PATH] [--state-dir DIR] [--metrics-port N] [--listen ADDR]
+            [--log-level L]                       flags override the file; no config = defaults
+    pools   [--network N] [-o table|json]         used/total per subnet entry
+    leases  [--network N] [--all] [-o table|json] one row per address; live only unless --all
+    release --container ID --ifname IF [--network N]
+    gc      --network N (--keep CID/IFNAME ... | --release-all)
+            releases every live lease of N except the kept attachments; with no --keep the
+            explicit --release-all is required, so a typo can never empty a network
+    health                                        exit 0 iff the daemon reports SERVING
+
+Every admin subcommand takes --socket PATH and --timeout-ms. Exit codes: 0 ok, 1 the daemon
+said no or could not be reached (one line on stderr, no traceback), 2 bad usage (argparse).
+JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, state, mac, netns,
+podNamespace, podName, podUID, createdUnixMs, conflictMAC}], `pools` -> [{network, subnet,
+gateway, used, total, free, quarantined}].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cni.errors import CniError
+from ipamd.spec import DEFAULT_DAEMON_SOCKET
+
+PROG = "ovs-underlay-ipamd"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="ovs-underlay node-local IPAM daemon")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", help="daemon config file (JSON); flags override it")
+    s.add_argument("--socket", help=f"unix socket (default {DEFAULT_DAEMON_SOCKET})")
+    s.add_argument("--state-dir", help="directory of the SQLite store (default /var/lib/ovs-underlay)")
+    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default)")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    def admin(name: str, help: str) -> argparse.ArgumentParser:
+        a = sub.add_parser(name, help=help)
+        a.add_argument("--socket", default=DEFAULT_DAEMON_SOCKET, help="ipamd socket")
+        a.add_argument("--timeout-ms", type=int, default=5000, help="deadline of the call")
+        return a
+
+    a = admin("pools", "pools and their utilisation")
+    a.add_argument("--network", default="")
+    a.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    a = admin("leases", "leases (live only unless --all)")
+    a.add_argument("--network", default="")
+    a.add_argument("--all", action="store_true", help="include released (cooling) and quarantined")
+    a.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    a = admin("release", "release an attachment's addresses")
+    a.add_argument("--container", required=True, help="container id")
+    a.add_argument("--ifname", required=True)
+    a.add_argument("--network", default="", help="only in this network (default: every network)")
+    a.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    a = admin("gc", "release every lease of a network except the kept attachments")
+    a.add_argument("--network", required=True)
+    g = a.add_mutually_exclusive_group(required=True)
+    g.add_argument("--keep", nargs="+", metavar="CID/IFNAME", help="attachments to keep")
+    g.add_argument("--release-all", action="store_true", help="keep nothing")
+    a.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    admin("health", "exit 0 iff the daemon is SERVING")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "serve":
+        return _serve(args)
+    from ipamd.client import IpamClient  # grpc only for the admin commands
+
+    try:
+        with IpamClient(args.socket, timeout_ms=args.timeout_ms) as client:
+            return int(_ADMIN[args.cmd](client, args))
+    except CniError as exc:
+        sys.stderr.write(f"{PROG} {args.cmd}: {exc.msg}\n")
+        return 1
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} " \
+               f"logger={record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ipamd.config import DaemonConfigError, load
+    from ipamd.server import Daemon, StartupError
+
+    try:
+        cfg = load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
+                                 "metrics_port": args.metrics_port, "listen": args.listen,
+                                 "log_level": args.log_level})
+    except DaemonConfigError as exc:
+        sys.stderr.write(f"{PROG} serve: {exc}\n")
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter())
+    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler], force=True)
+    try:
+        daemon = Daemon(cfg)
+    except (StartupError, OSError) as exc:
+        sys.stderr.write(f"{PROG} serve: {exc}\n")
+        return 1
+    return daemon.run()
+
+
+# ---- admin -----------------------------------------------------------------------------------
+
+
+def _lease_rows(leases: Sequence[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for lease in leases:
+        for ipc in lease.ips:
+            rows.append({
+                "network": lease.network, "ip": ipc.address.split("/")[0], "address": ipc.address,
+                "gateway": ipc.gateway, "containerID": lease.container_id, "ifname": lease.ifname,
+                "state": lease.state, "mac": lease.mac, "netns": lease.netns,
+                "podNamespace": lease.pod.namespace, "podName": lease.pod.name, "podUID": lease.pod.uid,
+                "createdUnixMs": lease.created_unix_ms, "conflictMAC": lease.conflict_mac,
+            })
+    return rows
+
+
+def _print(rows: list[dict[str, Any]], cols: Sequence[str], output: str) -> None:
+    if output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not rows:
+        sys.stdout.write("(none)\n")
+        return
+    table = [[c.upper() for c in cols]] + [[str(r.get(c, "")) or "-" for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+_LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "podNamespace", "podName")
+
+
+def _pools(client: Any, args: argparse.Namespace) -> int:
+    rows = [{"network": p.network, "subnet": p.subnet, "gateway": p.gateway, "used": int(p.used),
+             "total": int(p.total), "free": int(p.total) - int(p.used) - int(p.quarantined),
+             "quarantined": int(p.quarantined)} for p in client.list_pools(network=args.network)]
+    _print(rows, ("network", "subnet", "gateway", "used", "total", "free", "quarantined"), args.output)
+    return 0
+
+
+def _leases(client: Any, args: argparse.Namespace) -> int:
+    rows = _lease_rows(client.list_leases(network=args.network, all=args.all))
+    cols = (*_LEASE_COLS, "conflictMAC") if args.all else _LEASE_COLS
+    _print(rows, cols, args.output)
+    return 0
+
+
+def _release(client: Any, args: argparse.Namespace) -> int:
+    rows = _lease_rows(client.release_leases(network=args.network, container_id=args.container,
+                                             ifname=args.ifname))
+    _print(rows, _LEASE_COLS, args.output)
+    return 0
+
+
+def _gc(client: Any, args: argparse.Namespace) -> int:
+    keep = []
+    for item in args.keep or []:
+        cid, sep, ifname = item.rpartition("/")
+        if not sep or not cid or not ifname:
+            sys.stderr.write(f"{PROG} gc: --keep {item!r}: expected CONTAINERID/IFNAME\n")
+            return 2
+        keep.append((cid, ifname))
+    rows = _lease_rows(client.gc_leases(network=args.network, valid=keep))
+    _print(rows, _LEASE_COLS, args.output)
+    return 0
+
+
+def _health(client: Any, args: argparse.Namespace) -> int:
+    ok = bool(client.health())
+    sys.stdout.write("SERVING\n" if ok else "NOT_SERVING\n")
+    return 0 if ok else 1
+
+
+_ADMIN = {"pools": _pools, "leases": _leases, "release": _release, "gc": _gc, "health": _health}

@@ -1,0 +1,193 @@
+"""Proto <-> domain conversion, in one place for the client, the server and the stores.
+
+Why one module: the wire format (ipamd/_proto) and the domain types (ipamd.spec, ipamd.model)
+must agree in exactly one spot. A pool definition crosses the wire in its canonical form and is
+re-validated on arrival through `spec.parse_ipam`, the same parser the plugin used, so a
+hand-made or corrupted request is refused with the parser's precise message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from netaddr import AddrFormatError, IPAddress, IPNetwork
+
+from ipamd._proto import ipam_pb2 as pb
+from ipamd.model import QUARANTINED, Entry
+from ipamd.spec import (
+    Allocation,
+    ConfigError,
+    DnsSpec,
+    IpAssignment,
+    PodRef,
+    PoolDef,
+    RouteSpec,
+    parse_ipam,
+)
+
+# ---------------------------------------------------------------------------------------------
+# pool definitions
+
+
+def pool_to_dict(pool: PoolDef) -> dict[str, Any]:
+    """The canonical, JSON-able form of a pool: an `ipam` section that parse_ipam accepts."""
+    out: dict[str, Any] = {"subnets": [s.canonical() for s in pool.subnets]}
+    if pool.routes:
+        out["routes"] = [{"dst": str(r.dst), **({"gw": str(r.gw)} if r.gw is not None else {})}
+                         for r in pool.routes]
+    if not pool.dns.empty():
+        out["dns"] = {"nameservers": list(pool.dns.nameservers), "domain": pool.dns.domain,
+                      "search": list(pool.dns.search), "options": list(pool.dns.options)}
+    out["macFromIP"] = pool.mac_from_ip
+    out["cooldownSeconds"] = pool.cooldown_s
+    return out
+
+
+def pool_from_dict(raw: dict[str, Any]) -> PoolDef:
+    """Inverse of pool_to_dict; raises spec.ConfigError on an invalid definition."""
+    return parse_ipam(raw).pool
+
+
+def pool_to_json(pool: PoolDef) -> str:
+    return json.dumps(pool_to_dict(pool), sort_keys=True)
+
+
+def pool_from_json(text: str) -> PoolDef:
+    return pool_from_dict(json.loads(text))
+
+
+def pool_to_pb(pool: PoolDef) -> pb.PoolSpec:
+    d = pool_to_dict(pool)
+    return pb.PoolSpec(
+        subnets=[pb.SubnetSpec(subnet=s["subnet"], gateway=s["gateway"], range_start=s["rangeStart"],
+                               range_end=s["rangeEnd"], exclude=s["exclude"]) for s in d["subnets"]],
+        routes=[pb.Route(dst=r["dst"], gw=r.get("gw", "")) for r in d.get("routes", [])],
+        dns=dns_to_pb(pool.dns),
+        mac_from_ip=pool.mac_from_ip,
+        cooldown_s=pool.cooldown_s,
+    )
+
+
+def pool_from_pb(msg: pb.PoolSpec) -> PoolDef:
+    """Validate a pool received on the wire. Raises spec.ConfigError naming the bad field."""
+    raw: dict[str, Any] = {
+        "subnets": [
+            {"subnet": s.subnet, "gateway": s.gateway, "rangeStart": s.range_start,
+             "rangeEnd": s.range_end, "exclude": list(s.exclude)}
+            for s in msg.subnets
+        ],
+        "macFromIP": msg.mac_from_ip,
+    }
+    if msg.cooldown_s:
+        raw["cooldownSeconds"] = int(msg.cooldown_s)
+    if msg.routes:
+        raw["routes"] = [{"dst": r.dst, **({"gw": r.gw} if r.gw else {})} for r in msg.routes]
+    if msg.HasField("dns"):
+        raw["dns"] = {"nameservers": list(msg.dns.nameservers), "domain": msg.dns.domain,
+                      "search": list(msg.dns.search), "options": list(msg.dns.options)}
+    return parse_ipam(raw).pool
+
+
+def dns_to_pb(dns: DnsSpec) -> pb.Dns:
+    return pb.Dns(nameservers=list(dns.nameservers), domain=dns.domain, search=list(dns.search),
+                  options=list(dns.options))
+
+
+def dns_from_pb(msg: pb.Dns) -> DnsSpec:
+    return DnsSpec(nameservers=tuple(msg.nameservers), domain=msg.domain, search=tuple(msg.search),
+                   options=tuple(msg.options))
+
+
+def resolve_routes(pool: PoolDef) -> tuple[RouteSpec, ...]:
+    """host-local semantics: a route without gw goes via the gateway of its family's subnet."""
+    out = []
+    for r in pool.routes:
+        gw = r.gw
+        if gw is None:
+            gw = next((s.gateway for s in pool.subnets
+                       if s.version == r.dst.version and s.gateway is not None), None)
+        out.append(RouteSpec(r.dst, gw))
+    return tuple(out)
+
+
+def routes_to_pb(routes: Iterable[RouteSpec]) -> list[pb.Route]:
+    return [pb.Route(dst=str(r.dst), gw=str(r.gw) if r.gw is not None else "") for r in routes]
+
+
+def routes_from_pb(msgs: Iterable[pb.Route]) -> tuple[RouteSpec, ...]:
+    return tuple(RouteSpec(IPNetwork(r.dst), IPAddress(r.gw) if r.gw else None) for r in msgs)
+
+
+# ---------------------------------------------------------------------------------------------
+# pods, requested addresses
+
+
+def pod_to_pb(pod: PodRef | None) -> pb.PodRef:
+    pod = pod or PodRef()
+    return pb.PodRef(namespace=pod.namespace, name=pod.name, uid=pod.uid)
+
+
+def pod_from_pb(msg: pb.PodRef) -> PodRef:
+    return PodRef(namespace=msg.namespace, name=msg.name, uid=msg.uid)
+
+
+def ips_from_pb(values: Sequence[str]) -> tuple[IPAddress, ...]:
+    """Requested addresses: plain IPs or CIDRs. Raises spec.ConfigError on garbage."""
+    out = []
+    for v in values:
+        try:
+            out.append(IPNetwork(v).ip if "/" in v else IPAddress(v))
+        except (AddrFormatError, ValueError, TypeError) as exc:
+            raise ConfigError(f"requested address {v!r} is not an IP address") from exc
+    return tuple(out)
+
+
+def ip_from_pb(value: str, what: str) -> IPAddress:
+    try:
+        return IPAddress(value)
+    except (AddrFormatError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{what} {value!r} is not an IP address") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# leases
+
+
+def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
+    """Group address entries into one Lease per (network, attachment, state)."""
+    grouped: dict[tuple[str, str, str, str], list[Entry]] = {}
+    for e in entries:
+        # Quarantined addresses are listed one by one: each has its own answering MAC.
+        key = (e.network, e.container_id, e.ifname, e.state + (str(e.ip) if e.state == QUARANTINED else ""))
+        grouped.setdefault(key, []).append(e)
+    out = []
+    for group in grouped.values():
+        group.sort(key=lambda e: e.subnet_index)
+        first = group[0]
+        out.append(pb.Lease(
+            network=first.network, container_id=first.container_id, ifname=first.ifname,
+            pod=pod_to_pb(first.pod),
+            ips=[pb.IpConfig(address=str(e.address), gateway=str(e.gateway) if e.gateway else "")
+                 for e in group],
+            mac=next((e.mac for e in group if e.mac), ""), state=first.state,
+            created_unix_ms=first.created_ms, netns=first.netns,
+            conflict_mac=first.conflict_mac,
+        ))
+    return out
+
+
+def ips_of_lease(msg: pb.Lease) -> tuple[IpAssignment, ...]:
+    return tuple(IpAssignment(IPNetwork(i.address), IPAddress(i.gateway) if i.gateway else None)
+                 for i in msg.ips)
+
+
+def allocation_from_pb(lease: pb.Lease, routes: Iterable[pb.Route], dns: pb.Dns,
+                       conflict_probed: bool = False) -> Allocation:
+    """An Allocate or GetLease answer as the plugin's `Allocation`."""
+    return Allocation(
+        network=lease.network, container_id=lease.container_id, ifname=lease.ifname,
+        ips=ips_of_lease(lease), routes=routes_from_pb(routes), dns=dns_from_pb(dns),
+        mac=lease.mac or None, conflict_probed=conflict_probed,
+    )

@@ -1,0 +1,173 @@
+"""The daemon's lifecycle: socket, store, gRPC server, health, signals.
+
+Why these steps, in this order:
+- one daemon per socket: an flock on `<socket>.lock`, then a health call on an existing socket
+  file (refuse if someone answers), then the stale file is removed;
+- the socket is created under umask 0177 and chmod'ed 0600: only root may ask for addresses;
+- health (`grpc.health.v1`) is SERVING only while the store answers, checked periodically;
+- SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), close the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import stat
+import threading
+from concurrent import futures
+from http.server import ThreadingHTTPServer
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ipamd._proto import ipam_pb2_grpc
+from ipamd.allocator import Allocator
+from ipamd.client import IpamClient
+from ipamd.config import DaemonConfig, listen_address
+from ipamd.metrics import Labels, Metrics, serve_metrics
+from ipamd.probe import Prober
+from ipamd.service import IpamService
+from ipamd.store import Store
+from ipamd.store_sqlite import SqliteStore
+
+log = logging.getLogger("ipamd.server")
+SERVICE_NAME = "ovs_underlay.ipam.v1.Ipam"
+HEALTH_INTERVAL_S = 5.0
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says why (printed without a traceback)."""
+
+
+def _take_socket(path: str) -> int:
+    """Make sure nobody else serves on `path`; returns the lock fd (held for our lifetime)."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupError(f"another ipamd holds {path}.lock: refusing to start") from exc
+        raise
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return lock_fd
+    if not stat.S_ISSOCK(st.st_mode):
+        os.close(lock_fd)
+        raise StartupError(f"{path} exists and is not a socket: refusing to replace it")
+    with IpamClient(path, timeout_ms=1000) as c:
+        answering = True
+        try:
+            c.health()
+        except Exception:  # CniError (unreachable) is the expected case: a stale socket
+            answering = False
+    if answering:
+        os.close(lock_fd)
+        raise StartupError(f"another ipamd answers on {path}: refusing to start")
+    log.info("socket=%s msg=%s", path, "removing stale socket file left by a previous daemon")
+    os.unlink(path)
+    return lock_fd
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self._stop = threading.Event()
+        self._lock_fd = _take_socket(cfg.socket)
+        try:
+            self.store: Store = store or SqliteStore(os.path.join(cfg.state_dir, cfg.db_file))
+        except Exception as exc:
+            os.close(self._lock_fd)
+            raise StartupError(f"cannot open the store in {cfg.state_dir}: {exc}") from exc
+        self.metrics = Metrics()
+        self.prober = Prober(self.metrics, cache_ttl_s=cfg.gateway_cache_seconds)
+        self.allocator = Allocator(self.store, default_cooldown_s=cfg.cooldown_seconds,
+                                   quarantine_s=cfg.quarantine_seconds, prober=self.prober)
+        self.metrics.add_gauges(self._pool_gauges)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
+                                                             thread_name_prefix="rpc"))
+        ipam_pb2_grpc.add_IpamServicer_to_server(  # type: ignore[no-untyped-call]
+            IpamService(self.allocator, self.prober, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._metrics_srv: ThreadingHTTPServer | None = None
+
+    def _pool_gauges(self) -> list[tuple[str, Labels, float]]:
+        out: list[tuple[str, Labels, float]] = []
+        for u in self.allocator.usage():
+            labels = (("network", u.network), ("subnet", str(u.subnet)))
+            out += [("ipamd_pool_used", labels, u.used), ("ipamd_pool_total", labels, u.total),
+                    ("ipamd_pool_quarantined", labels, u.quarantined),
+                    ("ipamd_pool_utilisation", labels, u.used / u.total if u.total else 1.0)]
+        return out
+
+    def _bind(self) -> None:
+        old = os.umask(0o177)
+        try:
+            self.server.add_insecure_port(f"unix://{self.cfg.socket}")
+        finally:
+            os.umask(old)
+        if self.cfg.listen:
+            addr = listen_address(self.cfg.listen)
+            if self.server.add_insecure_port(addr) == 0:
+                raise StartupError(f"cannot listen on {addr}")
+            log.warning("listen=%s msg=%s", addr, "TCP listener enabled (unauthenticated)")
+
+    def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _watch_store(self) -> None:
+        """Readiness follows the store: NOT_SERVING while it does not answer."""
+        while not self._stop.wait(HEALTH_INTERVAL_S):
+            try:
+                self.store.networks()
+                ok = True
+            except Exception as exc:
+                log.error("msg=%s error=%s", "store check failed: NOT_SERVING", exc)
+                ok = False
+            if not self._stop.is_set():
+                self._set_health(ok)
+
+    def run(self) -> int:
+        self._bind()
+        self.server.start()
+        os.chmod(self.cfg.socket, 0o600)
+        if self.cfg.metrics_port:
+            self._metrics_srv = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host)
+        self._set_health(True)
+        threading.Thread(target=self._watch_store, name="health", daemon=True).start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("socket=%s state_dir=%s metrics_port=%s msg=%s", self.cfg.socket, self.cfg.state_dir,
+                 self.cfg.metrics_port or "-", "ipamd serving")
+        self._stop.wait()
+        self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal=%s msg=%s", signal.Signals(signum).name, "shutting down")
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.cfg.shutdown_grace_seconds).wait()
+        if self._metrics_srv is not None:
+            self._metrics_srv.shutdown()
+        self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cfg.socket)
+        os.close(self._lock_fd)
+        log.info("msg=%s", "ipamd stopped; store closed")

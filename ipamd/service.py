@@ -1,0 +1,171 @@
+"""The gRPC servicer: translates proto <-> domain and calls the allocator and the prober.
+
+Why thin: the servicer holds no IPAM logic. Its one other job is the single error translator
+(`_rpc`): domain errors become their gRPC status, their message and the trailing metadata
+`ovs-underlay-cni-code`; spec.ConfigError becomes INVALID_ARGUMENT/7; anything unexpected becomes
+INTERNAL with the traceback in the daemon's log only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ipamd import convert
+from ipamd._proto import ipam_pb2 as pb
+from ipamd._proto import ipam_pb2_grpc
+from ipamd.allocator import Allocator, Request
+from ipamd.errors import CNI_CODE_KEY, InvalidPool, InvalidRequest, IpamError, LeaseNotFound
+from ipamd.metrics import Metrics
+from ipamd.probe import Prober
+from ipamd.spec import ConfigError
+
+log = logging.getLogger("ipamd.service")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[["IpamService", Req, grpc.ServicerContext], Resp]
+
+
+def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """The one server-side error translator."""
+
+    @functools.wraps(fn)
+    def wrapper(self: IpamService, request: Req, context: grpc.ServicerContext) -> Resp:
+        try:
+            return fn(self, request, context)
+        except ConfigError as exc:
+            err: IpamError = InvalidPool(str(exc))
+        except IpamError as exc:
+            err = exc
+        except Exception:
+            log.exception("rpc=%s msg=%s", fn.__name__, "internal error")
+            self.metrics.inc("ipamd_failures_total", rpc=fn.__name__, reason="INTERNAL")
+            context.set_trailing_metadata(((CNI_CODE_KEY, "999"),))
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"ipamd internal error in {fn.__name__} (see the ipamd log)")
+        self.metrics.inc("ipamd_failures_total", rpc=fn.__name__, reason=err.status)
+        level = logging.ERROR if err.status == "INTERNAL" else logging.INFO
+        log.log(level, "rpc=%s status=%s cni_code=%s msg=%s", fn.__name__, err.status, int(err.cni_code),
+                err.msg)
+        context.set_trailing_metadata(((CNI_CODE_KEY, str(int(err.cni_code))),))
+        context.abort(getattr(grpc.StatusCode, err.status), err.msg)
+
+    return wrapper
+
+
+def _required(**fields: str) -> None:
+    missing = [k for k, v in fields.items() if not v]
+    if missing:
+        raise InvalidRequest(f"missing required field(s): {', '.join(missing)}")
+
+
+def _netns(path: str) -> str:
+    if path and not os.path.isabs(path):
+        raise InvalidRequest(f"netns {path!r} must be an absolute path")
+    return path
+
+
+class IpamService(ipam_pb2_grpc.IpamServicer):
+    def __init__(self, allocator: Allocator, prober: Prober, metrics: Metrics) -> None:
+        self.allocator = allocator
+        self.prober = prober
+        self.metrics = metrics
+
+    @_rpc
+    def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
+        _required(network=request.network, container_id=request.container_id, ifname=request.ifname)
+        pool = convert.pool_from_pb(request.pool)
+        grant = self.allocator.allocate(Request(
+            network=request.network, pool=pool, container_id=request.container_id, ifname=request.ifname,
+            pod=convert.pod_from_pb(request.pod), requested_ips=convert.ips_from_pb(request.requested_ips),
+            requested_mac=request.requested_mac, netns=_netns(request.netns),
+            conflict_check=request.conflict_check,
+            conflict_check_wait_ms=min(int(request.conflict_check_wait_ms or 100), 10_000),
+        ))
+        if not grant.existing:
+            self.metrics.inc("ipamd_allocations_total", len(grant.entries), network=request.network)
+        log.info("rpc=Allocate network=%s container_id=%s ifname=%s ips=%s existing=%s conflict_probed=%s",
+                 request.network, request.container_id, request.ifname,
+                 ",".join(str(e.address) for e in grant.entries), grant.existing, grant.conflict_probed)
+        return pb.AllocateResponse(
+            lease=convert.leases_to_pb(grant.entries)[0],
+            routes=convert.routes_to_pb(convert.resolve_routes(pool)), dns=convert.dns_to_pb(pool.dns),
+            conflict_probed=grant.conflict_probed, quarantined=list(grant.quarantined))
+
+    @_rpc
+    def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        _required(container_id=request.container_id, ifname=request.ifname)
+        released = self.allocator.release(request.network or None, request.container_id, request.ifname)
+        if released:
+            self.metrics.inc("ipamd_releases_total", len(released), network=request.network or "*")
+        log.info("rpc=Release network=%s container_id=%s ifname=%s released=%s", request.network or "*",
+                 request.container_id, request.ifname, ",".join(str(e.ip) for e in released) or "-")
+        return pb.ReleaseResponse(released=convert.leases_to_pb(released))
+
+    @_rpc
+    def GetLease(self, request: pb.GetLeaseRequest, context: Any) -> pb.GetLeaseResponse:
+        _required(network=request.network, container_id=request.container_id, ifname=request.ifname)
+        entries, pool = self.allocator.get(request.network, request.container_id, request.ifname)
+        if pool is None:
+            raise LeaseNotFound(f"network {request.network} is unknown to ipamd (no address was ever "
+                                "allocated in it)")
+        if not entries:
+            raise LeaseNotFound(f"network {request.network}: no lease for container {request.container_id} "
+                                f"ifname {request.ifname}")
+        return pb.GetLeaseResponse(
+            lease=convert.leases_to_pb(entries)[0],
+            routes=convert.routes_to_pb(convert.resolve_routes(pool)), dns=convert.dns_to_pb(pool.dns))
+
+    @_rpc
+    def GarbageCollect(self, request: pb.GcRequest, context: Any) -> pb.GcResponse:
+        released = self.allocator.gc(request.network or None,
+                                     [(a.container_id, a.ifname) for a in request.valid])
+        if released:
+            self.metrics.inc("ipamd_releases_total", len(released), network=request.network or "*")
+        log.info("rpc=GarbageCollect network=%s kept=%d released=%s", request.network or "*",
+                 len(request.valid), ",".join(f"{e.network}/{e.ip}" for e in released) or "-")
+        return pb.GcResponse(released=convert.leases_to_pb(released))
+
+    @_rpc
+    def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
+        return pb.ListPoolsResponse(pools=[
+            pb.PoolUsage(network=u.network, subnet=str(u.subnet), used=u.used, total=u.total,
+                         quarantined=u.quarantined, gateway=str(u.gateway) if u.gateway else "")
+            for u in self.allocator.usage(request.network or None)])
+
+    @_rpc
+    def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
+        return pb.ListLeasesResponse(
+            leases=convert.leases_to_pb(self.allocator.leases(request.network or None, request.all)))
+
+    @_rpc
+    def ProbeGateway(self, request: pb.ProbeGatewayRequest, context: Any) -> pb.ProbeGatewayResponse:
+        _required(netns=request.netns, ifname=request.ifname, gateway=request.gateway)
+        gw = convert.ip_from_pb(request.gateway, "gateway")
+        sender = convert.ip_from_pb(request.sender_ip, "sender_ip") if request.sender_ip else None
+        timeout_ms = min(max(int(request.timeout_ms or 1000), 1), 60_000)
+        res = self.prober.gateway(_netns(request.netns), request.ifname, gw, sender, timeout_ms,
+                                  request.cache_key)
+        log.info("rpc=ProbeGateway netns=%s ifname=%s gateway=%s reachable=%s mac=%s elapsed_ms=%.1f "
+                 "cached=%s skipped=%s", request.netns, request.ifname, gw, res.reachable, res.mac,
+                 res.elapsed_ms, res.cached, res.skipped)
+        return pb.ProbeGatewayResponse(reachable=res.reachable, mac=res.mac or "",
+                                       elapsed_us=int(res.elapsed_ms * 1000), cached=res.cached,
+                                       skipped=res.skipped)
+
+    @_rpc
+    def DetectConflict(self, request: pb.DetectConflictRequest, context: Any) -> pb.DetectConflictResponse:
+        _required(netns=request.netns, ifname=request.ifname, address=request.address)
+        ip = convert.ip_from_pb(request.address, "address")
+        wait_ms = min(max(int(request.wait_ms or 100), 1), 10_000)
+        res = self.prober.conflict(_netns(request.netns), request.ifname, ip, wait_ms)
+        log.info("rpc=DetectConflict netns=%s ifname=%s address=%s conflict=%s mac=%s elapsed_ms=%.1f",
+                 request.netns, request.ifname, ip, res.reachable, res.mac, res.elapsed_ms)
+        return pb.DetectConflictResponse(conflict=res.reachable, mac=res.mac or "",
+                                         elapsed_us=int(res.elapsed_ms * 1000), skipped=res.skipped)

@@ -1,0 +1,158 @@
+"""The `Store` interface the allocator works against, and an in-memory implementation.
+
+Why small: the allocator is pure logic over this Protocol, so SQLite (store_sqlite.py) today and
+a cluster-wide store (etcd, later) plug in without touching it. Every store must pass the one
+contract suite (tests/unit/test_ipamd_store_contract.py). The store is the truth about
+uniqueness: `reserve` refuses to make an address ACTIVE twice in a network, whatever the
+allocator's in-memory hints say.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from ipamd.errors import StoreConflict
+from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
+from ipamd.spec import PoolDef
+
+
+class Store(Protocol):
+    def get_pool(self, network: str) -> PoolDef | None: ...
+
+    def put_pool(self, network: str, pool: PoolDef) -> None: ...
+
+    def networks(self) -> list[str]: ...
+
+    def reserve(self, entries: Sequence[Entry], *, advance_cursor: bool = True) -> None:
+        """Atomically make every entry ACTIVE (replacing released/quarantined rows of the same
+        address). Raise StoreConflict, changing nothing, if any address is already ACTIVE.
+        With advance_cursor, the subnet's round-robin cursor moves to each entry's address in
+        the same transaction. Durable when it returns."""
+        ...
+
+    def quarantine(self, network: str, ip: str, *, conflict_mac: str, now_ms: int) -> Entry | None:
+        """Mark an address QUARANTINED (whatever its state), keeping the row's other fields.
+        Returns the new entry, or None when the address has no row."""
+        ...
+
+    def release_by_owner(self, network: str | None, container_id: str, ifname: str,
+                         now_ms: int) -> list[Entry]:
+        """ACTIVE -> RELEASED for the attachment (in every network when network is None).
+        Returns the released entries; [] when there were none."""
+        ...
+
+    def get_by_owner(self, network: str, container_id: str, ifname: str) -> list[Entry]:
+        """The attachment's ACTIVE entries, ordered by subnet index."""
+        ...
+
+    def get_entry(self, network: str, ip: str) -> Entry | None: ...
+
+    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,)) -> list[Entry]: ...
+
+    def get_cursor(self, network: str, subnet_index: int) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Reference implementation; also the fake for unit tests. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[str, PoolDef] = {}
+        self._entries: dict[tuple[str, str], Entry] = {}
+        self._cursors: dict[tuple[str, int], str] = {}
+        # (network, container id, ifname) -> keys of its ACTIVE entries: no scans per call
+        self._owners: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+
+    def _index(self, e: Entry, key: tuple[str, str], add: bool) -> None:
+        owner = (e.network, e.container_id, e.ifname)
+        if add:
+            self._owners.setdefault(owner, set()).add(key)
+            return
+        keys = self._owners.get(owner)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._owners[owner]
+
+    def get_pool(self, network: str) -> PoolDef | None:
+        with self._lock:
+            return self._pools.get(network)
+
+    def put_pool(self, network: str, pool: PoolDef) -> None:
+        with self._lock:
+            self._pools[network] = pool
+
+    def networks(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pools)
+
+    def reserve(self, entries: Sequence[Entry], *, advance_cursor: bool = True) -> None:
+        with self._lock:
+            keys = [(e.network, str(e.ip)) for e in entries]
+            if len(set(keys)) != len(keys):
+                raise StoreConflict(keys[0][0], "duplicate address in one reservation")
+            for (net, ip) in keys:
+                old = self._entries.get((net, ip))
+                if old is not None and old.state == ACTIVE:
+                    raise StoreConflict(net, ip)
+            for key, e in zip(keys, entries, strict=True):
+                old = self._entries.get(key)
+                if old is not None:
+                    self._index(old, key, add=False)
+                self._entries[key] = replace(e, state=ACTIVE)
+                self._index(e, key, add=True)
+                if advance_cursor:
+                    self._cursors[(e.network, e.subnet_index)] = key[1]
+
+    def quarantine(self, network: str, ip: str, *, conflict_mac: str, now_ms: int) -> Entry | None:
+        with self._lock:
+            old = self._entries.get((network, ip))
+            if old is None:
+                return None
+            new = replace(old, state=QUARANTINED, conflict_mac=conflict_mac, changed_ms=now_ms)
+            self._entries[(network, ip)] = new
+            self._index(old, (network, ip), add=False)
+            return new
+
+    def release_by_owner(self, network: str | None, container_id: str, ifname: str,
+                         now_ms: int) -> list[Entry]:
+        with self._lock:
+            if network is None:
+                owners = [o for o in self._owners if o[1:] == (container_id, ifname)]
+            else:
+                owners = [(network, container_id, ifname)]
+            out = []
+            for owner in owners:
+                for key in sorted(self._owners.pop(owner, ())):
+                    e = replace(self._entries[key], state=RELEASED, changed_ms=now_ms)
+                    self._entries[key] = e
+                    out.append(e)
+            return sorted(out, key=lambda e: (e.network, e.subnet_index))
+
+    def get_by_owner(self, network: str, container_id: str, ifname: str) -> list[Entry]:
+        with self._lock:
+            keys = self._owners.get((network, container_id, ifname), ())
+            return sorted((self._entries[k] for k in keys), key=lambda e: e.subnet_index)
+
+    def get_entry(self, network: str, ip: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get((network, ip))
+
+    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,)) -> list[Entry]:
+        wanted = set(states)
+        with self._lock:
+            return sorted((e for e in self._entries.values()
+                           if e.state in wanted and (network is None or e.network == network)),
+                          key=lambda e: (e.network, e.subnet_index, int(e.ip)))
+
+    def get_cursor(self, network: str, subnet_index: int) -> str | None:
+        with self._lock:
+            return self._cursors.get((network, subnet_index))
+
+    def close(self) -> None:
+        pass

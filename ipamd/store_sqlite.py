@@ -1,0 +1,226 @@
+"""The default `Store`: one SQLite file (WAL, synchronous=FULL), schema versioned.
+
+Why these settings: a lease must be on disk before the RPC that granted it returns, so that a
+`kill -9` of the daemon at any moment loses no granted lease (synchronous=FULL makes COMMIT wait
+for the WAL fsync). The table's primary key (network, ip) is what forbids duplicates: a
+reservation is an UPSERT that only replaces a non-active row, so two writers can never both
+make an address active, whatever the allocator's hints say. One connection behind a lock: the
+allocator serialises writes anyway, and SQLite has a single writer.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from netaddr import IPAddress, IPNetwork
+
+from ipamd import convert
+from ipamd.errors import StoreConflict
+from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
+from ipamd.spec import PodRef, PoolDef
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (
+    network TEXT PRIMARY KEY,
+    definition TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    network TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    prefixlen INTEGER NOT NULL,
+    subnet_index INTEGER NOT NULL,
+    gateway TEXT NOT NULL DEFAULT '',
+    container_id TEXT NOT NULL,
+    ifname TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('{ACTIVE}', '{RELEASED}', '{QUARANTINED}')),
+    pod_namespace TEXT NOT NULL DEFAULT '',
+    pod_name TEXT NOT NULL DEFAULT '',
+    pod_uid TEXT NOT NULL DEFAULT '',
+    mac TEXT NOT NULL DEFAULT '',
+    netns TEXT NOT NULL DEFAULT '',
+    created_ms INTEGER NOT NULL DEFAULT 0,
+    changed_ms INTEGER NOT NULL DEFAULT 0,
+    conflict_mac TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (network, ip)
+);
+CREATE INDEX IF NOT EXISTS entries_owner ON entries (container_id, ifname) WHERE state = '{ACTIVE}';
+CREATE TABLE IF NOT EXISTS cursors (
+    network TEXT NOT NULL,
+    subnet_index INTEGER NOT NULL,
+    ip TEXT NOT NULL,
+    PRIMARY KEY (network, subnet_index)
+);
+"""
+
+_COLS = ("network, ip, prefixlen, subnet_index, gateway, container_id, ifname, state, pod_namespace, "
+         "pod_name, pod_uid, mac, netns, created_ms, changed_ms, conflict_mac")
+
+_UPSERT = f"""
+INSERT INTO entries ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, '{ACTIVE}', ?, ?, ?, ?, ?, ?, ?, '')
+ON CONFLICT (network, ip) DO UPDATE SET
+    prefixlen = excluded.prefixlen, subnet_index = excluded.subnet_index, gateway = excluded.gateway,
+    container_id = excluded.container_id, ifname = excluded.ifname, state = '{ACTIVE}',
+    pod_namespace = excluded.pod_namespace, pod_name = excluded.pod_name, pod_uid = excluded.pod_uid,
+    mac = excluded.mac, netns = excluded.netns, created_ms = excluded.created_ms,
+    changed_ms = excluded.changed_ms, conflict_mac = ''
+WHERE entries.state != '{ACTIVE}'
+"""
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer ipamd (or is not ours)."""
+
+
+class SqliteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._tx() as cur:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    cur.execute(stmt)
+            row = cur.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise SchemaError(f"{path}: schema version {row[0]} is newer than this ipamd "
+                                  f"({SCHEMA_VERSION}); refusing to touch it")
+        os.chmod(path, 0o600)
+
+    # A transaction as a context manager: BEGIN IMMEDIATE takes the write lock up front.
+    class _Tx:
+        def __init__(self, store: SqliteStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Cursor:
+            self.store._lock.acquire()
+            try:
+                cur = self.store._db.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            self.cur = cur
+            return cur
+
+        def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+            try:
+                self.cur.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _tx(self) -> SqliteStore._Tx:
+        return SqliteStore._Tx(self)
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- pools -------------------------------------------------------------------------------
+
+    def get_pool(self, network: str) -> PoolDef | None:
+        rows = self._read("SELECT definition FROM pools WHERE network = ?", (network,))
+        return convert.pool_from_json(rows[0][0]) if rows else None
+
+    def put_pool(self, network: str, pool: PoolDef) -> None:
+        with self._tx() as cur:
+            cur.execute("INSERT INTO pools (network, definition) VALUES (?, ?) "
+                        "ON CONFLICT (network) DO UPDATE SET definition = excluded.definition",
+                        (network, convert.pool_to_json(pool)))
+
+    def networks(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT network FROM pools ORDER BY network")]
+
+    # ---- entries -----------------------------------------------------------------------------
+
+    def reserve(self, entries: Sequence[Entry], *, advance_cursor: bool = True) -> None:
+        with self._tx() as cur:
+            for e in entries:
+                cur.execute(_UPSERT, (
+                    e.network, str(e.ip), e.address.prefixlen, e.subnet_index,
+                    str(e.gateway) if e.gateway is not None else "", e.container_id, e.ifname,
+                    e.pod.namespace, e.pod.name, e.pod.uid, e.mac, e.netns, e.created_ms, e.changed_ms))
+                if cur.rowcount != 1:
+                    raise StoreConflict(e.network, str(e.ip))  # rolls the whole reservation back
+                if advance_cursor:
+                    cur.execute("INSERT INTO cursors (network, subnet_index, ip) VALUES (?, ?, ?) "
+                                "ON CONFLICT (network, subnet_index) DO UPDATE SET ip = excluded.ip",
+                                (e.network, e.subnet_index, str(e.ip)))
+
+    def quarantine(self, network: str, ip: str, *, conflict_mac: str, now_ms: int) -> Entry | None:
+        with self._tx() as cur:
+            cur.execute(f"UPDATE entries SET state = '{QUARANTINED}', conflict_mac = ?, changed_ms = ? "
+                        "WHERE network = ? AND ip = ?", (conflict_mac, now_ms, network, ip))
+            row = cur.execute(f"SELECT {_COLS} FROM entries WHERE network = ? AND ip = ?",
+                              (network, ip)).fetchone()
+        return _entry(row) if row else None
+
+    def release_by_owner(self, network: str | None, container_id: str, ifname: str,
+                         now_ms: int) -> list[Entry]:
+        where = f"state = '{ACTIVE}' AND container_id = ? AND ifname = ?"
+        args: list[Any] = [container_id, ifname]
+        if network is not None:
+            where += " AND network = ?"
+            args.append(network)
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT {_COLS} FROM entries WHERE {where} "
+                               "ORDER BY network, subnet_index", args).fetchall()
+            cur.execute(f"UPDATE entries SET state = '{RELEASED}', changed_ms = ? WHERE {where}",
+                        [now_ms, *args])
+        return [replace(_entry(r), state=RELEASED, changed_ms=now_ms) for r in rows]
+
+    def get_by_owner(self, network: str, container_id: str, ifname: str) -> list[Entry]:
+        rows = self._read(f"SELECT {_COLS} FROM entries WHERE state = '{ACTIVE}' AND container_id = ? "
+                          "AND ifname = ? AND network = ? ORDER BY subnet_index",
+                          (container_id, ifname, network))
+        return [_entry(r) for r in rows]
+
+    def get_entry(self, network: str, ip: str) -> Entry | None:
+        rows = self._read(f"SELECT {_COLS} FROM entries WHERE network = ? AND ip = ?", (network, ip))
+        return _entry(rows[0]) if rows else None
+
+    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,)) -> list[Entry]:
+        wanted = list(states)
+        if not wanted:
+            return []
+        sql = f"SELECT {_COLS} FROM entries WHERE state IN ({','.join('?' * len(wanted))})"
+        args: list[Any] = list(wanted)
+        if network is not None:
+            sql += " AND network = ?"
+            args.append(network)
+        out = [_entry(r) for r in self._read(sql, args)]
+        out.sort(key=lambda e: (e.network, e.subnet_index, int(e.ip)))
+        return out
+
+    def get_cursor(self, network: str, subnet_index: int) -> str | None:
+        rows = self._read("SELECT ip FROM cursors WHERE network = ? AND subnet_index = ?",
+                          (network, subnet_index))
+        return str(rows[0][0]) if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _entry(r: Sequence[Any]) -> Entry:
+    (network, ip, prefixlen, subnet_index, gateway, cid, ifname, state, pns, pname, puid, mac, netns,
+     created_ms, changed_ms, conflict_mac) = r
+    return Entry(
+        network=network, address=IPNetwork(f"{ip}/{prefixlen}"), subnet_index=subnet_index,
+        container_id=cid, ifname=ifname, state=state,
+        gateway=IPAddress(gateway) if gateway else None, pod=PodRef(pns, pname, puid), mac=mac,
+        netns=netns, created_ms=created_ms, changed_ms=changed_ms, conflict_mac=conflict_mac,
+    )

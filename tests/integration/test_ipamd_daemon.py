@@ -1,0 +1,266 @@
+"""The real daemon as a process over its socket: permissions, concurrency, crash safety,
+lifecycle, CLI contract and error statuses. Oracles: the CLI's JSON, `stat`, raw gRPC status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import netbed
+import pytest
+from netaddr import IPAddress
+
+from cni.errors import CniError
+from ipamd._proto import ipam_pb2 as pb
+from ipamd._proto import ipam_pb2_grpc
+from ipamd.client import IpamClient
+from ipamd.spec import PoolDef, parse_ipam
+
+POOL = parse_ipam({"subnets": [{"subnet": "10.20.0.0/22", "gateway": "10.20.0.1"},
+                               {"subnet": "fd20::/64", "gateway": "fd20::1"}],
+                   "routes": [{"dst": "0.0.0.0/0"}]}).pool
+
+
+BIG = parse_ipam({"subnets": [{"subnet": "10.40.0.0/16", "gateway": "10.40.0.1"},
+                              {"subnet": "fd40::/64", "gateway": "fd40::1"}]}).pool
+
+
+def test_socket_is_root_only_and_health(ipamd: netbed.Ipamd) -> None:
+    st = os.stat(ipamd.socket)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    assert ipamd.cli("health").stdout.strip() == "SERVING"
+
+
+def test_16_concurrent_clients_no_duplicates(ipamd: netbed.Ipamd) -> None:
+    held: dict[tuple[str, str], list[str]] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            with IpamClient(ipamd.socket) as c:
+                for i in range(25):
+                    cid = netbed.container_id(f"w{w}i{i}")
+                    a = c.allocate(network="conc", pool=POOL, container_id=cid, ifname="eth0")
+                    with lock:
+                        held[(cid, "eth0")] = [str(x.address.ip) for x in a.ips]
+                    if i % 3 == 0:
+                        assert c.release(network="conc", container_id=cid, ifname="eth0") == 2
+                        with lock:
+                            del held[(cid, "eth0")]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    rows = ipamd.leases("conc")
+    ips = [r["ip"] for r in rows]
+    assert len(ips) == len(set(ips)) == 2 * len(held)
+    assert {(r["containerID"], r["ifname"]) for r in rows} == set(held)
+    assert sorted(ips) == sorted(ip for v in held.values() for ip in v)
+
+
+def test_kill9_mid_load_loses_nothing(ipamd: netbed.Ipamd) -> None:
+    granted: dict[str, list[str]] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(w: int) -> None:
+        with IpamClient(ipamd.socket, timeout_ms=3000) as c:
+            i = 0
+            while not stop.is_set():
+                cid = netbed.container_id(f"k{w}i{i}")
+                i += 1
+                try:
+                    a = c.allocate(network="crash", pool=BIG, container_id=cid, ifname="eth0")
+                except CniError:
+                    return  # the daemon died under us
+                with lock:
+                    granted[cid] = [str(x.address.ip) for x in a.ips]
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    assert ipamd.proc is not None
+    ipamd.proc.send_signal(signal.SIGKILL)
+    ipamd.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert granted, "no allocation succeeded before the kill"
+    assert os.path.exists(ipamd.socket)  # the stale socket file is left behind
+    ipamd.start()  # serve must start over the stale socket
+    rows = ipamd.leases("crash")
+    by_cid = {}
+    for r in rows:
+        by_cid.setdefault(r["containerID"], []).append(r["ip"])
+    for cid, ips in granted.items():
+        assert sorted(by_cid.get(cid, [])) == sorted(ips), f"granted lease of {cid} lost"
+    ips = [r["ip"] for r in rows]
+    assert len(ips) == len(set(ips))
+    # and the restarted daemon never hands out a granted address again
+    with IpamClient(ipamd.socket) as c:
+        for i in range(30):
+            a = c.allocate(network="crash", pool=BIG, container_id=netbed.container_id(f"after{i}"), ifname="eth0")
+            assert not {str(x.address.ip) for x in a.ips} & set(ips)
+
+
+def test_second_daemon_refuses_and_sigterm_is_clean(ipamd: netbed.Ipamd, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    res = subprocess.run([sys.executable, "-m", "ipamd", "serve", "--socket", ipamd.socket,
+                          "--state-dir", str(other)], capture_output=True, text=True, timeout=30,
+                         cwd=netbed.ROOT)
+    assert res.returncode == 1 and "refusing to start" in res.stderr and "Traceback" not in res.stderr
+    assert ipamd.cli("health").returncode == 0  # the first one is untouched
+    assert ipamd.proc is not None
+    proc = ipamd.proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert not os.path.exists(ipamd.socket)
+    assert "store closed" in ipamd.log()
+    ipamd.proc = None
+
+
+def test_stale_regular_file_is_not_replaced(ipamd_factory: Callable[..., netbed.Ipamd], tmp_path: Path) -> None:
+    sock = tmp_path / "notasocket"
+    sock.write_text("x")
+    res = subprocess.run([sys.executable, "-m", "ipamd", "serve", "--socket", str(sock), "--state-dir",
+                          str(tmp_path / "st")], capture_output=True, text=True, timeout=30, cwd=netbed.ROOT)
+    assert res.returncode == 1 and "is not a socket" in res.stderr
+    assert sock.read_text() == "x"
+
+
+def test_cli_json_shapes(ipamd: netbed.Ipamd) -> None:
+    cid = netbed.container_id("cli")
+    with IpamClient(ipamd.socket) as c:
+        c.allocate(network="clinet", pool=POOL, container_id=cid, ifname="net1")
+    pools = [p for p in ipamd.pools() if p["network"] == "clinet"]
+    assert [(p["subnet"], p["used"], p["total"]) for p in pools] == [
+        ("10.20.0.0/22", 1, 1021), ("fd20::/64", 1, 2**64 - 2)]
+    assert all(isinstance(p["used"], int) and isinstance(p["total"], int) for p in pools)
+    rows = ipamd.leases("clinet")
+    assert [(r["network"], r["ip"], r["containerID"], r["ifname"], r["state"]) for r in rows] == [
+        ("clinet", "10.20.0.2", cid, "net1", "active"), ("clinet", "fd20::2", cid, "net1", "active")]
+    out = ipamd.cli("release", "--container", cid, "--ifname", "net1", "-o", "json").stdout
+    assert len(json.loads(out)) == 2
+    assert ipamd.leases("clinet") == []
+    assert {r["state"] for r in ipamd.leases("clinet", all=True)} == {"released"}
+    table = ipamd.cli("pools").stdout
+    assert "NETWORK" in table and "clinet" in table
+    bad = ipamd.cli("release", "--container", cid, check=False)
+    assert bad.returncode == 2 and "--ifname" in bad.stderr
+    gone = subprocess.run([sys.executable, "-m", "ipamd", "leases", "--socket", "/run/nonexistent-ou.sock"],
+                          capture_output=True, text=True, timeout=30, cwd=netbed.ROOT)
+    assert gone.returncode == 1 and "unreachable" in gone.stderr and "Traceback" not in gone.stderr
+    assert len(gone.stderr.strip().splitlines()) == 1
+
+
+def test_gc_cli_keeps_only_listed(ipamd: netbed.Ipamd) -> None:
+    keep, drop = netbed.container_id("keep"), netbed.container_id("drop")
+    with IpamClient(ipamd.socket) as c:
+        for cid in (keep, drop):
+            c.allocate(network="gcnet", pool=POOL, container_id=cid, ifname="eth0")
+        assert c.gc(network="gcnet", valid=[(keep, "eth0")]) == [(drop, "eth0")]
+    assert {r["containerID"] for r in ipamd.leases("gcnet")} == {keep}
+    assert ipamd.cli("gc", "--network", "gcnet", check=False).returncode == 2  # needs --keep or --release-all
+    ipamd.cli("gc", "--network", "gcnet", "--release-all")
+    assert ipamd.leases("gcnet") == []
+
+
+def _raw(sock: str, method: str, req: object) -> tuple[grpc.StatusCode, str, str]:
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
+        stub = ipam_pb2_grpc.IpamStub(ch)
+        try:
+            getattr(stub, method)(req, timeout=10)
+        except grpc.RpcError as err:
+            code = dict(err.trailing_metadata() or ()).get("ovs-underlay-cni-code", "")  # type: ignore[attr-defined]
+            return err.code(), err.details(), code  # type: ignore[attr-defined]
+    return grpc.StatusCode.OK, "", ""
+
+
+def _pb_pool(**subnet: object) -> pb.PoolSpec:
+    return pb.PoolSpec(subnets=[pb.SubnetSpec(**subnet)])  # type: ignore[arg-type]
+
+
+def test_bad_requests_status_code_message_and_no_change(ipamd: netbed.Ipamd) -> None:
+    small = parse_ipam({"subnets": [{"subnet": "10.30.0.0/30", "gateway": "10.30.0.1"}]}).pool
+    with IpamClient(ipamd.socket) as c:
+        c.allocate(network="small", pool=small, container_id=netbed.container_id("only"), ifname="eth0")
+    before = (ipamd.leases(all=True), ipamd.pools())
+
+    def alloc(pool: pb.PoolSpec, network: str = "badnet", **kw: object) -> pb.AllocateRequest:
+        return pb.AllocateRequest(network=network, pool=pool, container_id=netbed.container_id("bad"),
+                                  ifname="eth0", **kw)  # type: ignore[arg-type]
+
+    cases = [
+        ("GetLease", pb.GetLeaseRequest(network="nosuchnet", container_id="x", ifname="eth0"),
+         grpc.StatusCode.NOT_FOUND, "3", "network nosuchnet is unknown"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/33")), grpc.StatusCode.INVALID_ARGUMENT, "7",
+         "invalid CIDR '10.0.0.0/33'"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24", exclude=["10.0.0.9..10.0.0.2"])),
+         grpc.StatusCode.INVALID_ARGUMENT, "7", "ends before it starts"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24", exclude=["10.0.0.0/16"])),
+         grpc.StatusCode.INVALID_ARGUMENT, "7", "outside subnet 10.0.0.0/24"),
+        ("Allocate", alloc(pb.PoolSpec()), grpc.StatusCode.INVALID_ARGUMENT, "7", "no subnets defined"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24"), requested_ips=["10.1.0.5"]),
+         grpc.StatusCode.OUT_OF_RANGE, "102", "requested address 10.1.0.5 is outside every subnet"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24", gateway="10.0.0.1"), requested_ips=["10.0.0.1"]),
+         grpc.StatusCode.OUT_OF_RANGE, "102", "subnet 10.0.0.0/24: requested address 10.0.0.1 is the subnet's gateway"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/30", gateway="10.0.0.1", exclude=["10.0.0.2"])),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "101", "network badnet: subnet 10.0.0.0/30 exhausted: 0 of 0"),
+        ("Allocate", alloc(_pb_pool(subnet="10.30.0.0/30", gateway="10.30.0.1"), network="small"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "101", "network small: subnet 10.30.0.0/30 exhausted: 1 of 1 addresses in use"),
+        ("Allocate", alloc(_pb_pool(subnet="10.31.0.0/24"), network="small"),
+         grpc.StatusCode.FAILED_PRECONDITION, "7", "network small: definition changed"),
+        ("Allocate", pb.AllocateRequest(network="x", pool=_pb_pool(subnet="10.0.0.0/24")),
+         grpc.StatusCode.INVALID_ARGUMENT, "7", "container_id, ifname"),
+    ]
+    for method, req, status, cni, msg in cases:
+        got = _raw(ipamd.socket, method, req)
+        assert got[0] == status and got[2] == cni and msg in got[1], (method, got)
+    with IpamClient(ipamd.socket) as c:
+        assert c.get_lease(network="nosuchnet", container_id="x", ifname="eth0") is None
+        assert c.release(network="nosuchnet", container_id="x", ifname="eth0") == 0  # DEL is idempotent
+        with pytest.raises(CniError) as info:
+            c.allocate(network="small", pool=small, container_id="y", ifname="eth0",
+                       requested_ips=[IPAddress("10.30.0.9")])
+        assert info.value.code == 102 and "10.30.0.9" in info.value.msg
+    # the store is unchanged: the refused requests left no pool, lease or quarantine behind
+    assert (ipamd.leases(all=True), ipamd.pools()) == before
+    assert "badnet" not in {p["network"] for p in ipamd.pools()}
+
+
+def test_unreachable_daemon_is_code_11_naming_socket(tmp_path: Path) -> None:
+    with IpamClient(str(tmp_path / "none.sock"), timeout_ms=500) as c, pytest.raises(CniError) as info:
+        c.allocate(network="n", pool=PoolDef(subnets=POOL.subnets), container_id="x", ifname="eth0")
+    assert info.value.code == 11 and str(tmp_path / "none.sock") in info.value.msg
+
+
+def test_metrics_endpoint_on_loopback(ipamd_factory: Callable[..., netbed.Ipamd]) -> None:
+    import socket as so
+    import urllib.request
+
+    with so.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = ipamd_factory("--metrics-port", str(port), name="metrics")
+    with IpamClient(d.socket) as c:
+        c.allocate(network="m", pool=POOL, container_id=netbed.container_id("m"), ifname="eth0")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'ipamd_allocations_total{network="m"} 2' in body
+    assert 'ipamd_pool_used{network="m",subnet="10.20.0.0/22"} 1' in body

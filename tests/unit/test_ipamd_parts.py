@@ -1,0 +1,63 @@
+"""Small pure parts of ipamd: frames, daemon config, metrics exposition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from netaddr import IPAddress
+
+from ipamd import frames
+from ipamd.config import DaemonConfigError, listen_address, load
+from ipamd.metrics import Metrics
+
+
+def test_arp_probe_frame_round_trip() -> None:
+    own = bytes.fromhex("020000000001")
+    f = frames.arp_request(own, None, IPAddress("10.0.0.7"))
+    pkt = frames.parse_arp(f)
+    assert pkt is not None and pkt.op == 1 and int(pkt.spa) == 0 and str(pkt.tpa) == "10.0.0.7"
+    assert f[:6] == frames.BROADCAST
+    other = frames.parse_arp(frames.arp_request(bytes.fromhex("020000000002"), None, IPAddress("10.0.0.7")))
+    assert other is not None and frames.arp_probe_collision(other, IPAddress("10.0.0.7"), own)
+    assert not frames.arp_probe_collision(pkt, IPAddress("10.0.0.7"), own)  # our own probe
+
+
+def test_ns_frame_checksum_and_group() -> None:
+    own = bytes.fromhex("020000000001")
+    f = frames.neighbor_solicitation(own, None, IPAddress("fd00::1:2345"))
+    assert f[:6] == bytes.fromhex("3333ff012345")
+    nd = frames.parse_nd(f)
+    assert nd is not None and nd.type == frames.ICMPV6_NS and int(nd.src_ip) == 0 and nd.lladdr is None
+    # checksum over pseudo header + ICMPv6 body sums to zero
+    ip6, icmp = f[14:54], f[54:]
+    pseudo = ip6[8:40] + len(icmp).to_bytes(4, "big") + b"\x00\x00\x00\x3a"
+    assert frames._checksum(pseudo + icmp) == 0
+
+
+def test_daemon_config_file_and_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"socket": "/run/a.sock", "cooldownSeconds": 5, "metricsPort": 9000}))
+    cfg = load(str(p), {"socket": "/run/b.sock", "state_dir": None})
+    assert (cfg.socket, cfg.cooldown_seconds, cfg.metrics_port) == ("/run/b.sock", 5, 9000)
+    assert load(None, {}).socket == "/run/ovs-underlay/ipamd.sock"
+    p.write_text(json.dumps({"cooldown": 5}))
+    with pytest.raises(DaemonConfigError, match="unknown key 'cooldown'"):
+        load(str(p), {})
+    p.write_text(json.dumps({"workers": "many"}))
+    with pytest.raises(DaemonConfigError, match="workers"):
+        load(str(p), {})
+    assert listen_address("9090") == "127.0.0.1:9090"
+
+
+def test_metrics_render() -> None:
+    m = Metrics()
+    m.inc("ipamd_allocations_total", 2, network="n1")
+    m.observe("ipamd_probe_duration_ms", 7, kind="gateway", result="reachable")
+    m.add_gauges(lambda: [("ipamd_pool_used", (("network", "n1"),), 3)])
+    text = m.render()
+    assert 'ipamd_allocations_total{network="n1"} 2' in text
+    assert 'ipamd_probe_duration_ms_bucket{kind="gateway",result="reachable",le="10"} 1' in text
+    assert 'ipamd_probe_duration_ms_bucket{kind="gateway",result="reachable",le="5"} 0' in text
+    assert 'ipamd_pool_used{network="n1"} 3' in text

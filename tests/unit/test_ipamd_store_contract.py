@@ -1,0 +1,152 @@
+"""One contract, every store: MemoryStore and SqliteStore (etcd joins the parametrisation later)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from netaddr import IPNetwork
+
+from ipamd.errors import StoreConflict
+from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
+from ipamd.spec import PodRef, parse_ipam
+from ipamd.store import MemoryStore, Store
+from ipamd.store_sqlite import SchemaError, SqliteStore
+
+POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}, "fd00::/64"],
+                   "routes": [{"dst": "0.0.0.0/0"}], "dns": {"nameservers": ["10.0.0.53"]}}).pool
+
+
+def entry(ip: str, cid: str = "c1", ifname: str = "eth0", net: str = "n1", k: int = 0) -> Entry:
+    return Entry(network=net, address=IPNetwork(ip), subnet_index=k, container_id=cid, ifname=ifname,
+                 pod=PodRef("ns", "pod", "uid-1"), mac="0a:58:0a:00:00:05", netns="/run/netns/x",
+                 created_ms=1000, changed_ms=1000)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    opened: list[Store] = []
+
+    def make() -> Store:
+        s: Store = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "ipam.db"))
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[[], Store]) -> Store:
+    return make_store()
+
+
+def test_pool_round_trip(store: Store) -> None:
+    assert store.get_pool("n1") is None and store.networks() == []
+    store.put_pool("n1", POOL)
+    assert store.get_pool("n1") == POOL and store.networks() == ["n1"]
+    changed = replace(POOL, mac_from_ip=True)
+    store.put_pool("n1", changed)
+    assert store.get_pool("n1") == changed
+
+
+def test_reserve_get_release(store: Store) -> None:
+    e4, e6 = entry("10.0.0.5/24"), entry("fd00::5/64", k=1)
+    store.reserve([e4, e6])
+    got = store.get_by_owner("n1", "c1", "eth0")
+    assert got == [e4, e6]
+    assert store.get_entry("n1", "10.0.0.5") == e4
+    released = store.release_by_owner("n1", "c1", "eth0", now_ms=5000)
+    assert [(str(e.ip), e.state, e.changed_ms) for e in released] == [
+        ("10.0.0.5", RELEASED, 5000), ("fd00::5", RELEASED, 5000)]
+    assert store.get_by_owner("n1", "c1", "eth0") == []
+    assert store.release_by_owner("n1", "c1", "eth0", now_ms=6000) == []  # idempotent
+    assert {e.state for e in store.list_entries("n1", (RELEASED,))} == {RELEASED}
+
+
+def test_store_refuses_duplicate_active_and_is_atomic(store: Store) -> None:
+    store.reserve([entry("10.0.0.5/24")])
+    with pytest.raises(StoreConflict):
+        store.reserve([entry("10.0.0.6/24", cid="c2"), entry("10.0.0.5/24", cid="c2")])
+    # nothing of the failed reservation stayed
+    assert store.get_entry("n1", "10.0.0.6") is None
+    assert store.get_by_owner("n1", "c2", "eth0") == []
+    # the same address in another network is fine
+    store.reserve([entry("10.0.0.5/24", net="n2")])
+
+
+def test_released_and_quarantined_rows_are_replaced(store: Store) -> None:
+    store.reserve([entry("10.0.0.5/24")])
+    store.release_by_owner(None, "c1", "eth0", now_ms=2000)
+    store.reserve([entry("10.0.0.5/24", cid="c2")])
+    assert store.get_entry("n1", "10.0.0.5").container_id == "c2"  # type: ignore[union-attr]
+    q = store.quarantine("n1", "10.0.0.5", conflict_mac="aa:bb:cc:dd:ee:ff", now_ms=3000)
+    assert q is not None and q.state == QUARANTINED and q.conflict_mac == "aa:bb:cc:dd:ee:ff"
+    assert store.get_by_owner("n1", "c2", "eth0") == []
+    assert store.quarantine("n1", "10.0.0.99", conflict_mac="x", now_ms=1) is None
+    store.reserve([entry("10.0.0.5/24", cid="c3")])
+    e = store.get_entry("n1", "10.0.0.5")
+    assert e is not None and e.state == ACTIVE and e.conflict_mac == ""
+
+
+def test_release_scoped_by_network(store: Store) -> None:
+    store.reserve([entry("10.0.0.5/24", net="n1")])
+    store.reserve([entry("10.0.0.5/24", net="n2")])
+    assert len(store.release_by_owner("n2", "c1", "eth0", now_ms=1)) == 1
+    assert len(store.get_by_owner("n1", "c1", "eth0")) == 1
+    assert len(store.release_by_owner(None, "c1", "eth0", now_ms=1)) == 1
+
+
+def test_list_and_cursor(store: Store) -> None:
+    assert store.get_cursor("n1", 0) is None
+    store.reserve([entry("10.0.0.9/24", cid="a"), entry("fd00::9/64", cid="a", k=1)])
+    store.reserve([entry("10.0.0.7/24", cid="b")], advance_cursor=False)
+    assert store.get_cursor("n1", 0) == "10.0.0.9" and store.get_cursor("n1", 1) == "fd00::9"
+    assert [str(e.ip) for e in store.list_entries("n1")] == ["10.0.0.7", "10.0.0.9", "fd00::9"]
+    assert store.list_entries("n2") == []
+    assert store.list_entries(None, ()) == []
+
+
+def test_sqlite_durable_across_reopen(tmp_path: Path) -> None:
+    s = SqliteStore(str(tmp_path / "x.db"))
+    s.put_pool("n1", POOL)
+    s.reserve([entry("10.0.0.5/24")])
+    s.close()
+    s2 = SqliteStore(str(tmp_path / "x.db"))
+    assert (tmp_path / "x.db").stat().st_mode & 0o777 == 0o600
+    assert s2.get_pool("n1") == POOL and [str(e.ip) for e in s2.get_by_owner("n1", "c1", "eth0")] == ["10.0.0.5"]
+    s2.close()
+
+
+def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
+    s = SqliteStore(str(tmp_path / "x.db"))
+    s._db.execute("UPDATE schema_version SET version = 99")
+    s.close()
+    with pytest.raises(SchemaError, match="newer"):
+        SqliteStore(str(tmp_path / "x.db"))
+
+
+def test_concurrent_reservations_never_duplicate(store: Store) -> None:
+    wins: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        for n in range(20):
+            try:
+                store.reserve([entry(f"10.0.0.{10 + n}/24", cid=f"c{i}")])
+            except StoreConflict:
+                continue
+            with lock:
+                wins.append(f"10.0.0.{10 + n}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == sorted(f"10.0.0.{10 + n}" for n in range(20))
+    assert len(store.list_entries("n1")) == 20
