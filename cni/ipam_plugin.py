@@ -1,0 +1,345 @@
+"""The `ovs-underlay-ipam` verbs: ipamd as a standard CNI IPAM plugin for other main plugins.
+
+Why a separate module: macvlan, ipvlan, bridge and ptp exec an IPAM plugin and expect an IPAM
+result on stdout (CNI 1.1: `ips` without `interface`, `routes`, `dns`; no `interfaces`). These
+verbs forward to the node's ipamd over its unix socket (`ipam.daemonSocket`) through
+`ipamd.client.IpamClient`; skel (cni/skel.py) writes the result or error and picks the exit code.
+Nothing here imports grpc at module level: the client is built by `_default_client` on first use.
+
+Config: the whole main-plugin config arrives on stdin. Only the keys that concern IPAM (`name`,
+`ipam`, `runtimeConfig`, `args`, `prevResult`, `cni.dev/valid-attachments`) are handed to the
+main plugin's `parse_netconf`, so the per-pod channels (pod ref from CNI_ARGS K8S_POD_*, static
+IPs runtimeConfig.ips > args.cni.ips > CNI_ARGS IP=) follow exactly the same rules, and a
+foreign main plugin's own keys (macvlan `master`, bridge `isGateway`, ...) are never judged.
+
+ADD: allocate (network = config `name`) with the netns, so ipamd runs its RFC 5227 conflict
+probe (sender 0.0.0.0) from CNI_IFNAME; then, with gatewayCheck, each gateway is probed with the
+allocated address as sender; an unreachable gateway releases the lease and fails with 103.
+bridge, macvlan and ipvlan create the pod interface before IPAM but leave it DOWN until they
+configure our result (`ipam.ConfigureIface` sets it up), and a down link cannot send a probe. So
+when a probe is enabled and CNI_IFNAME exists but is down, the plugin sets it up for the probes
+and sets it down again afterwards (success or failure): the main plugin finds the state it left.
+ptp runs IPAM before it creates the veth: ipamd reports the probes as skipped
+(conflict_probed=false / ProbeResult.skipped), which is logged, and ADD goes on.
+
+Error codes: daemon unreachable -> 11 naming the socket (ADD, DEL, CHECK, GC; from the client).
+CHECK failures (no lease, addresses differ from prevResult) -> 999, like the reference plugins'
+CHECK errors and the main plugin's CHECK. STATUS -> 50 when ipamd is unreachable or not serving,
+or when a subnet of this network has no free address left. GC without
+`cni.dev/valid-attachments` (or `cni.dev/attachments`) -> 7: an absent list is never read as
+"release everything".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cni.errors import CniError, Code
+from cni.netconf import IPAMD_TYPE, VALID_ATTACHMENTS_KEYS, parse_netconf
+from cni.types import DNS, CmdArgs, IPConfig, Result, Route, addr_key
+from ipamd.spec import DEFAULT_DAEMON_SOCKET, IpamConf, PodRef, PoolDef
+
+if TYPE_CHECKING:
+    from netaddr import IPAddress
+
+    from ipamd.spec import Allocation, ProbeResult
+
+_log = logging.getLogger("ovs-underlay.ipam")
+
+# Top-level keys of the main plugin's config that this plugin interprets (see module docstring).
+_IPAM_KEYS = ("name", "cniVersion", "runtimeConfig", "args", "prevResult", *VALID_ATTACHMENTS_KEYS)
+
+
+class PoolUsageView(Protocol):
+    """The fields of ipamd's PoolUsage message that STATUS reads."""
+
+    network: str
+    subnet: str
+    used: int
+    total: int
+    quarantined: int
+
+
+class IpamDaemon(Protocol):
+    """The subset of ipamd.client.IpamClient this plugin uses (same signatures)."""
+
+    def close(self) -> None: ...
+    def allocate(self, *, network: str, pool: PoolDef, container_id: str, ifname: str,
+                 pod: PodRef | None = None, requested_ips: Sequence[IPAddress] = (),
+                 requested_mac: str | None = None, netns: str | None = None,
+                 conflict_check: bool = False, conflict_check_wait_ms: int = 100) -> Allocation: ...
+    def release(self, *, network: str, container_id: str, ifname: str) -> int: ...
+    def get_lease(self, *, network: str, container_id: str, ifname: str) -> Allocation | None: ...
+    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]: ...
+    def probe_gateway(self, *, netns: str, ifname: str, gateway: IPAddress, sender_ip: IPAddress | None,
+                      timeout_ms: int, cache_key: str) -> ProbeResult: ...
+    def health(self) -> bool: ...
+    def list_pools(self, *, network: str = "") -> Sequence[Any]: ...
+
+
+ClientFactory = Callable[[str, int], IpamDaemon]  # (socket path, timeout ms) -> client
+
+
+class PodLinks(Protocol):
+    """Link state of the pod interface, for the probes only."""
+
+    def raise_if_down(self, netns: str, ifname: str) -> bool:
+        """Set `ifname` in `netns` up if it exists and is down; True when it was changed."""
+        ...
+
+    def set_down(self, netns: str, ifname: str) -> None: ...
+
+
+@dataclass
+class IpamDrivers:
+    client: IpamDaemon
+    links: PodLinks
+
+
+@dataclass(frozen=True)
+class IpamPluginConf:
+    network: str
+    cni_version: str
+    ipam: IpamConf
+    pod: PodRef = field(default_factory=PodRef)
+    requested_ips: tuple[IPAddress, ...] = ()
+    prev_result: Result | None = None
+    valid_attachments: tuple[tuple[str, str], ...] | None = None
+    cache_key: str = ""  # gateway-MAC cache scope in ipamd: one L2 segment
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def parse_conf(args: CmdArgs) -> IpamPluginConf:
+    """Validate the IPAM-relevant part of the config + CNI_ARGS (no side effects)."""
+    raw = args.config
+    section = raw.get("ipam")
+    if not isinstance(section, dict) or not section:
+        raise CniError(Code.INVALID_NETWORK_CONFIG, f"ipam: expected an object, got {section!r}",
+                       f"{IPAMD_TYPE} is an IPAM plugin: it reads the `ipam` section of the network config")
+    sub: dict[str, Any] = {k: raw[k] for k in _IPAM_KEYS if k in raw}
+    # The type names the main plugin; ours is forced so that a renamed binary parses the same way.
+    sub.update({"type": str(raw.get("type") or "unknown"), "ipam": {**section, "type": IPAMD_TYPE}})
+    nc = parse_netconf(replace(args, config=sub))
+    assert nc.ipam is not None  # ipam.type is ours, so parse_netconf parsed it with parse_ipam
+    return IpamPluginConf(
+        network=nc.name, cni_version=nc.cni_version, ipam=nc.ipam, pod=nc.pod, requested_ips=nc.requested_ips,
+        prev_result=nc.prev_result, valid_attachments=nc.valid_attachments,
+        cache_key=_cache_key(nc.name, raw))
+
+
+def _cache_key(network: str, raw: Mapping[str, Any]) -> str:
+    """Gateway MACs are cached per (network, main plugin, bridge/master, VLAN): one L2 segment."""
+    seg = raw.get("bridge") or raw.get("master") or ""
+    return f"{network}|{raw.get('type', '')}|{seg}|{raw.get('vlan') or 0}"
+
+
+def _del_conf(args: CmdArgs, exc: CniError) -> IpamPluginConf:
+    """DEL with a config that no longer validates: release by (name, container id, ifname) from
+    the raw `name` and `ipam.daemonSocket`, so a bad config cannot strand a lease."""
+    raw = args.config
+    name = raw.get("name")
+    section = raw.get("ipam") if isinstance(raw.get("ipam"), dict) else {}
+    sock = section.get("daemonSocket", DEFAULT_DAEMON_SOCKET) if section else DEFAULT_DAEMON_SOCKET
+    if not isinstance(name, str) or not name or not isinstance(sock, str) or not sock.startswith("/"):
+        raise exc
+    _log.warning("DEL: config does not validate (%s); releasing by network %s via %s", exc.msg, name, sock)
+    return IpamPluginConf(network=name, cni_version=args.cni_version,
+                          ipam=IpamConf(pool=PoolDef(subnets=()), daemon_socket=sock))
+
+
+# ---------------------------------------------------------------------------------------------
+# Production drivers
+
+
+def _default_client(socket_path: str, timeout_ms: int) -> IpamDaemon:
+    from ipamd.client import IpamClient
+
+    return IpamClient(socket_path, timeout_ms=timeout_ms)
+
+
+class NetnsLinks:
+    """PodLinks through cni.netlink, imported only when a probe is enabled (pyroute2 costs
+    ~130 ms of start-up, which the IPAM plugin must not pay when probes are off)."""
+
+    def raise_if_down(self, netns: str, ifname: str) -> bool:
+        from cni.netlink import Netlink
+
+        return Netlink().raise_pod_link_if_down(netns, ifname)
+
+    def set_down(self, netns: str, ifname: str) -> None:
+        from cni.netlink import Netlink
+
+        Netlink().set_pod_link_down(netns, ifname)
+
+
+# ---------------------------------------------------------------------------------------------
+# skel entry points
+
+
+def _run(args: CmdArgs, verb: Callable[[CmdArgs, IpamPluginConf, IpamDrivers], Result | None],
+         factory: ClientFactory = _default_client, links: PodLinks | None = None) -> Result | None:
+    try:
+        conf = parse_conf(args)
+    except CniError as exc:
+        if args.command != "DEL" or exc.code != Code.INVALID_NETWORK_CONFIG:
+            raise
+        conf = _del_conf(args, exc)
+    client = factory(conf.ipam.daemon_socket, conf.ipam.timeout_ms)
+    try:
+        return verb(args, conf, IpamDrivers(client, links or NetnsLinks()))
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def add(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_add)
+
+
+def delete(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_del)
+
+
+def check(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_check)
+
+
+def status(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_status)
+
+
+def gc(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_gc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verbs
+
+
+def _undo_release(args: CmdArgs, conf: IpamPluginConf, client: IpamDaemon) -> None:
+    try:
+        client.release(network=conf.network, container_id=args.container_id, ifname=args.ifname)
+    except Exception as exc:  # rollback goes on; the original error is what the runtime sees
+        _log.warning("rollback: releasing the lease of %s/%s failed: %s", args.container_id, args.ifname, exc)
+    else:
+        _log.info("rollback: released the lease of %s/%s", args.container_id, args.ifname)
+
+
+def _restore_down(d: IpamDrivers, netns: str, ifname: str) -> None:
+    try:
+        d.links.set_down(netns, ifname)
+    except CniError as exc:  # the main plugin configures (and sets up) the link next anyway
+        _log.warning("could not set %s down again after the probes: %s", ifname, exc.msg)
+    else:
+        _log.info("set %s down again after the probes", ifname)
+
+
+def cmd_add(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> Result:
+    ipam = conf.ipam
+    client = d.client
+    with contextlib.ExitStack() as restore:
+        if (ipam.conflict_check or ipam.gateway_check) and d.links.raise_if_down(args.netns, args.ifname):
+            _log.info("set %s up for the probes (the main plugin left it down)", args.ifname)
+            restore.callback(_restore_down, d, args.netns, args.ifname)
+        alloc = client.allocate(
+            network=conf.network, pool=ipam.pool, container_id=args.container_id, ifname=args.ifname,
+            pod=conf.pod, requested_ips=conf.requested_ips, netns=args.netns,
+            conflict_check=ipam.conflict_check, conflict_check_wait_ms=ipam.conflict_check_wait_ms)
+        with contextlib.ExitStack() as stack:
+            stack.callback(_undo_release, args, conf, client)
+            if ipam.conflict_check and not alloc.conflict_probed:
+                _log.info("conflict probe skipped: %s is not in %s yet (the main plugin creates it "
+                          "after IPAM) or the lease already existed", args.ifname, args.netns)
+            _gateway_check(args, conf, client, alloc)
+            result = to_result(conf.cni_version, alloc)
+            stack.pop_all()
+    _log.info("ADD done: network %s ips %s", conf.network, ",".join(str(a.address) for a in alloc.ips))
+    return result
+
+
+def _gateway_check(args: CmdArgs, conf: IpamPluginConf, client: IpamDaemon, alloc: Allocation) -> None:
+    ipam = conf.ipam
+    if not ipam.gateway_check:
+        return
+    for a in alloc.ips:
+        if a.gateway is None:
+            continue
+        res = client.probe_gateway(netns=args.netns, ifname=args.ifname, gateway=a.gateway,
+                                   sender_ip=a.address.ip, timeout_ms=ipam.gateway_check_timeout_ms,
+                                   cache_key=conf.cache_key)
+        if res.skipped:
+            _log.info("gateway probe skipped: %s is not in %s yet", args.ifname, args.netns)
+            return  # the interface is the same for every gateway
+        if not res.reachable:
+            raise CniError(
+                Code.GATEWAY_UNREACHABLE,
+                f"gateway {a.gateway} unreachable from {args.ifname} ({a.address}) in {args.netns} "
+                f"within {ipam.gateway_check_timeout_ms} ms (network {conf.network})",
+                "check the gateway and the L2 path to it; set ipam.gatewayCheck=false to skip")
+        _log.info("gateway %s reachable (%s, %.1f ms%s)", a.gateway, res.mac, res.elapsed_ms,
+                  ", cached" if res.cached else "")
+
+
+def to_result(version: str, alloc: Allocation) -> Result:
+    """An IPAM result: no interfaces, no ips[].interface (CNI 1.1)."""
+    return Result(
+        cni_version=version,
+        ips=tuple(IPConfig(a.address, a.gateway) for a in alloc.ips),
+        routes=tuple(Route(r.dst, r.gw) for r in alloc.routes),
+        dns=DNS(alloc.dns.nameservers, alloc.dns.domain, alloc.dns.search, alloc.dns.options))
+
+
+def cmd_del(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
+    """Idempotent: nothing held is success. ipamd unreachable -> 11 (the runtime retries)."""
+    n = d.client.release(network=conf.network, container_id=args.container_id, ifname=args.ifname)
+    _log.info("DEL: released %d address(es) in network %s", n, conf.network)
+
+
+def cmd_check(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
+    """The lease exists and holds exactly prevResult's addresses (when prevResult is given)."""
+    lease = d.client.get_lease(network=conf.network, container_id=args.container_id, ifname=args.ifname)
+    if lease is None:
+        raise CniError(Code.INTERNAL, f"CHECK: no ipamd lease for container {args.container_id} "
+                                      f"ifname {args.ifname} in network {conf.network}")
+    if conf.prev_result is None:
+        return
+    held = {addr_key(a.address) for a in lease.ips}
+    want = {addr_key(ip.address) for ip in conf.prev_result.ips}
+    problems = [f"{ip}/{plen} is in prevResult but not leased" for ip, plen in sorted(want - held)]
+    problems += [f"{ip}/{plen} is leased but not in prevResult" for ip, plen in sorted(held - want)]
+    if problems:
+        raise CniError(Code.INTERNAL, f"CHECK: network {conf.network}: " + "; ".join(problems))
+
+
+def cmd_gc(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
+    if conf.valid_attachments is None:
+        raise CniError(Code.INVALID_NETWORK_CONFIG,
+                       "GC needs cni.dev/valid-attachments (or cni.dev/attachments) in the config",
+                       "refusing to read a missing list as 'release every lease of the network'")
+    released = d.client.gc(network=conf.network, valid=sorted(conf.valid_attachments))
+    _log.info("GC: released %d stale attachment(s) in network %s: %s", len(released), conf.network,
+              ", ".join(f"{c}/{i}" for c, i in released) or "-")
+
+
+def cmd_status(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
+    sock = conf.ipam.daemon_socket
+    try:
+        if not d.client.health():
+            raise CniError(Code.NOT_AVAILABLE, f"ipamd at {sock} is not serving")
+        pools = d.client.list_pools(network=conf.network)
+    except CniError as exc:
+        if exc.code == Code.NOT_AVAILABLE:
+            raise
+        raise CniError(Code.NOT_AVAILABLE, f"ipamd at {sock} is not available: {exc.msg}") from exc
+    full = [p for p in pools if int(p.used) + int(p.quarantined) >= int(p.total)]
+    if full:
+        raise CniError(Code.NOT_AVAILABLE, f"network {conf.network}: no free address in " + ", ".join(
+            f"{p.subnet} ({int(p.used)} used, {int(p.quarantined)} quarantined of {int(p.total)})"
+            for p in full))

@@ -1,0 +1,292 @@
+"""The typed network configuration of the `ovs-underlay` plugin: one constructor, one alias table.
+
+Why: `parse_netconf` is the only code that interprets the plugin's JSON config and CNI_ARGS;
+everything downstream gets a frozen `NetConf` with validated values. It runs before any side
+effect, so a bad config never leaves a trace. Errors are CniError code 7 (invalid network
+config) naming the key and value, code 4 for a malformed CNI_ARGS, code 6 for a prevResult that
+is not a result.
+
+Keys are camelCase; ovs-cni / snake_case spellings go through ALIASES (one table). Unknown
+top-level keys are ignored: Multus and runtimes add their own.
+
+IPAM mode:
+- `ipam.type == "ovs-underlay-ipam"`         -> "ipamd": in-process gRPC to ipamd (ipamd.spec parses).
+- any other `ipam.type`                       -> "delegate": exec that plugin from CNI_PATH.
+- no `ipam` but top-level `subnets`/`excludeSubnets` (ovn-kubernetes) -> "ipamd".
+- neither                                     -> "none": L2-only attachment, no addresses.
+
+Per-pod values, highest precedence first (documented contract; Multus may send several):
+- MAC: runtimeConfig.mac (libcni injects it only when `capabilities.mac` is declared; we accept
+  it whenever present) > args.cni.mac > CNI_ARGS `MAC=` > lease MAC (ipamd macFromIP) > kernel.
+- IPs: runtimeConfig.ips > args.cni.ips > CNI_ARGS `IP=` (comma list). The first channel that
+  is present wins entirely (lists are not merged).
+- ovnPort: args.cni.ovnPort > CNI_ARGS `OvnPort=` > config `ovnPort`.
+CNI_ARGS keys are case-insensitive; `IgnoreUnknown` (true/1) is accepted and unknown keys are
+always ignored. K8S_POD_NAMESPACE / K8S_POD_NAME / K8S_POD_UID / K8S_POD_INFRA_CONTAINER_ID are
+recorded in OVSDB and sent to ipamd.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from netaddr import IPAddress
+
+from cni.errors import CniError, Code
+from cni.types import CmdArgs, Result, parse_cni_args
+from ipamd.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
+
+IPAMD_TYPE = "ovs-underlay-ipam"
+DEFAULT_BRIDGE = "br-int"
+DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
+DEFAULT_DATAPATH = "system"
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+# Peer spelling -> our canonical key (ovs-cni `socket_file`/`ofport_request`, snake_case).
+ALIASES: dict[str, str] = {
+    "socket_file": "ovsdbSocket",
+    "ovsdb_socket": "ovsdbSocket",
+    "ofport_request": "ofportRequest",
+    "datapath_type": "datapathType",
+    "ovn_port": "ovnPort",
+    "log_file": "logFile",
+    "log_level": "logLevel",
+}
+VALID_ATTACHMENTS_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
+
+IpamMode = Literal["none", "ipamd", "delegate"]
+
+
+@dataclass(frozen=True)
+class NetConf:
+    name: str
+    cni_version: str
+    type: str
+    bridge: str = DEFAULT_BRIDGE
+    vlan: int | None = None
+    trunk: tuple[tuple[int, int], ...] = ()  # inclusive (min, max) ranges
+    mtu: int | None = None
+    ovn_port: str | None = None
+    ovsdb_socket: str = DEFAULT_OVSDB
+    datapath_type: str = DEFAULT_DATAPATH
+    ofport_request: int | None = None
+    ipam_mode: IpamMode = "none"
+    ipam_type: str = ""
+    ipam: IpamConf | None = None
+    mac: str | None = None
+    requested_ips: tuple[IPAddress, ...] = ()
+    pod: PodRef = field(default_factory=PodRef)
+    infra_container_id: str = ""
+    prev_result: Result | None = None
+    valid_attachments: tuple[tuple[str, str], ...] | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def trunk_vlans(self) -> tuple[int, ...]:
+        out: set[int] = set()
+        for lo, hi in self.trunk:
+            out.update(range(lo, hi + 1))
+        return tuple(sorted(out))
+
+    def vlan_text(self) -> str:
+        if self.trunk:
+            native = f", native {self.vlan}" if self.vlan is not None else ""
+            return "trunk " + ",".join(f"{a}-{b}" if a != b else str(a) for a, b in self.trunk) + native
+        return str(self.vlan) if self.vlan is not None else "untagged (all VLANs)"
+
+
+def _bad(msg: str, details: str = "") -> CniError:
+    return CniError(Code.INVALID_NETWORK_CONFIG, msg, details)
+
+
+def canonicalize(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Map alias keys to canonical ones; a key given under two spellings is an error."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        canon = ALIASES.get(key, key)
+        if canon in out:
+            raise _bad(f"config key {canon!r} given twice (also as {key!r})")
+        out[canon] = value
+    return out
+
+
+def _int(conf: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    v = conf.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"{key}: {v!r} is not an integer in {lo}..{hi}")
+    return v
+
+
+def _str(conf: Mapping[str, Any], key: str, default: str) -> str:
+    v = conf.get(key, default)
+    if not isinstance(v, str) or not v:
+        raise _bad(f"{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _trunk(value: Any) -> tuple[tuple[int, int], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad(f"trunk: expected a list of {{id}} or {{minID, maxID}}, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"trunk[{i}]"
+        if not isinstance(item, Mapping):
+            raise _bad(f"{where}: expected {{id}} or {{minID, maxID}}, got {item!r}")
+        if "id" in item and ("minID" in item or "maxID" in item):
+            raise _bad(f"{where}: give either id or minID/maxID, not both: {item!r}")
+        if "id" in item:
+            lo = hi = _vlan_id(item["id"], f"{where}.id")
+        elif "minID" in item and "maxID" in item:
+            lo, hi = _vlan_id(item["minID"], f"{where}.minID"), _vlan_id(item["maxID"], f"{where}.maxID")
+            if lo > hi:
+                raise _bad(f"{where}: minID {lo} is greater than maxID {hi}")
+        else:
+            raise _bad(f"{where}: expected {{id}} or {{minID, maxID}}, got {item!r}")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _vlan_id(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 4094:
+        raise _bad(f"{where}: VLAN {v!r} is outside 0..4094")
+    return v
+
+
+def _mac(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not MAC_RE.match(v):
+        raise _bad(f"{where}: invalid MAC address {v!r}")
+    if int(v[:2], 16) & 1:
+        raise _bad(f"{where}: {v} is a multicast MAC address")
+    if v.replace(":", "") == "0" * 12:
+        raise _bad(f"{where}: {v} is the all-zero MAC address")
+    return v.lower()
+
+
+def _ips(v: Any, where: str) -> tuple[IPAddress, ...]:
+    if isinstance(v, str):
+        v = [p for p in v.split(",") if p.strip()]
+    if not isinstance(v, list):
+        raise _bad(f"{where}: expected a list of IP addresses, got {v!r}")
+    try:
+        return parse_requested_ips(v, where)
+    except ConfigError as exc:
+        raise _bad(str(exc)) from exc
+
+
+def _mapping(conf: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    v = conf.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise _bad(f"{key}: expected an object, got {v!r}")
+    return v
+
+
+def _attachments(conf: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    found: list[tuple[str, str]] = []
+    seen = False
+    for key in VALID_ATTACHMENTS_KEYS:
+        if key not in conf:
+            continue
+        seen = True
+        items = conf[key]
+        if not isinstance(items, list):
+            raise _bad(f"{key}: expected a list of {{containerID, ifname}}, got {items!r}")
+        for i, a in enumerate(items):
+            if not isinstance(a, Mapping) or not isinstance(a.get("containerID"), str) \
+                    or not isinstance(a.get("ifname"), str):
+                raise _bad(f"{key}[{i}]: expected {{containerID, ifname}}, got {a!r}")
+            found.append((a["containerID"], a["ifname"]))
+    return tuple(dict.fromkeys(found)) if seen else None
+
+
+def _ipam(conf: Mapping[str, Any]) -> tuple[IpamMode, str, IpamConf | None]:
+    ipam = conf.get("ipam")
+    has_top = any(k in conf for k in ("subnets", "excludeSubnets"))
+    if ipam is not None and not isinstance(ipam, Mapping):
+        raise _bad(f"ipam: expected an object, got {ipam!r}")
+    try:
+        if ipam:
+            if has_top:
+                raise _bad("give either an ipam section or top-level subnets/excludeSubnets, not both")
+            itype = ipam.get("type")
+            if not isinstance(itype, str) or not itype:
+                raise _bad(f"ipam.type: expected a plugin name, got {itype!r}")
+            if itype == IPAMD_TYPE:
+                return "ipamd", itype, parse_ipam(ipam)
+            if "/" in itype or itype in (".", ".."):
+                raise _bad(f"ipam.type: {itype!r} is not a plugin name")
+            return "delegate", itype, None
+        if has_top:
+            return "ipamd", IPAMD_TYPE, parse_ipam(None, top_level=conf)
+    except ConfigError as exc:
+        raise _bad(str(exc)) from exc
+    return "none", "", None
+
+
+def parse_netconf(args: CmdArgs) -> NetConf:
+    """Validate the whole plugin config + CNI_ARGS for this invocation (no side effects)."""
+    conf = canonicalize(args.config)
+    name = conf.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise _bad(f"name: missing or invalid network name {name!r}",
+                   "must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$")
+    ptype = conf.get("type")
+    if not isinstance(ptype, str) or not ptype:
+        raise _bad(f"type: missing or invalid plugin type {ptype!r}")
+    ovsdb = _str(conf, "ovsdbSocket", DEFAULT_OVSDB)
+    if not ovsdb.startswith(("unix:", "tcp:", "ssl:")):
+        raise _bad(f"ovsdbSocket: {ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or ssl:IP:PORT)")
+    ovn_cfg = conf.get("ovnPort")
+    if ovn_cfg is not None and not isinstance(ovn_cfg, str):
+        raise _bad(f"ovnPort: expected a string, got {ovn_cfg!r}")
+
+    cargs = parse_cni_args(args.args)
+    rc = _mapping(conf, "runtimeConfig")
+    acni = _mapping(_mapping(conf, "args"), "cni")
+    mac = None
+    for where, source, key in (("runtimeConfig.mac", rc, "mac"), ("args.cni.mac", acni, "mac"),
+                               ("CNI_ARGS MAC", cargs, "MAC")):
+        if source.get(key):
+            mac = _mac(source[key], where)
+            break
+    ips: tuple[IPAddress, ...] = ()
+    for where, source, key in (("runtimeConfig.ips", rc, "ips"), ("args.cni.ips", acni, "ips"),
+                               ("CNI_ARGS IP", cargs, "IP")):
+        if source.get(key):
+            ips = _ips(source[key], where)
+            break
+    ovn_port = acni.get("ovnPort") or cargs.get("OVNPORT") or ovn_cfg or None
+    if ovn_port is not None and not isinstance(ovn_port, str):
+        raise _bad(f"args.cni.ovnPort: expected a string, got {ovn_port!r}")
+
+    mode, ipam_type, ipam_conf = _ipam(conf)
+    if ips and mode == "none":
+        raise _bad(f"static IPs {', '.join(map(str, ips))} requested but the network {name} has no IPAM")
+    prev = conf.get("prevResult")
+    return NetConf(
+        name=name, cni_version=args.cni_version, type=ptype,
+        bridge=_str(conf, "bridge", DEFAULT_BRIDGE),
+        vlan=None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan"),
+        trunk=_trunk(conf.get("trunk")),
+        mtu=_int(conf, "mtu", 68, 65535),
+        ovn_port=ovn_port,
+        ovsdb_socket=ovsdb,
+        datapath_type=_str(conf, "datapathType", DEFAULT_DATAPATH),
+        ofport_request=_int(conf, "ofportRequest", 1, 65279),
+        ipam_mode=mode, ipam_type=ipam_type, ipam=ipam_conf,
+        mac=mac, requested_ips=ips,
+        pod=PodRef(cargs.get("K8S_POD_NAMESPACE", ""), cargs.get("K8S_POD_NAME", ""),
+                   cargs.get("K8S_POD_UID", "")),
+        infra_container_id=cargs.get("K8S_POD_INFRA_CONTAINER_ID", ""),
+        prev_result=Result.from_json(prev, args.cni_version) if prev else None,
+        valid_attachments=_attachments(conf),
+        raw=args.config,
+    )

@@ -1,0 +1,388 @@
+"""The `ovs-underlay` verbs: ADD, DEL, CHECK, STATUS, GC over (args, conf, drivers).
+
+Why: each verb is a plain function over a typed config and injected drivers, so unit tests run
+it with fakes (fault injection at every step) and the warm path runs exactly this code. The
+skel-facing wrappers (`add`, `delete`, ...) only parse the config, build the default drivers
+and close them. Nothing here writes to stdout.
+
+Identity without state: the host veth is `ovu` + sha256(container_id/ifname)[:12] with alias
+"ovs-underlay <container_id> <ifname>"; the OVS port has the same name and carries owner ids,
+so DEL/GC/CHECK find everything from (container id, ifname) alone.
+
+ADD order (each creating step pushes its undo; cleanup failures are logged, never raised):
+preflight bridge -> veth (pod end created in the netns) [undo: delete veth] -> OVS port in one
+transaction [undo: delete port] -> IPAM: ipamd allocate with conflict probe [undo: release] or
+delegate ADD [undo: delegate DEL] -> lease MAC -> addresses + routes -> gateway check (ipamd)
+-> gratuitous ARP / unsolicited NA -> OVS ids with MAC/IPs -> result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cni.drivers import Drivers, IpamClientDriver, default_drivers
+from cni.errors import CniError, Code
+from cni.netconf import NetConf, parse_netconf
+from cni.types import DNS, CmdArgs, Interface, IPConfig, Result, Route, addr_key
+
+_log = logging.getLogger("ovs-underlay.plugin")
+OWNER = "ovs-underlay"
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    return "ovu" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:12]
+
+
+def host_alias(container_id: str, ifname: str) -> str:
+    return f"ovs-underlay {container_id} {ifname}"
+
+
+# ---------------------------------------------------------------------------------------------
+# skel entry points
+
+
+def _run(args: CmdArgs, verb: Callable[[CmdArgs, NetConf, Drivers], Result | None]) -> Result | None:
+    conf = parse_netconf(args)
+    d = default_drivers(conf)
+    try:
+        return verb(args, conf, d)
+    finally:
+        with contextlib.suppress(Exception):
+            d.close()
+
+
+def add(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_add)
+
+
+def delete(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_del)
+
+
+def check(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_check)
+
+
+def status(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_status)
+
+
+def gc(args: CmdArgs) -> Result | None:
+    return _run(args, cmd_gc)
+
+
+# ---------------------------------------------------------------------------------------------
+# ADD
+
+
+@dataclass(frozen=True)
+class Addressing:
+    ips: tuple[IPConfig, ...] = ()
+    routes: tuple[Route, ...] = ()
+    dns: DNS = field(default_factory=DNS)
+    mac: str | None = None  # lease MAC (macFromIP)
+
+
+def _undo(what: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> None:
+    try:
+        fn(*a, **kw)
+    except Exception as exc:  # rollback must go on; the original error is what the runtime sees
+        _log.warning("rollback: %s failed: %s", what, exc)
+    else:
+        _log.info("rollback: %s", what)
+
+
+def preflight_bridge(conf: NetConf, d: Drivers, code: int) -> None:
+    dp = d.ovsdb.bridge_datapath(conf.bridge)
+    if dp is None:
+        raise CniError(code, f"OVS bridge {conf.bridge!r} does not exist",
+                       "ovs-underlay does not create bridges; create it or fix `bridge`")
+    if dp != conf.datapath_type:
+        raise CniError(code, f"OVS bridge {conf.bridge!r} has datapath_type {dp!r}, "
+                             f"config expects {conf.datapath_type!r}")
+
+
+def port_spec(args: CmdArgs, conf: NetConf, host: str, mac: str, ips: tuple[IPConfig, ...] = ()) -> Any:
+    from cni.ovsdb import PortSpec
+
+    ids = {"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname,
+           "netns": args.netns, "network": conf.name, "pod_namespace": conf.pod.namespace,
+           "pod_name": conf.pod.name, "pod_uid": conf.pod.uid, "attached_mac": mac,
+           "ip_addresses": ",".join(str(ip.address) for ip in ips)}
+    if conf.ovn_port:
+        ids["iface-id"] = conf.ovn_port
+    return PortSpec(name=host, bridge=conf.bridge, tag=conf.vlan, trunks=conf.trunk_vlans(),
+                    iface_ids=ids, ofport_request=conf.ofport_request,
+                    port_ids={"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname})
+
+
+def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
+    host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
+    with contextlib.ExitStack() as stack:
+        preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
+        link = d.netlink.create_veth(host=host, netns=args.netns, ifname=args.ifname, alias=alias,
+                                     mtu=conf.mtu, mac=conf.mac)
+        stack.callback(_undo, f"delete veth {host}", d.netlink.delete_host_link, host, alias)
+        d.ovsdb.add_port(port_spec(args, conf, host, link.mac))
+        stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
+        addr = _ipam_add(args, conf, d, stack)
+        mac = link.mac
+        if addr.mac and not conf.mac and addr.mac.lower() != mac.lower():
+            d.netlink.set_pod_mac(netns=args.netns, ifname=args.ifname, mac=addr.mac)
+            mac = addr.mac.lower()
+        d.netlink.configure(netns=args.netns, ifname=args.ifname, ips=addr.ips, routes=addr.routes)
+        if conf.ipam_mode == "ipamd":
+            _gateway_check(args, conf, d.ipam_client(conf), addr.ips)
+        d.netlink.announce(netns=args.netns, ifname=args.ifname, ips=addr.ips, mac=mac)
+        d.ovsdb.set_iface_ids(host, {"attached_mac": mac,
+                                     "ip_addresses": ",".join(str(ip.address) for ip in addr.ips)})
+        result = Result(
+            cni_version=conf.cni_version,
+            interfaces=(Interface(name=host, mac=link.host_mac),
+                        Interface(name=args.ifname, mac=mac, mtu=link.mtu, sandbox=args.netns)),
+            ips=addr.ips, routes=addr.routes, dns=addr.dns)
+        stack.pop_all()
+    _log.info("ADD done: %s on %s VLAN %s, ips %s", host, conf.bridge, conf.vlan_text(),
+              ",".join(str(i.address) for i in addr.ips) or "none")
+    return result
+
+
+def _ipam_add(args: CmdArgs, conf: NetConf, d: Drivers, stack: contextlib.ExitStack) -> Addressing:
+    if conf.ipam_mode == "ipamd":
+        assert conf.ipam is not None
+        client = d.ipam_client(conf)
+        alloc = client.allocate(
+            network=conf.name, pool=conf.ipam.pool, container_id=args.container_id, ifname=args.ifname,
+            pod=conf.pod, requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
+            conflict_check=conf.ipam.conflict_check, conflict_check_wait_ms=conf.ipam.conflict_check_wait_ms)
+        stack.callback(_undo, "release lease", client.release, network=conf.name,
+                       container_id=args.container_id, ifname=args.ifname)
+        ips = tuple(IPConfig(a.address, a.gateway, 1) for a in alloc.ips)
+        routes = tuple(Route(r.dst, r.gw) for r in alloc.routes)
+        dns = DNS(alloc.dns.nameservers, alloc.dns.domain, alloc.dns.search, alloc.dns.options)
+        return Addressing(ips, routes, dns, alloc.mac or None)
+    if conf.ipam_mode == "delegate":
+        res = d.delegate.run(conf.ipam_type, "ADD", args)
+        stack.callback(_undo, f"IPAM {conf.ipam_type} DEL", d.delegate.run, conf.ipam_type, "DEL", args)
+        if res is None or not res.ips:
+            raise CniError(Code.INTERNAL, f"IPAM plugin {conf.ipam_type} returned no IP configuration")
+        ips = tuple(IPConfig(ip.address, ip.gateway, 1) for ip in res.ips)
+        # A route without gw goes via the gateway of its family (Go ipam.ConfigureIface).
+        gws = {ip.version: ip.gateway for ip in reversed(ips) if ip.gateway is not None}
+        routes = tuple(replace(r, gw=gws[r.dst.version]) if r.gw is None and r.dst.version in gws else r
+                       for r in res.routes)
+        return Addressing(ips, routes, res.dns)
+    return Addressing()
+
+
+def _gateway_check(args: CmdArgs, conf: NetConf, client: IpamClientDriver, ips: tuple[IPConfig, ...]) -> None:
+    assert conf.ipam is not None
+    if not conf.ipam.gateway_check:
+        return
+    for ip in ips:
+        if ip.gateway is None:
+            continue
+        res = client.probe_gateway(netns=args.netns, ifname=args.ifname, gateway=ip.gateway,
+                                   sender_ip=ip.address.ip, timeout_ms=conf.ipam.gateway_check_timeout_ms,
+                                   cache_key=f"{conf.bridge}/{conf.vlan if conf.vlan is not None else 0}")
+        if not res.reachable:
+            raise CniError(
+                Code.GATEWAY_UNREACHABLE,
+                f"gateway {ip.gateway} unreachable from {args.ifname} ({ip.address}) on VLAN "
+                f"{conf.vlan_text()} via OVS bridge {conf.bridge} (host port "
+                f"{host_ifname(args.container_id, args.ifname)}) within "
+                f"{conf.ipam.gateway_check_timeout_ms} ms",
+                "check the uplink trunk, the VLAN on the switch and the gateway; "
+                "set ipam.gatewayCheck=false to skip")
+        _log.info("gateway %s reachable (%s, %.1f ms%s)", ip.gateway, res.mac, res.elapsed_ms,
+                  ", cached" if res.cached else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# DEL
+
+
+def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
+    """Release the lease, then remove our OVS port(s), then the host veth. Every step runs even
+    after a failure; missing things count as success. An unreachable ipamd is code 11 (lease
+    left for GC) but port and veth are still removed."""
+    errors: list[CniError] = []
+    host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
+    try:
+        if conf.ipam_mode == "ipamd":
+            assert conf.ipam is not None
+            n = d.ipam_client(conf).release(network=conf.name, container_id=args.container_id,
+                                            ifname=args.ifname)
+            _log.info("released %d lease(s)", n)
+        elif conf.ipam_mode == "delegate":
+            _delegate_best_effort(conf, d, "DEL", args)
+    except CniError as exc:
+        errors.append(exc)
+    try:
+        want = {"container_id": args.container_id, "ifname": args.ifname}
+        names = {p.name for p in d.ovsdb.find_ports(want)}
+        existing = d.ovsdb.get_port(host)
+        if existing is not None and existing.iface_ids.get("container_id") == args.container_id:
+            names.add(host)
+        d.ovsdb.delete_ports(sorted(names))
+    except CniError as exc:
+        errors.append(exc)
+    try:
+        d.netlink.delete_host_link(host, alias)
+    except (CniError, OSError) as exc:
+        errors.append(exc if isinstance(exc, CniError) else CniError(Code.INTERNAL, f"delete {host}: {exc}"))
+    if errors:
+        first = errors[0]
+        raise CniError(first.code, "; ".join(e.msg for e in errors), first.details)
+
+
+def _delegate_best_effort(conf: NetConf, d: Drivers, command: str, args: CmdArgs) -> None:
+    from cni.delegate import DelegateNotFound
+
+    try:
+        d.delegate.run(conf.ipam_type, command, args)
+    except DelegateNotFound as exc:
+        # Nothing can have been allocated by a plugin that does not exist: not a DEL failure.
+        _log.warning("%s: %s; nothing to release", command, exc.msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# CHECK
+
+
+def cmd_check(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
+    """Compare the live attachment with prevResult and the config. Changes nothing."""
+    prev = conf.prev_result
+    if prev is None:
+        raise CniError(Code.INVALID_NETWORK_CONFIG, "CHECK needs prevResult in the config")
+    problems: list[str] = []
+    state = d.netlink.pod_state(args.netns, args.ifname)
+    pod_if = next((i for i in prev.interfaces if i.name == args.ifname and i.sandbox), None)
+    if state is None:
+        problems.append(f"interface {args.ifname} is missing in {args.netns}")
+    else:
+        if pod_if is not None and pod_if.mac and pod_if.mac.lower() != state.link.mac.lower():
+            problems.append(f"MAC of {args.ifname} is {state.link.mac}, expected {pod_if.mac}")
+        if conf.mtu and state.link.mtu != conf.mtu:
+            problems.append(f"MTU of {args.ifname} is {state.link.mtu}, expected {conf.mtu}")
+        if not state.link.up:
+            problems.append(f"{args.ifname} is down")
+        present = {addr_key(a) for a in state.addresses}
+        for ip in prev.ips:
+            if addr_key(ip.address) not in present:
+                problems.append(f"address {ip.address} missing on {args.ifname}")
+        have = {(r.dst, r.gw) for r in state.routes}
+        for r in prev.routes:
+            if (r.dst, r.gw) not in have:
+                problems.append(f"route {r.dst} via {r.gw} missing in {args.netns}")
+    problems += _check_port(args, conf, d)
+    problems += _check_lease(args, conf, d, prev)
+    if problems:
+        raise CniError(Code.INTERNAL, "CHECK failed: " + "; ".join(problems))
+
+
+def _check_port(args: CmdArgs, conf: NetConf, d: Drivers) -> list[str]:
+    host = host_ifname(args.container_id, args.ifname)
+    p = d.ovsdb.get_port(host)
+    if p is None:
+        return [f"OVS port {host} is missing"]
+    out = []
+    ids = p.iface_ids
+    if ids.get("owner") != OWNER or ids.get("container_id") != args.container_id \
+            or ids.get("ifname") != args.ifname:
+        out.append(f"OVS port {host} is not owned by this attachment (external_ids {dict(ids)})")
+    if p.bridge != conf.bridge:
+        out.append(f"OVS port {host} is on bridge {p.bridge}, expected {conf.bridge}")
+    if p.tag != conf.vlan:
+        out.append(f"OVS port {host} has tag {p.tag}, expected {conf.vlan}")
+    if tuple(p.trunks) != conf.trunk_vlans():
+        out.append(f"OVS port {host} trunks {list(p.trunks)}, expected {list(conf.trunk_vlans())}")
+    if d.netlink.host_link_alias(host) != host_alias(args.container_id, args.ifname):
+        out.append(f"host veth {host} is missing or not ours")
+    return out
+
+
+def _check_lease(args: CmdArgs, conf: NetConf, d: Drivers, prev: Result) -> list[str]:
+    if conf.ipam_mode == "ipamd":
+        lease = d.ipam_client(conf).get_lease(network=conf.name, container_id=args.container_id,
+                                              ifname=args.ifname)
+        if lease is None:
+            return [f"no ipamd lease for {args.container_id}/{args.ifname} in network {conf.name}"]
+        held = {addr_key(a.address) for a in lease.ips}
+        return [f"address {ip.address} is not leased to this attachment" for ip in prev.ips
+                if addr_key(ip.address) not in held]
+    if conf.ipam_mode == "delegate":
+        try:
+            d.delegate.run(conf.ipam_type, "CHECK", args)
+        except CniError as exc:
+            return [exc.msg]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# STATUS / GC
+
+
+def cmd_status(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
+    try:
+        preflight_bridge(conf, d, Code.NOT_AVAILABLE)
+    except CniError as exc:
+        raise CniError(Code.NOT_AVAILABLE, exc.msg, exc.details) from exc
+    if conf.ipam_mode == "ipamd":
+        assert conf.ipam is not None
+        try:
+            healthy = d.ipam_client(conf).health()
+        except CniError as exc:
+            raise CniError(Code.NOT_AVAILABLE, f"ipamd at {conf.ipam.daemon_socket}: {exc.msg}") from exc
+        if not healthy:
+            raise CniError(Code.NOT_AVAILABLE, f"ipamd at {conf.ipam.daemon_socket} is not serving")
+    elif conf.ipam_mode == "delegate":
+        try:
+            d.delegate.run(conf.ipam_type, "STATUS", args)
+        except CniError as exc:
+            if exc.code != Code.INCOMPATIBLE_VERSION:
+                raise
+            _log.info("IPAM plugin %s does not implement STATUS (CNI < 1.1.0)", conf.ipam_type)
+
+
+def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
+    """Remove our OVS ports (and their host veths) of this network whose attachment is not in
+    cni.dev/valid-attachments, then forward to ipamd / the delegate. Continues after errors."""
+    if conf.valid_attachments is None:
+        # A missing list must not read as "nothing is valid": that would wipe the network.
+        raise CniError(Code.INVALID_NETWORK_CONFIG,
+                       "GC needs cni.dev/valid-attachments (or cni.dev/attachments) in the config")
+    valid = set(conf.valid_attachments)
+    errors: list[CniError] = []
+    try:
+        stale = [p for p in d.ovsdb.find_ports({"network": conf.name})
+                 if (p.iface_ids.get("container_id", ""), p.iface_ids.get("ifname", "")) not in valid]
+        if stale:
+            d.ovsdb.delete_ports([p.name for p in stale])
+        for p in stale:
+            cid, ifn = p.iface_ids.get("container_id", ""), p.iface_ids.get("ifname", "")
+            _log.info("GC: removed stale attachment %s/%s (port %s)", cid, ifn, p.name)
+            try:
+                d.netlink.delete_host_link(host_ifname(cid, ifn), host_alias(cid, ifn))
+            except (CniError, OSError) as exc:
+                errors.append(CniError(Code.INTERNAL, f"GC: delete veth of {cid}/{ifn}: {exc}"))
+    except CniError as exc:
+        errors.append(exc)
+    try:
+        if conf.ipam_mode == "ipamd":
+            released = d.ipam_client(conf).gc(network=conf.name, valid=sorted(valid))
+            _log.info("GC: ipamd released %d lease(s)", len(released))
+        elif conf.ipam_mode == "delegate":
+            d.delegate.run(conf.ipam_type, "GC", args)
+    except CniError as exc:
+        if conf.ipam_mode == "delegate" and exc.code == Code.INCOMPATIBLE_VERSION:
+            _log.info("IPAM plugin %s does not implement GC (CNI < 1.1.0)", conf.ipam_type)
+        else:
+            errors.append(exc)
+    if errors:
+        raise CniError(errors[0].code, "GC: " + "; ".join(e.msg for e in errors))

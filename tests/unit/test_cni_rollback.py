@@ -1,0 +1,344 @@
+"""Verbs over fake Drivers: each ADD step failing rolls back every earlier step; DEL is
+idempotent and runs every step; the gateway check message; OVSDB row builders."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+from cni import plugin
+from cni.drivers import Drivers
+from cni.errors import CniError
+from cni.netconf import NetConf, parse_netconf
+from cni.netlink import PodLink
+from cni.ovsdb import PortInfo, PortSpec, iface_columns, port_columns
+from cni.types import CmdArgs, Result
+from ipamd.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
+
+
+class Fault(Exception):
+    pass
+
+
+class World:
+    """Shared fake state + journal; `fail_at` names the call that raises."""
+
+    def __init__(self, fail_at: str = "") -> None:
+        self.fail_at = fail_at
+        self.journal: list[str] = []
+        self.links: dict[str, str] = {}  # host name -> alias
+        self.ports: dict[str, PortSpec] = {}
+        self.leases: set[tuple[str, str]] = set()
+        self.gateway_ok = True
+        self.ipamd_up = True
+
+    def step(self, name: str) -> None:
+        self.journal.append(name)
+        if name == self.fail_at:
+            raise CniError(999, f"injected fault at {name}")
+
+
+class FakeNetlink:
+    def __init__(self, w: World) -> None:
+        self.w = w
+
+    def create_veth(self, *, host: str, netns: str, ifname: str, alias: str, mtu: int | None,
+                    mac: str | None) -> PodLink:
+        self.w.step("create_veth")
+        self.w.links[host] = alias
+        return PodLink(ifname, 2, mac or "0a:00:00:00:00:aa", mtu or 1500, True, "0a:00:00:00:00:bb")
+
+    def set_pod_mac(self, *, netns: str, ifname: str, mac: str) -> None:
+        self.w.step("set_pod_mac")
+
+    def delete_host_link(self, name: str, alias: str) -> bool:
+        self.w.journal.append("undo:veth")
+        if self.w.links.get(name) == alias:
+            del self.w.links[name]
+            return True
+        return False
+
+    def host_link_alias(self, name: str) -> str | None:
+        return self.w.links.get(name)
+
+    def list_host_aliases(self) -> dict[str, str]:
+        return dict(self.w.links)
+
+    def configure(self, *, netns: str, ifname: str, ips: Sequence[Any], routes: Sequence[Any]) -> None:
+        self.w.step("configure")
+
+    def pod_state(self, netns: str, ifname: str) -> Any:
+        return None
+
+    def announce(self, *, netns: str, ifname: str, ips: Sequence[Any], mac: str) -> None:
+        self.w.step("announce")
+
+
+class FakeOvsdb:
+    def __init__(self, w: World) -> None:
+        self.w = w
+
+    def bridge_datapath(self, bridge: str) -> str | None:
+        self.w.step("preflight")
+        return "netdev" if bridge == "br0" else None
+
+    def add_port(self, spec: PortSpec) -> None:
+        self.w.step("add_port")
+        self.w.ports[spec.name] = spec
+
+    def set_iface_ids(self, name: str, ids: Mapping[str, str]) -> None:
+        self.w.step("set_iface_ids")
+
+    def get_port(self, name: str) -> PortInfo | None:
+        s = self.w.ports.get(name)
+        return None if s is None else PortInfo(s.name, s.bridge, s.tag, s.trunks, None, s.port_ids, s.iface_ids, 1)
+
+    def find_ports(self, want: Mapping[str, str]) -> list[PortInfo]:
+        self.w.journal.append("find_ports")
+        out = []
+        for s in self.w.ports.values():
+            if all(s.iface_ids.get(k) == v for k, v in {"owner": "ovs-underlay", **want}.items()):
+                out.append(PortInfo(s.name, s.bridge, s.tag, s.trunks, None, s.port_ids, s.iface_ids, 1))
+        return out
+
+    def delete_ports(self, names: Sequence[str]) -> None:
+        self.w.journal.append("undo:port")
+        for n in names:
+            self.w.ports.pop(n, None)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeIpam:
+    def __init__(self, w: World) -> None:
+        self.w = w
+
+    def close(self) -> None:
+        pass
+
+    def _up(self) -> None:
+        if not self.w.ipamd_up:
+            raise CniError(11, "ipamd unreachable at /x.sock")
+
+    def allocate(self, *, network: str, container_id: str, ifname: str, **kw: Any) -> Allocation:
+        self._up()
+        self.w.step("allocate")
+        self.w.leases.add((container_id, ifname))
+        return Allocation(network, container_id, ifname,
+                          (IpAssignment(IPNetwork("10.0.0.5/24"), IPAddress("10.0.0.1")),),
+                          (RouteSpec(IPNetwork("0.0.0.0/0"), IPAddress("10.0.0.1")),), mac="0a:58:0a:00:00:05")
+
+    def release(self, *, network: str, container_id: str, ifname: str) -> int:
+        self._up()
+        self.w.journal.append("undo:lease")
+        had = (container_id, ifname) in self.w.leases
+        self.w.leases.discard((container_id, ifname))
+        return int(had)
+
+    def get_lease(self, **kw: Any) -> Allocation | None:
+        return None
+
+    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        gone = [k for k in self.w.leases if k not in set(valid)]
+        self.w.leases -= set(gone)
+        return gone
+
+    def probe_gateway(self, **kw: Any) -> ProbeResult:
+        self.w.step("probe_gateway")
+        return ProbeResult(self.w.gateway_ok, "0a:00:00:00:00:01" if self.w.gateway_ok else None, 3.0)
+
+    def health(self) -> bool:
+        return self.w.ipamd_up
+
+
+class FakeDelegate:
+    def __init__(self, w: World) -> None:
+        self.w = w
+
+    def run(self, plugin_name: str, command: str, args: CmdArgs) -> Result | None:
+        if command == "ADD":
+            self.w.step("delegate_add")
+            self.w.leases.add((args.container_id, args.ifname))
+            return Result.from_json({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.7/16", "gateway": "10.1.0.1"}],
+                                     "routes": [{"dst": "0.0.0.0/0"}]}, "1.0.0")
+        if command == "DEL":
+            self.w.journal.append("undo:lease")
+            self.w.leases.discard((args.container_id, args.ifname))
+        return None
+
+
+def drivers(w: World) -> Drivers:
+    return Drivers(FakeNetlink(w), FakeOvsdb(w), lambda sock, t: FakeIpam(w), FakeDelegate(w))
+
+
+IPAMD = {"type": "ovs-underlay-ipam", "daemonSocket": "/x.sock",
+         "subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}]}
+
+
+def mk(conf: dict[str, Any], cid: str = "c1") -> tuple[CmdArgs, NetConf]:
+    full = {"cniVersion": "1.1.0", "name": "n1", "type": "ovs-underlay", "bridge": "br0",
+            "datapathType": "netdev", "vlan": 100, **conf}
+    a = CmdArgs("ADD", cid, "/run/netns/p", "eth0", "", ("/usr/lib/cni",), b"", full, "1.1.0")
+    return a, parse_netconf(a)
+
+
+STEPS = {
+    "ipamd": ["preflight", "create_veth", "add_port", "allocate", "set_pod_mac", "configure", "probe_gateway",
+              "announce", "set_iface_ids"],
+    "delegate": ["preflight", "create_veth", "add_port", "delegate_add", "configure", "announce", "set_iface_ids"],
+    "none": ["preflight", "create_veth", "add_port", "configure", "announce", "set_iface_ids"],
+}
+CONFS = {"ipamd": {"ipam": IPAMD}, "delegate": {"ipam": {"type": "host-local"}}, "none": {}}
+
+
+@pytest.mark.parametrize("mode", list(STEPS))
+def test_add_happy_path_order(mode: str) -> None:
+    w = World()
+    a, c = mk(CONFS[mode])
+    res = plugin.cmd_add(a, c, drivers(w))
+    assert [j for j in w.journal if not j.startswith("undo")] == STEPS[mode]
+    assert not any(j.startswith("undo") for j in w.journal)
+    host = plugin.host_ifname("c1", "eth0")
+    assert list(w.links) == [host] and list(w.ports) == [host]
+    assert res.interfaces[0].name == host and res.interfaces[1].sandbox == "/run/netns/p"
+    if mode != "none":
+        assert res.ips[0].interface == 1 and res.routes[0].gw is not None  # gw resolved for delegate too
+
+
+@pytest.mark.parametrize(("mode", "step"), [(m, s) for m, steps in STEPS.items() for s in steps])
+def test_add_failure_at_each_step_rolls_back_everything(mode: str, step: str) -> None:
+    w = World(fail_at=step)
+    a, c = mk(CONFS[mode])
+    with pytest.raises(CniError) as e:
+        plugin.cmd_add(a, c, drivers(w))
+    assert "injected fault" in e.value.msg  # the original error, never a cleanup error
+    assert w.links == {} and w.ports == {} and w.leases == set()
+    done = STEPS[mode][: STEPS[mode].index(step)]
+    undos = [j for j in w.journal if j.startswith("undo")]
+    expected = []
+    if "allocate" in done or "delegate_add" in done:
+        expected.append("undo:lease")
+    if "add_port" in done:
+        expected.append("undo:port")
+    if "create_veth" in done:
+        expected.append("undo:veth")
+    assert undos == expected  # reverse order of creation
+
+
+def test_cleanup_failure_does_not_mask_original_error() -> None:
+    w = World(fail_at="configure")
+    d = drivers(w)
+
+    def broken_delete(names: Sequence[str]) -> None:
+        raise CniError(11, "OVSDB gone")
+
+    d.ovsdb.delete_ports = broken_delete  # type: ignore[method-assign]
+    a, c = mk({})
+    with pytest.raises(CniError) as e:
+        plugin.cmd_add(a, c, d)
+    assert "injected fault at configure" in e.value.msg
+    assert w.links == {}  # later undos still ran
+
+
+def test_gateway_unreachable_is_103_naming_gateway_vlan_bridge_iface() -> None:
+    w = World()
+    w.gateway_ok = False
+    a, c = mk({"ipam": IPAMD})
+    with pytest.raises(CniError) as e:
+        plugin.cmd_add(a, c, drivers(w))
+    assert e.value.code == 103
+    for part in ("10.0.0.1", "VLAN 100", "br0", "eth0"):
+        assert part in e.value.msg
+    assert w.links == {} and w.ports == {} and w.leases == set()
+
+
+def test_gateway_check_switched_off() -> None:
+    w = World()
+    w.gateway_ok = False
+    a, c = mk({"ipam": {**IPAMD, "gatewayCheck": False}})
+    plugin.cmd_add(a, c, drivers(w))
+    assert "probe_gateway" not in w.journal
+
+
+def test_missing_bridge_is_code_7_before_any_side_effect() -> None:
+    w = World()
+    a, c = mk({"bridge": "nope"})
+    with pytest.raises(CniError) as e:
+        plugin.cmd_add(a, c, drivers(w))
+    assert e.value.code == 7 and w.journal == ["preflight"]
+    with pytest.raises(CniError) as e:
+        plugin.cmd_status(a, c, drivers(w))
+    assert e.value.code == 50
+
+
+def test_del_idempotent_and_after_failed_add() -> None:
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    plugin.cmd_del(a, c, drivers(w))
+    assert w.links == {} and w.ports == {} and w.leases == set()
+    plugin.cmd_del(a, c, drivers(w))  # twice
+    w2 = World(fail_at="configure")
+    with pytest.raises(CniError):
+        plugin.cmd_add(a, c, drivers(w2))
+    plugin.cmd_del(a, c, drivers(w2))
+
+
+def test_del_with_ipamd_down_is_11_but_port_and_veth_removed() -> None:
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    w.ipamd_up = False
+    with pytest.raises(CniError) as e:
+        plugin.cmd_del(a, c, drivers(w))
+    assert e.value.code == 11
+    assert w.links == {} and w.ports == {}
+    assert w.leases == {("c1", "eth0")}  # left for GC
+
+
+def test_gc_removes_only_stale_of_this_network() -> None:
+    w = World()
+    d = drivers(w)
+    for cid in ("keep", "stale"):
+        a, c = mk({"ipam": IPAMD}, cid=cid)
+        plugin.cmd_add(a, c, d)
+    a, c = mk({"ipam": IPAMD, "name": "other"}, cid="other")
+    plugin.cmd_add(a, c, d)
+    gc_a, gc_c = mk({"ipam": IPAMD, "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]})
+    plugin.cmd_gc(gc_a, gc_c, d)
+    assert sorted(w.ports) == sorted(plugin.host_ifname(x, "eth0") for x in ("keep", "other"))
+    assert sorted(w.links) == sorted(w.ports)
+    assert ("stale", "eth0") not in w.leases and ("keep", "eth0") in w.leases
+
+
+def test_host_name_is_deterministic_and_short() -> None:
+    n = plugin.host_ifname("abc", "eth0")
+    assert n == plugin.host_ifname("abc", "eth0") != plugin.host_ifname("abc", "net1")
+    assert len(n) == 15 and n.startswith("ovu")
+
+
+def test_port_row_builders() -> None:
+    access = port_columns(PortSpec("p", "br", tag=100))
+    assert access["tag"] == [100] and access["trunks"] == [] and access["vlan_mode"] == ["access"]
+    trunk = port_columns(PortSpec("p", "br", trunks=(7, 5, 5)))
+    assert trunk["tag"] == [] and trunk["trunks"] == [5, 7] and trunk["vlan_mode"] == ["trunk"]
+    native = port_columns(PortSpec("p", "br", tag=100, trunks=(5,)))
+    assert native["vlan_mode"] == ["native-untagged"] and native["tag"] == [100]
+    assert port_columns(PortSpec("p", "br"))["vlan_mode"] == []
+    i = iface_columns(PortSpec("p", "br", iface_ids={"owner": "ovs-underlay"}, ofport_request=9, mtu_request=1400))
+    assert i == {"name": "p", "type": "", "external_ids": {"owner": "ovs-underlay"}, "ofport_request": [9],
+                 "mtu_request": [1400]}
+
+
+def test_garp_and_na_frames() -> None:
+    from cni.netlink import garp_frame, na_message
+
+    f = garp_frame(IPAddress("10.0.0.5"), "0a:58:0a:00:00:05")
+    assert f[:6] == b"\xff" * 6 and f[12:14] == b"\x08\x06" and len(f) == 42
+    assert f[28:32] == f[38:42] == bytes([10, 0, 0, 5])
+    m = na_message(IPAddress("fd00::5"), "0a:58:0a:00:00:05")
+    assert m[0] == 136 and len(m) == 32 and m[-6:] == bytes.fromhex("0a580a000005")
