@@ -1,0 +1,181 @@
+"""Every file in conf-examples/ parses and carries what its consumer needs.
+
+CNI configs: valid JSON, the keys libcni requires, plugin types we or the reference plugins
+provide, and every IPAM section (or ovn-kubernetes top-level subnets) accepted by the same
+parser the plugin and ipamd use (`ipamd.spec.parse_ipam`). Kubernetes manifests: the DaemonSet
+is checked against the Kubernetes OpenAPI schemas shipped in the `kubernetes-validate` wheel
+(offline, strict: unknown fields fail); the NetworkAttachmentDefinition (a CRD, no schema
+there) is checked by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ipamd.spec import IpamConf, parse_ipam
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "conf-examples"
+OURS = {"ovs-underlay"}
+OUR_IPAM = "ovs-underlay-ipam"
+REFERENCE = {"bridge", "macvlan", "ipvlan", "tuning", "portmap", "bandwidth", "host-device"}
+CNI_FILES = sorted(p.name for p in EXAMPLES.glob("*.conf*"))
+EXPECTED = {
+    "10-underlay-vlan.conflist", "20-trunk.conf", "30-br-int-ovn.conf", "40-dual-stack.conflist",
+    "50-static-ip-mac.conflist", "60-nad-vlan100.yaml", "70-bridge-ipam.conflist",
+    "71-macvlan-ipam.conf", "80-chain-tuning-portmap-bandwidth.conflist", "daemonset.yaml",
+}
+SUPPORTED_VERSIONS = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+
+def load_cni(name: str) -> dict[str, Any]:
+    data = json.loads((EXAMPLES / name).read_text())
+    assert isinstance(data, dict), name
+    return data
+
+
+def plugins_of(conf: dict[str, Any]) -> list[dict[str, Any]]:
+    """A .conflist's plugins, or a single .conf as a one-plugin list (libcni ConfListFromConf)."""
+    if "plugins" in conf:
+        assert isinstance(conf["plugins"], list) and conf["plugins"], "empty plugins list"
+        return list(conf["plugins"])
+    return [conf]
+
+
+def check_network(conf: dict[str, Any], where: str) -> list[IpamConf]:
+    """libcni's required keys plus our plugin's; returns the parsed IPAM sections."""
+    assert isinstance(conf.get("name"), str) and conf["name"], f"{where}: missing name"
+    assert conf.get("cniVersion") in SUPPORTED_VERSIONS, f"{where}: cniVersion {conf.get('cniVersion')!r}"
+    for v in conf.get("cniVersions", []):
+        assert v in SUPPORTED_VERSIONS, f"{where}: cniVersions has {v!r}"
+    ipams: list[IpamConf] = []
+    for i, p in enumerate(plugins_of(conf)):
+        w = f"{where}.plugins[{i}]"
+        assert p.get("type") in OURS | REFERENCE, f"{w}: unknown plugin type {p.get('type')!r}"
+        # Examples are for real nodes: the tests add the userspace datapath themselves.
+        assert "datapathType" not in p, f"{w}: leave datapathType out (default: system)"
+        for cap in p.get("capabilities", {}):
+            assert cap in {"ips", "mac", "portMappings", "bandwidth", "ipRanges"}, f"{w}: capability {cap}"
+        if p["type"] == "ovs-underlay":
+            assert p.get("bridge") or p.get("ovnPort"), f"{w}: needs bridge (or ovnPort for br-int)"
+            if "vlan" in p:
+                assert isinstance(p["vlan"], int) and 0 <= p["vlan"] <= 4094, f"{w}: vlan"
+            for t in p.get("trunk", []):
+                ids = [t["id"]] if "id" in t else [t["minID"], t["maxID"]]
+                assert all(isinstance(x, int) and 0 <= x <= 4094 for x in ids), f"{w}: trunk {t}"
+                assert ids == sorted(ids), f"{w}: trunk range {t}"
+            assert not ("vlan" in p and "trunk" in p), f"{w}: vlan and trunk are exclusive"
+            if "ipam" not in p and "subnets" in p:
+                ipams.append(parse_ipam(None, top_level=p))
+        if "ipam" in p:
+            assert p["ipam"].get("type") == OUR_IPAM, f"{w}: ipam type {p['ipam'].get('type')!r}"
+            ipams.append(parse_ipam(p["ipam"]))
+    return ipams
+
+
+def test_the_expected_examples_exist() -> None:
+    present = {p.name for p in EXAMPLES.iterdir()}
+    assert present >= EXPECTED, f"missing: {sorted(EXPECTED - present)}"
+
+
+@pytest.mark.parametrize("name", [n for n in CNI_FILES if not n.endswith(".yaml")])
+def test_cni_config_parses(name: str) -> None:
+    conf = load_cni(name)
+    assert name.endswith(".conflist") == ("plugins" in conf), f"{name}: .conflist <=> plugins list"
+    check_network(conf, name)
+
+
+def test_access_vlan_example_has_gateway_and_default_route() -> None:
+    (ipam,) = check_network(load_cni("10-underlay-vlan.conflist"), "10")
+    (subnet,) = ipam.pool.subnets
+    assert str(subnet.gateway) == "192.168.100.1"
+    assert [str(r.dst) for r in ipam.pool.routes] == ["0.0.0.0/0"]
+    assert ipam.gateway_check and ipam.conflict_check
+    assert ipam.daemon_socket == "/run/ovs-underlay/ipamd.sock"
+
+
+def test_dual_stack_example_has_both_families() -> None:
+    (ipam,) = check_network(load_cni("40-dual-stack.conflist"), "40")
+    assert sorted(s.version for s in ipam.pool.subnets) == [4, 6]
+    assert sorted(str(r.dst) for r in ipam.pool.routes) == ["0.0.0.0/0", "::/0"]
+
+
+def test_static_example_declares_capabilities() -> None:
+    (plugin,) = load_cni("50-static-ip-mac.conflist")["plugins"]
+    assert plugin["capabilities"] == {"ips": True, "mac": True}
+
+
+def test_trunk_example_is_a_trunk_without_ipam() -> None:
+    conf = load_cni("20-trunk.conf")
+    assert "vlan" not in conf and conf["trunk"] and "ipam" not in conf
+
+
+def test_ovn_example_sets_ovn_port() -> None:
+    conf = load_cni("30-br-int-ovn.conf")
+    assert conf["bridge"] == "br-int" and conf["ovnPort"]
+    (ipam,) = check_network(conf, "30")
+    assert ipam.pool.mac_from_ip
+
+
+def test_reference_plugin_examples_use_our_ipam_without_probes() -> None:
+    for name, kind in (("70-bridge-ipam.conflist", "bridge"), ("71-macvlan-ipam.conf", "macvlan")):
+        conf = load_cni(name)
+        (plugin,) = plugins_of(conf)
+        assert plugin["type"] == kind
+        (ipam,) = check_network(conf, name)
+        assert not ipam.gateway_check and not ipam.conflict_check, name
+
+
+def test_chain_example_order() -> None:
+    conf = load_cni("80-chain-tuning-portmap-bandwidth.conflist")
+    assert [p["type"] for p in conf["plugins"]] == ["ovs-underlay", "tuning", "portmap", "bandwidth"]
+    check_network(conf, "80")
+
+
+def test_nad_is_a_multus_attachment_with_ovn_k_style_subnets() -> None:
+    docs = list(yaml.safe_load_all((EXAMPLES / "60-nad-vlan100.yaml").read_text()))
+    assert len(docs) == 1
+    nad = docs[0]
+    assert nad["apiVersion"] == "k8s.cni.cncf.io/v1"
+    assert nad["kind"] == "NetworkAttachmentDefinition"
+    assert set(nad) == {"apiVersion", "kind", "metadata", "spec"}
+    assert nad["metadata"]["name"] and set(nad["spec"]) == {"config"}
+    conf = json.loads(nad["spec"]["config"])
+    assert conf["type"] == "ovs-underlay" and "ipam" not in conf
+    assert isinstance(conf["subnets"], str) and isinstance(conf["excludeSubnets"], str)
+    (ipam,) = check_network(conf, "60")
+    (subnet,) = ipam.pool.subnets
+    assert str(subnet.subnet) == "192.168.100.0/24"
+    assert not subnet.allocatable(subnet.subnet[1])  # excluded 192.168.100.1/32
+    assert not subnet.allocatable(subnet.subnet[245])  # inside excluded 192.168.100.240/28
+
+
+def test_daemonset_validates_against_the_kubernetes_schema() -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:  # pragma: no cover - the dev extras must provide it
+        pytest.fail("kubernetes-validate is missing: it belongs to the [dev] extras (pip install -e '.[dev]')")
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / "daemonset.yaml").read_text()) if d]
+    assert [d["kind"] for d in docs] == ["DaemonSet"]
+    for version in ("1.29.0", "1.33.0"):
+        kubernetes_validate.validate(docs[0], version, strict=True)
+
+
+def test_daemonset_mounts_what_the_node_needs() -> None:
+    (ds,) = [d for d in yaml.safe_load_all((EXAMPLES / "daemonset.yaml").read_text()) if d]
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    host_paths = {v["hostPath"]["path"] for v in spec["volumes"]}
+    assert {"/run/ovs-underlay", "/var/lib/ovs-underlay", "/opt", "/run/openvswitch", "/var/run/netns"} <= host_paths
+    (init,) = spec["initContainers"]
+    assert init["securityContext"]["privileged"] and "install.sh" in init["command"][0]
+    (ipamd,) = spec["containers"]
+    assert ipamd["securityContext"]["privileged"]
+    assert ipamd["command"][:2] == ["/opt/ovs-underlay/ovs-underlay-ipamd", "serve"]
+    assert "health" in ipamd["readinessProbe"]["exec"]["command"]
+    netns = next(m for m in ipamd["volumeMounts"] if m["mountPath"] == "/var/run/netns")
+    assert netns["mountPropagation"] == "HostToContainer"
