@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cni.drivers import IpamClientDriver
 from cni.errors import CniError, Code
 from cni.netconf import IPAMD_TYPE, VALID_ATTACHMENTS_KEYS, parse_netconf
 from cni.types import DNS, CmdArgs, IPConfig, Result, Route, addr_key
@@ -46,7 +47,7 @@ from ipamd.spec import DEFAULT_DAEMON_SOCKET, IpamConf, PodRef, PoolDef
 if TYPE_CHECKING:
     from netaddr import IPAddress
 
-    from ipamd.spec import Allocation, ProbeResult
+    from ipamd.spec import Allocation
 
 _log = logging.getLogger("ovs-underlay.ipam")
 
@@ -64,20 +65,10 @@ class PoolUsageView(Protocol):
     quarantined: int
 
 
-class IpamDaemon(Protocol):
-    """The subset of ipamd.client.IpamClient this plugin uses (same signatures)."""
+class IpamDaemon(IpamClientDriver, Protocol):
+    """What this plugin needs of ipamd.client.IpamClient: the main plugin's driver plus the
+    pool listing that STATUS uses to report exhaustion."""
 
-    def close(self) -> None: ...
-    def allocate(self, *, network: str, pool: PoolDef, container_id: str, ifname: str,
-                 pod: PodRef | None = None, requested_ips: Sequence[IPAddress] = (),
-                 requested_mac: str | None = None, netns: str | None = None,
-                 conflict_check: bool = False, conflict_check_wait_ms: int = 100) -> Allocation: ...
-    def release(self, *, network: str, container_id: str, ifname: str) -> int: ...
-    def get_lease(self, *, network: str, container_id: str, ifname: str) -> Allocation | None: ...
-    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]: ...
-    def probe_gateway(self, *, netns: str, ifname: str, gateway: IPAddress, sender_ip: IPAddress | None,
-                      timeout_ms: int, cache_key: str) -> ProbeResult: ...
-    def health(self) -> bool: ...
     def list_pools(self, *, network: str = "") -> Sequence[Any]: ...
 
 

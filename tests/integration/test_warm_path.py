@@ -1,0 +1,224 @@
+"""The warm path end to end: ADD/CHECK/DEL through `python -m cni --warm-server` on real OVS,
+netns and ipamd, checked with the same independent oracles as the in-process path; fallback when
+the server is down or killed mid-way; socket permissions.
+
+Set OU_TEST_WARM_ALL=1 to also re-run the plugin's own lifecycle and datapath suites through a
+warm server (their tests are imported here under a module-wide warm fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import netbed
+import plugin_helpers as ph
+import pytest
+
+
+class WarmServer:
+    def __init__(self, path: str, log: Path) -> None:
+        self.path, self.log = path, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([ph.PYTHON, "-m", "cni", "--warm-server", "--socket", self.path],
+                                         stdout=f, stderr=f, cwd=ph.ROOT)
+        netbed.PROCS.append(self.proc)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.path):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "warm server did not start"
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+
+    def children(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False)
+        return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture
+def warm(tmp_path: Path) -> Iterator[WarmServer]:
+    s = WarmServer(str(tmp_path / "run" / "cni-warm.sock"), tmp_path / "warm.log")
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def attacher() -> Iterator[ph.Attacher]:
+    a = ph.Attacher()
+    yield a
+    a.cleanup()
+
+
+def _net(underlay: netbed.Underlay, ipamd: netbed.Ipamd, **ipam: Any) -> dict[str, Any]:
+    return ph.network(underlay.bridge, vlan=100, ipam={
+        "type": "ovs-underlay-ipam", "daemonSocket": ipamd.socket,
+        "subnets": [{"subnet": "192.168.100.0/24", "gateway": "192.168.100.1", "rangeStart": "192.168.100.10"}],
+        "routes": [{"dst": "0.0.0.0/0"}], "gatewayCheck": True, "conflictCheck": True, **ipam})
+
+
+def _env(sock: str, on: bool = True) -> dict[str, str]:
+    return {"OVS_UNDERLAY_WARM_SOCKET": sock, "OVS_UNDERLAY_WARM": "1" if on else "0"}
+
+
+def _worker_pids(log_file: str, container_id: str) -> set[str]:
+    pids = set()
+    for line in Path(log_file).read_text(errors="replace").splitlines():
+        if f"container_id={container_id}" in line and " pid=" in line:
+            pids.add(line.split(" pid=", 1)[1].split()[0])
+    return pids
+
+
+def _oracle(a: ph.Attachment, bridge: str) -> dict[str, Any]:
+    port, iface = netbed.port(a.host), netbed.interface(a.host)
+    assert port is not None and iface is not None
+    ns = a.netns.rsplit("/", 1)[1]
+    return {"tag": port["tag"], "bridge_has": a.host in netbed.bridge_ports(bridge),
+            "addrs": netbed.addrs("eth0", ns=ns), "ids": {k: iface["external_ids"].get(k) for k in
+                                                           ("owner", "container_id", "ifname", "netns")}}
+
+
+def test_add_check_del_through_the_warm_server_match_in_process(
+        warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
+        netns_factory: Callable[[str], netbed.Netns], attacher: ph.Attacher) -> None:
+    conf = _net(underlay, ipamd)
+    seen = {}
+    for on in (True, False):
+        ns = netns_factory("pod")
+        a = attacher.new(conf, ns.path)
+        out = a.add(extra_env=_env(warm.path, on))
+        assert [i["name"] for i in out["interfaces"]] == [a.host, "eth0"]
+        assert out["interfaces"][1]["sandbox"] == ns.path
+        o = _oracle(a, underlay.bridge)
+        assert o["ids"] == {"owner": "ovs-underlay", "container_id": a.container_id, "ifname": "eth0",
+                            "netns": ns.path}  # the real path, not /proc/<pid>/fd/N
+        assert o["tag"] == 100 and o["bridge_has"] and o["addrs"] == [out["ips"][0]["address"]]
+        assert netbed.ping_retry(ns.name, "192.168.100.1")
+        check = dict(conf, prevResult=out)
+        rc, cout, err = a.run("CHECK", conf=check, extra_env=_env(warm.path, on))
+        assert rc == 0 and cout is None, (cout, err)
+        seen[on] = {k: v for k, v in o.items() if k != "ids"} | {"keys": sorted(out), "n_ips": len(out["ips"])}
+        seen[on]["addrs"] = len(o["addrs"])
+        assert [le["ip"] for le in ipamd.leases() if le.get("containerID") == a.container_id] == \
+            [out["ips"][0]["address"].split("/")[0]]
+        rc, dout, err = a.run("DEL", extra_env=_env(warm.path, on))
+        assert rc == 0, (dout, err)
+        a.deleted = True
+        assert ph.no_trace(a, underlay.bridge) == []
+        assert not [lease for lease in ipamd.leases() if lease.get("containerID") == a.container_id]
+        pids = _worker_pids(ph.LOG_FILE, a.container_id)
+        assert pids, "no log lines for the attachment"
+        if on:
+            assert warm.proc is not None and str(warm.proc.pid) not in pids
+    assert seen[True] == seen[False]
+
+
+def test_error_result_is_identical(warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
+                                   pod_netns: netbed.Netns) -> None:
+    conf = _net(underlay, ipamd)
+    conf["bridge"] = "nosuchbridge0"
+    res = [ph.run_plugin("ADD", conf, container_id=netbed.container_id(), netns=pod_netns.path,
+                         extra_env=_env(warm.path, on)) for on in (True, False)]
+    assert res[0][0] == res[1][0] == 1
+    assert res[0][1]["code"] == res[1][1]["code"] == 7 and res[0][1]["msg"] == res[1][1]["msg"]
+
+
+def test_socket_permissions(warm: WarmServer) -> None:
+    assert stat.S_IMODE(os.stat(warm.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(warm.path)).st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(warm.path).st_mode)
+
+
+def test_server_down_falls_back_in_process(warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
+                                           pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
+    warm.stop(signal.SIGKILL)  # leaves a stale socket file behind: connect is refused
+    assert os.path.exists(warm.path)
+    a = attacher.new(_net(underlay, ipamd), pod_netns.path)
+    rc, out, err = a.run("ADD", extra_env=_env(warm.path))
+    assert rc == 0, (out, err)
+    a.result = out
+    assert "running in-process" in err
+    assert netbed.port(a.host) is not None
+    rc, out, err = a.delete()
+    assert rc == 0 and ph.no_trace(a, underlay.bridge) == []
+
+
+def test_worker_killed_mid_add_is_cleaned_up_and_rerun(
+        warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd, pod_netns: netbed.Netns,
+        attacher: ph.Attacher) -> None:
+    """The gateway router is away for a while, so the worker sits in the gateway check; it is
+    killed there (half-built: veth, port, lease exist). The client cleans up with DEL and
+    re-runs ADD in-process, which succeeds once the router is back."""
+    router = underlay.routers[100]
+    netbed.sh("ip", "link", "set", router.ifname, "down", ns=router.netns.name)
+    a = attacher.new(_net(underlay, ipamd, gatewayCheckTimeoutMs=8000), pod_netns.path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
+    env.update({"CNI_COMMAND": "ADD", "CNI_PATH": ph.CNI_PATH, "OVS_UNDERLAY_LOG_FILE": ph.LOG_FILE,
+                "CNI_CONTAINERID": a.container_id, "CNI_NETNS": a.netns, "CNI_IFNAME": "eth0", **_env(warm.path)})
+    proc = subprocess.Popen([ph.PYTHON, "-m", "cni"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ph.ROOT)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(a.conf).encode())
+    proc.stdin.close()
+    proc.stdin = None  # so that communicate() does not flush it
+    assert ph.wait_for(lambda: netbed.port(a.host) is not None and warm.children(), timeout=20)
+    time.sleep(0.3)
+    workers = warm.children()
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    netbed.sh("ip", "link", "set", router.ifname, "up", ns=router.netns.name)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    doc = json.loads(out)  # exactly one document
+    assert doc["ips"][0]["address"].startswith("192.168.100.")
+    assert b"re-running ADD in-process" in err
+    a.result = doc
+    leases = [le for le in ipamd.leases() if le.get("containerID") == a.container_id]
+    assert len(leases) == 1
+    assert netbed.port(a.host) is not None
+    rc, _, _err2 = a.delete()
+    assert rc == 0 and ph.no_trace(a, underlay.bridge) == []
+
+
+def test_disabled_by_env(warm: WarmServer, ovs_bridge: str, pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
+    a = attacher.new(ph.network(ovs_bridge), pod_netns.path)
+    a.add(extra_env=_env(warm.path, on=False))
+    assert warm.proc is not None and str(warm.proc.pid) not in _worker_pids(ph.LOG_FILE, a.container_id)
+    assert _worker_pids(ph.LOG_FILE, a.container_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin's own suites through the warm path (opt-in: doubles their run time)
+
+if os.environ.get("OU_TEST_WARM_ALL") == "1":
+    from test_plugin_datapath import *  # type: ignore[import-not-found]  # noqa: F403
+    from test_plugin_lifecycle import *  # type: ignore[import-not-found]  # noqa: F403
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _all_through_warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+        d = tmp_path_factory.mktemp("warm")
+        s = WarmServer(str(d / "cni-warm.sock"), d / "warm.log")
+        s.start()
+        old = os.environ.get("OVS_UNDERLAY_WARM_SOCKET")
+        os.environ["OVS_UNDERLAY_WARM_SOCKET"] = s.path
+        yield
+        if old is None:
+            os.environ.pop("OVS_UNDERLAY_WARM_SOCKET", None)
+        else:
+            os.environ["OVS_UNDERLAY_WARM_SOCKET"] = old
+        s.stop()
