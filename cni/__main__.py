@@ -25,6 +25,11 @@ VERBS = skel.Verbs(
 
 def main() -> None:
     multiprocessing.freeze_support()
+    from cni import usage
+
+    code = usage.handle(VERBS, "ovs-underlay", sys.argv[1:], os.environ, warm=True)
+    if code is not None:
+        sys.exit(code)
     from cni import warm  # warm path (stdlib only): `--warm-server`, or hand the call to that server
 
     code = warm.dispatch(VERBS, sys.argv[1:], os.environ, sys.stdin.buffer, sys.stdout)

@@ -26,6 +26,11 @@ VERBS = skel.Verbs(
 
 def main() -> None:
     multiprocessing.freeze_support()
+    from cni import usage
+
+    code = usage.handle(VERBS, "ovs-underlay-ipam", sys.argv[1:], os.environ)
+    if code is not None:
+        sys.exit(code)
     sys.exit(skel.main(VERBS, env=os.environ, stdin=sys.stdin.buffer, stdout=sys.stdout))
 
 

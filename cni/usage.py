@@ -1,0 +1,64 @@
+"""What a person sees when running a plugin binary by hand.
+
+CNI runtimes never pass arguments and always set CNI_COMMAND, so argv is free for humans:
+`--help` and `--version` print to stdout and exit 0. With CNI_COMMAND unset, the plugin
+prints its "about" line and the CNI versions it speaks to stderr and exits 0, as the Go
+reference plugins' skel does. stdlib only: imported on every exec.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+from cni.skel import Verbs
+
+PRODUCT_VERSION = "0.1.0"
+
+HELP = """\
+usage: {prog} [--help | --version{extra_usage}]
+
+{about}
+
+{prog} is a CNI plugin: a container runtime (kubelet via CRI, Multus, podman, cnitool) runs
+it with the network config on stdin and these environment variables:
+  CNI_COMMAND      ADD, DEL, CHECK, VERSION, STATUS or GC
+  CNI_CONTAINERID  container id ([a-zA-Z0-9][a-zA-Z0-9_.-]*)
+  CNI_NETNS        path of the pod's network namespace (optional for DEL)
+  CNI_IFNAME       interface name in the pod (at most 15 characters)
+  CNI_ARGS         K=V;... (IgnoreUnknown, K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID, IP, MAC{ovn})
+  CNI_PATH         where delegated plugins are found
+It writes one result or error JSON to stdout; logs go to stderr and its log file.
+CNI versions: {versions}.{extra_help}
+Configuration keys, error codes and examples: README.md and conf-examples/ of ovs-underlay.
+"""
+
+WARM_USAGE = " | --warm-server [--socket PATH] [--max-workers N]"
+WARM_HELP = """
+
+  --warm-server    serve calls from a fork server with the verb code already imported (the
+                   warm path); plugin execs hand their call to it over a root-only socket
+                   (default /run/ovs-underlay/cni-warm.sock, env OVS_UNDERLAY_WARM_SOCKET) and
+                   run in-process whenever it is absent. OVS_UNDERLAY_WARM=0 disables it."""
+
+
+def handle(verbs: Verbs, prog: str, argv: Sequence[str], env: Mapping[str, str],
+           stdout: IO[str] = sys.stdout, stderr: IO[str] = sys.stderr, warm: bool = False) -> int | None:
+    """Return an exit code when the call is for a human, None when it is a CNI call."""
+    if argv and argv[0] in ("-h", "--help"):
+        stdout.write(HELP.format(prog=prog, about=verbs.about, versions=", ".join(verbs.supported_versions),
+                                 extra_usage=WARM_USAGE if warm else "", extra_help=WARM_HELP if warm else "",
+                                 ovn=", OvnPort" if warm else ""))
+        return 0
+    if argv and argv[0] == "--version":
+        stdout.write(f"{prog} {PRODUCT_VERSION} (CNI {', '.join(verbs.supported_versions)})\n")
+        return 0
+    if argv and not (warm and argv[0] == "--warm-server"):
+        stderr.write(f"{prog}: unknown argument {argv[0]!r} (see --help)\n")
+        return 2
+    if not env.get("CNI_COMMAND"):
+        versions = ", ".join(verbs.supported_versions)
+        stderr.write(f"{verbs.about}\nCNI protocol versions supported: {versions}\n")
+        return 0
+    return None
