@@ -111,7 +111,8 @@ def ping_retry(ns: str, dst: str, attempts: int = 5) -> bool:
 
 
 def vsctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh("ovs-vsctl", "--timeout=10", *args, check=check)
+    # Generous: ovsdb-server and ovs-vswitchd share 2 cores with the tests under a loaded CI run.
+    return sh("ovs-vsctl", "--timeout=30", *args, check=check, timeout=45)
 
 
 def ovs_rows(table: str, *columns: str, where: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import netbed
+
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist" / "ovs-underlay"
 SPEC = ROOT / "packaging" / "ovs-underlay.spec"
@@ -176,6 +178,18 @@ def forget_cached_results(container_id: str) -> None:
             if container_id in f.name:
                 with contextlib.suppress(OSError):
                     f.unlink()
+
+
+def start_frozen_ipamd(workdir: Path) -> netbed.Ipamd:
+    """ipamd from the bundle (not `python -m ipamd`) on a private socket and state dir under
+    `workdir`; the caller stops it."""
+    state = workdir / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    sock = str(workdir / "ipamd.sock")
+    args = [str(DIST / "ovs-underlay-ipamd"), "serve", "--socket", sock, "--state-dir", str(state)]
+    d = netbed.Ipamd(sock, str(state), None, str(workdir / "ipamd.log"), args)
+    d.start()
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
