@@ -1,15 +1,42 @@
-"""OVSDB boundary: the only module that imports `ovs` (the Open vSwitch python IDL).
+"""OVSDB boundary: the only module that imports `ovs` (its JSON-RPC layer, not the IDL).
 
-Why the IDL and not `ovs-vsctl`: one process fork per pod is what overloads nodes in pod bursts
-(kube-ovn #3210); the IDL speaks JSON-RPC on the OVSDB socket directly. It replicates only the
-tables/columns registered below (REQUIRED), not the whole database, so sync stays in the tens of
-milliseconds. Every change is one transaction whose commit status is checked (the IDL fails the
-whole commit when any operation reply carries an error).
+Why JSON-RPC with hand-built RFC 7047 `transact` requests, and not the IDL (issue 6): the IDL
+fetches and parses the whole schema and then a monitor reply holding EVERY Port and Interface
+row, with ovs's pure-Python JSON parser (the PyPI wheel has no C extension). Measured per plugin
+exec on a netdev bridge (2 busy cores, medians): the IDL client's ADD calls took 29 ms at 10
+ports and 198 ms at 1000, its DEL calls 28 / 285 ms, nearly all of it the initial sync (the
+bench's cProfile phase view showed ~89 ms per ADD). Here every call is one to three
+`transact`s whose `where` clauses name the rows (by name, by _uuid, by `external_ids
+includes`), so no request or reply grows with the bridge: each call is 0.2-1.2 ms at 10 AND at
+1000 ports, ADD 1.6 ms + the ofport wait, DEL 2.3 ms; our CPU per ADD+DEL ~3 ms at both sizes.
+No schema fetch, no monitor, no replica. (ovsdb-server still scans the Interface table for an
+`external_ids includes` where, in C, and rewrites Bridge.ports on attach/detach: ~0.3 ms more
+per write at 1000 ports.) The column names used are stable in the Open_vSwitch schema.
 
-Rows as data: `port_columns`/`iface_columns` are pure builders (unit-tested); `OvsdbClient`
-applies them. Ownership: our Port and Interface rows carry external_ids `owner=ovs-underlay`,
-`container_id`, `ifname` (Interface also netns, network, pod, attached MAC, IPs). We never delete
-a row whose owner is not ours.
+Why not `ovs-vsctl`: one process fork per pod is what overloads nodes in pod bursts
+(kube-ovn #3210). Why the `ovs` library at all: its stream/JSON-RPC layer handles unix/tcp/ssl
+remotes and framing; only the message parsing is ours to keep small.
+
+Shape: pure builders turn intent into `Step`s (one RFC 7047 operation + what it means + the
+count it must return + the error to raise when it fails); `check_reply` checks EVERY element
+of a transact reply (an op's "error", the trailing commit error, counts, a short result) and
+raises `CniError`s that name the operation. `OvsdbClient` only looks rows up, calls the
+builders and sends. All of that is unit-tested without OVS.
+
+Ownership: our Port and Interface rows carry external_ids `owner=ovs-underlay`, `container_id`,
+`ifname` (Interface also netns, network, pod, attached MAC, IPs). We never delete a row whose
+owner is not ours: deletes are guarded in the same transaction by a `wait` on the owning row
+still being ours (and unchanged since we looked), so a race aborts the transaction instead of
+removing someone else's port. Replacing a stale port of ours is delete + add in ONE
+transaction.
+
+ADD waits until ovs-vswitchd has attached the port: an RFC 7047 `wait` on Interface.ofport
+"!=" empty makes ovsdb-server hold the reply until ovs-vswitchd writes ofport (one round trip,
+where ovs-cni polls). On the netdev datapath that wait is ~1 ms at 10 ports with ovs-vswitchd
+idle (~12 ms right behind another change) and 30-60 ms at 1000 ports: it is ovs-vswitchd
+reconfiguring the bridge, O(ports) inside OVS. ofport -1 means OVS could not open the device:
+ADD fails with Interface.error and removes the port it just added (the caller's rollback only
+covers an add_port that returned).
 
 vlog: the ovs library logs through its own `Vlog`; we initialise it once with syslog off and
 route its console destination into our "ovs-underlay.ovsdb" logger.
@@ -17,14 +44,14 @@ route its console destination into our "ovs-underlay.ovsdb" logger.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ovs.db.idl
 import ovs.jsonrpc
 import ovs.poller
 import ovs.stream
@@ -34,12 +61,14 @@ from cni.errors import CniError, Code
 
 OWNER = "ovs-underlay"
 DEFAULT_REMOTE = "unix:/run/openvswitch/db.sock"
-REQUIRED: dict[str, list[str]] = {
-    "Bridge": ["name", "ports", "datapath_type"],
-    "Port": ["name", "interfaces", "tag", "trunks", "vlan_mode", "external_ids"],
-    "Interface": ["name", "type", "external_ids", "ofport", "ofport_request", "mtu_request"],
-}
+DB = "Open_vSwitch"
+OFPORT_WAIT_MS = 2000  # upper bound for ovs-vswitchd to attach a new port (ofport set)
+_ATTEMPTS = 3  # a lookup-then-write raced with another writer: redo it this often
+PORT_COLUMNS = ["_uuid", "name", "interfaces", "tag", "trunks", "vlan_mode", "external_ids"]
+IFACE_COLUMNS = ["_uuid", "external_ids", "ofport"]
 _log = logging.getLogger("ovs-underlay.ovsdb")
+
+Op = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,8 +102,35 @@ class PortInfo:
     ofport: int | None
 
 
+@dataclass(frozen=True)
+class Found:
+    """What OVSDB holds under one port name (see `lookup_steps`)."""
+
+    name: str
+    port: str | None = None  # Port._uuid
+    port_ids: Mapping[str, str] = field(default_factory=dict)
+    port_ifaces: tuple[str, ...] = ()  # Port.interfaces
+    iface: str | None = None  # _uuid of the Interface with this name
+    iface_ids: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def owner(self) -> str | None:
+        """The Port's owner id, else that of its Interface of the same name."""
+        iface_owner = None if self.stray_iface else self.iface_ids.get("owner")
+        return self.port_ids.get("owner") or iface_owner or None
+
+    @property
+    def ours(self) -> bool:
+        return self.port is not None and self.owner == OWNER
+
+    @property
+    def stray_iface(self) -> bool:
+        """An Interface of this name that is not in the Port of this name."""
+        return self.iface is not None and self.iface not in self.port_ifaces
+
+
 def port_columns(spec: PortSpec) -> dict[str, Any]:
-    """Port row columns for `spec` (IDL python values: optional columns are lists)."""
+    """Port row columns for `spec` (python values: optional columns are lists)."""
     cols: dict[str, Any] = {"name": spec.name, "external_ids": dict(spec.port_ids)}
     cols["tag"] = [spec.tag] if spec.tag is not None else []
     cols["trunks"] = sorted(set(spec.trunks))
@@ -100,6 +156,313 @@ def iface_columns(spec: PortSpec) -> dict[str, Any]:
 
 def matches(ids: Mapping[str, str], want: Mapping[str, str]) -> bool:
     return all(ids.get(k) == v for k, v in want.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# RFC 7047 values: python -> OVSDB JSON and back (pure)
+
+
+class Uuid(str):
+    """A row reference (`["uuid", u]` on the wire)."""
+
+
+class NamedUuid(str):
+    """A reference to a row inserted earlier in the same transaction (`["named-uuid", n]`)."""
+
+
+def _atom(v: Any) -> Any:
+    if isinstance(v, NamedUuid):
+        return ["named-uuid", str(v)]
+    if isinstance(v, Uuid):
+        return ["uuid", str(v)]
+    return v
+
+
+def to_datum(value: Any) -> Any:
+    """Python value -> OVSDB datum: Mapping -> map, list/tuple -> set, else an atom."""
+    if isinstance(value, Mapping):
+        return ["map", [[_atom(k), _atom(v)] for k, v in sorted(value.items())]]
+    if isinstance(value, (list, tuple)):
+        return ["set", [_atom(v) for v in value]]
+    return _atom(value)
+
+
+class MalformedReply(CniError):
+    def __init__(self, what: str, value: Any) -> None:
+        super().__init__(Code.INTERNAL, f"OVSDB reply: malformed {what}: {str(value)[:200]}")
+
+
+def from_atom(v: Any) -> Any:
+    if isinstance(v, list):
+        if len(v) == 2 and v[0] == "uuid" and isinstance(v[1], str):
+            return Uuid(v[1])
+        raise MalformedReply("atom", v)
+    return v
+
+
+def set_of(v: Any) -> list[Any]:
+    """A set datum as a list (RFC 7047 sends a one-element set as the bare atom)."""
+    if isinstance(v, list) and len(v) == 2 and v[0] == "set" and isinstance(v[1], list):
+        return [from_atom(x) for x in v[1]]
+    return [from_atom(v)]
+
+
+def optional(v: Any) -> Any:
+    s = set_of(v)
+    return s[0] if s else None
+
+
+def map_of(v: Any) -> dict[str, str]:
+    if not (isinstance(v, list) and len(v) == 2 and v[0] == "map" and isinstance(v[1], list)):
+        raise MalformedReply("map", v)
+    out: dict[str, str] = {}
+    for pair in v[1]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise MalformedReply("map pair", pair)
+        out[str(pair[0])] = str(pair[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations and steps (pure)
+
+
+def eq(column: str, value: Any) -> list[Any]:
+    return [column, "==", to_datum(value)]
+
+
+def includes(column: str, value: Any) -> list[Any]:
+    return [column, "includes", to_datum(value)]
+
+
+def op_select(table: str, where: list[list[Any]], columns: Sequence[str]) -> Op:
+    return {"op": "select", "table": table, "where": where, "columns": list(columns)}
+
+
+def op_insert(table: str, row: Mapping[str, Any], uuid_name: str) -> Op:
+    return {"op": "insert", "table": table, "row": {k: to_datum(v) for k, v in row.items()},
+            "uuid-name": uuid_name}
+
+
+def op_mutate(table: str, where: list[list[Any]], mutations: list[list[Any]]) -> Op:
+    return {"op": "mutate", "table": table, "where": where, "mutations": mutations}
+
+
+def op_delete(table: str, where: list[list[Any]]) -> Op:
+    return {"op": "delete", "table": table, "where": where}
+
+
+def op_wait(table: str, where: list[list[Any]], columns: Sequence[str], until: str,
+            rows: list[dict[str, Any]], timeout_ms: int) -> Op:
+    return {"op": "wait", "table": table, "where": where, "columns": list(columns), "until": until,
+            "rows": rows, "timeout": timeout_ms}
+
+
+def op_comment(text: str) -> Op:
+    return {"op": "comment", "comment": text}
+
+
+class TxnFailed(CniError):
+    """One operation of a transaction (or its commit) failed; `index` is the op's position
+    (len(steps) for a commit-time error)."""
+
+    def __init__(self, code: int, msg: str, index: int, error: str, details: str = "") -> None:
+        super().__init__(code, msg, details)
+        self.index = index
+        self.error = error
+
+
+class Changed(CniError):
+    """The rows changed between our lookup and our write (a guard `wait` failed): redo both."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(Code.TRY_AGAIN_LATER, f"OVSDB rows changed concurrently: {what}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of a transaction, what it means (for error messages), the "count" it must
+    return (None: not checked) and the error to raise instead of the generic one if it fails."""
+
+    op: Op
+    what: str
+    count: int | None = None
+    error: CniError | None = None
+
+
+def check_reply(steps: Sequence[Step], result: Any) -> list[dict[str, Any]]:
+    """Check EVERY element of a transact reply's "result" (RFC 7047 §4.1.3) and return the
+    per-operation results. Raises on: a non-array result; an operation's {"error"} (its
+    `Step.error` if given); a trailing commit error (e.g. "constraint violation",
+    "referential integrity violation"); a missing or non-object result; a wrong "count"."""
+    if not isinstance(result, list):
+        raise MalformedReply("transact result", result)
+    for i, r in enumerate(result):
+        if isinstance(r, dict) and "error" in r:
+            error, details = str(r.get("error")), str(r.get("details") or "")
+            if i < len(steps):
+                step = steps[i]
+                if step.error is not None:
+                    raise step.error
+                raise TxnFailed(Code.INTERNAL, f"OVSDB {step.op['op']} {step.op.get('table', '')} "
+                                f"({step.what}) failed: {error}" + (f": {details}" if details else ""),
+                                i, error, details)
+            what = "; ".join(s.what for s in steps if s.op["op"] not in ("select", "comment"))
+            raise TxnFailed(Code.INTERNAL, f"OVSDB transaction ({what}) failed at commit: {error}"
+                            + (f": {details}" if details else ""), i, error, details)
+    if len(result) < len(steps):
+        raise MalformedReply(f"transact result ({len(result)} results for {len(steps)} operations)",
+                             result)
+    out: list[dict[str, Any]] = []
+    for i, step in enumerate(steps):
+        r = result[i]
+        if not isinstance(r, dict):
+            raise MalformedReply(f"result of {step.what}", r)
+        if step.count is not None and r.get("count") != step.count:
+            raise TxnFailed(Code.INTERNAL, f"OVSDB {step.op['op']} {step.op.get('table', '')} "
+                            f"({step.what}) changed {r.get('count')} row(s), expected {step.count}",
+                            i, "unexpected count")
+        out.append(r)
+    return out
+
+
+def rows_of(r: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = r.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
+        raise MalformedReply("select rows", rows)
+    return rows
+
+
+def bridge_steps(bridge: str) -> list[Step]:
+    return [Step(op_select("Bridge", [eq("name", bridge)], ["datapath_type"]), f"read bridge {bridge}")]
+
+
+def lookup_steps(names: Sequence[str]) -> list[Step]:
+    """Two selects per name: the Port and the Interface of that name (ownership, uuids)."""
+    out: list[Step] = []
+    for n in names:
+        out.append(Step(op_select("Port", [eq("name", n)], ["_uuid", "external_ids", "interfaces"]),
+                        f"look up port {n}"))
+        out.append(Step(op_select("Interface", [eq("name", n)], ["_uuid", "external_ids"]),
+                        f"look up interface {n}"))
+    return out
+
+
+def parse_lookup(names: Sequence[str], results: Sequence[Mapping[str, Any]]) -> list[Found]:
+    out = []
+    for i, n in enumerate(names):
+        ports, ifaces = rows_of(results[2 * i]), rows_of(results[2 * i + 1])
+        f = Found(n)
+        if ports:
+            p = ports[0]
+            f = Found(n, port=from_atom(p["_uuid"]), port_ids=map_of(p["external_ids"]),
+                      port_ifaces=tuple(set_of(p["interfaces"])))
+        if ifaces:
+            f = Found(n, f.port, f.port_ids, f.port_ifaces, iface=from_atom(ifaces[0]["_uuid"]),
+                      iface_ids=map_of(ifaces[0]["external_ids"]))
+        out.append(f)
+    return out
+
+
+def _unchanged_guard(found: Found) -> list[Step]:
+    """`wait` ops that abort the transaction unless the Port and the Interface named
+    `found.name` are exactly the rows we looked up (or still absent)."""
+    changed = Changed(f"port {found.name}")
+    out = []
+    for table, uuid in (("Port", found.port), ("Interface", found.iface)):
+        rows = [{"_uuid": to_datum(Uuid(uuid))}] if uuid else []
+        out.append(Step(op_wait(table, [eq("name", found.name)], ["_uuid"], "==", rows, 0),
+                        f"{table} {found.name} unchanged since lookup", error=changed))
+    return out
+
+
+def _owned_guard(found: Found) -> Step:
+    """A `wait` that aborts the transaction unless the row proving our ownership still does."""
+    assert found.port is not None
+    table, uuid = ("Port", found.port) if found.port_ids.get("owner") == OWNER else ("Interface", found.iface)
+    assert uuid is not None
+    return Step(op_wait(table, [eq("_uuid", Uuid(uuid)), includes("external_ids", {"owner": OWNER})],
+                        ["_uuid"], "==", [{"_uuid": to_datum(Uuid(uuid))}], 0),
+                f"port {found.name} still owned by {OWNER}", error=Changed(f"port {found.name}"))
+
+
+def _remove(found: Found) -> list[Step]:
+    """Detach our port from whichever bridge holds it and delete its Port and Interface rows."""
+    assert found.port is not None
+    port = Uuid(found.port)
+    out = [Step(op_mutate("Bridge", [includes("ports", [port])], [["ports", "delete", to_datum([port])]]),
+                f"detach port {found.name} from its bridge", count=1),
+           Step(op_delete("Port", [eq("_uuid", port)]), f"delete port {found.name}", count=1)]
+    out += [Step(op_delete("Interface", [eq("_uuid", Uuid(i))]), f"delete interface of {found.name}", count=1)
+            for i in found.port_ifaces]
+    return out
+
+
+def add_port_steps(spec: PortSpec, found: Found) -> list[Step]:
+    """ONE transaction: the bridge must exist, the name's rows must be as looked up, a stale
+    port of ours is removed, and the new Interface + Port are inserted and attached. Raises
+    CniError (and builds nothing) when the name is held by a row that is not ours."""
+    if found.port is not None and not found.ours:
+        raise CniError(Code.INVALID_NETWORK_CONFIG,
+                       f"OVS port {spec.name} exists and is not owned by {OWNER} (owner {found.owner!r}); "
+                       "not replacing it")
+    if found.stray_iface:
+        raise CniError(Code.INVALID_NETWORK_CONFIG,
+                       f"OVS interface {spec.name} exists in another port (owner "
+                       f"{found.iface_ids.get('owner')!r}); not replacing it")
+    no_bridge = CniError(Code.INVALID_NETWORK_CONFIG, f"OVS bridge {spec.bridge!r} does not exist")
+    steps = [Step(op_comment(f"ovs-underlay: add port {spec.name} to {spec.bridge}"), "comment"),
+             Step(op_wait("Bridge", [eq("name", spec.bridge)], ["name"], "==", [{"name": spec.bridge}], 0),
+                  f"bridge {spec.bridge} exists", error=no_bridge),
+             *_unchanged_guard(found)]
+    if found.port is not None:
+        steps += _remove(found)
+    port_row = {**port_columns(spec), "interfaces": [NamedUuid("iface")]}
+    steps += [Step(op_insert("Interface", iface_columns(spec), "iface"), f"insert interface {spec.name}"),
+              Step(op_insert("Port", port_row, "port"), f"insert port {spec.name}"),
+              Step(op_mutate("Bridge", [eq("name", spec.bridge)],
+                             [["ports", "insert", to_datum([NamedUuid("port")])]]),
+                   f"attach port {spec.name} to bridge {spec.bridge}", count=1)]
+    return steps
+
+
+def ofport_steps(name: str, timeout_ms: int) -> list[Step]:
+    """Hold the reply until ovs-vswitchd has set Interface.ofport (or `timeout_ms`), then read it."""
+    late = CniError(Code.TRY_AGAIN_LATER,
+                    f"ovs-vswitchd did not attach OVS port {name} within {timeout_ms} ms",
+                    "is ovs-vswitchd running and keeping up?")
+    return [Step(op_wait("Interface", [eq("name", name)], ["ofport"], "!=", [{"ofport": to_datum([])}],
+                         timeout_ms), f"wait for ofport of {name}", error=late),
+            Step(op_select("Interface", [eq("name", name)], ["ofport", "error"]), f"read ofport of {name}")]
+
+
+def delete_steps(found: Sequence[Found]) -> list[Step]:
+    """ONE transaction removing every port in `found` that is ours; each removal is guarded by
+    its ownership still holding. Empty when nothing is ours."""
+    steps: list[Step] = []
+    for f in found:
+        if f.ours:
+            steps += [_owned_guard(f), *_remove(f)]
+    if steps:
+        names = ", ".join(f.name for f in found if f.ours)
+        steps.insert(0, Step(op_comment(f"ovs-underlay: delete ports {names}"), "comment"))
+    return steps
+
+
+def set_ids_steps(name: str, ids: Mapping[str, str]) -> list[Step]:
+    """Merge `ids` into external_ids of OUR Interface `name` (delete the keys, insert the pairs)."""
+    return [Step(op_mutate("Interface", [eq("name", name), includes("external_ids", {"owner": OWNER})],
+                           [["external_ids", "delete", to_datum(sorted(ids))],
+                            ["external_ids", "insert", to_datum(dict(ids))]]),
+                 f"update external_ids of {name}")]
+
+
+def port_info(port: Mapping[str, Any], bridge: str | None, iface: Mapping[str, Any] | None) -> PortInfo:
+    return PortInfo(
+        name=str(port["name"]), bridge=bridge, tag=optional(port["tag"]),
+        trunks=tuple(sorted(set_of(port["trunks"]))), vlan_mode=optional(port["vlan_mode"]),
+        port_ids=map_of(port["external_ids"]), iface_ids=map_of(iface["external_ids"]) if iface else {},
+        ofport=optional(iface["ofport"]) if iface else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,72 +497,41 @@ def _route_vlog() -> None:
 # Client
 
 
-def _one(value: Any) -> Any:
-    """Optional IDL column ([] or [x]) -> x or None."""
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
-
-
 class OvsdbClient:
-    """A short-lived IDL session (one per plugin invocation)."""
+    """One JSON-RPC connection to ovsdb-server (opened on first use, closed by close()). Every
+    public call has a deadline of `timeout_s` seconds."""
 
     def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0) -> None:
         _route_vlog()
         self.remote = remote
         self.timeout_s = timeout_s
-        self._idl: Any = None
+        self._conn: Any = None  # ovs.jsonrpc.Connection
 
     # -- connection ------------------------------------------------------------------------
 
-    def _fail(self, what: str, detail: str = "", code: int = Code.TRY_AGAIN_LATER) -> CniError:
-        return CniError(code, f"OVSDB {self.remote}: {what}", detail)
+    def _unreachable(self, detail: str) -> CniError:
+        return CniError(Code.TRY_AGAIN_LATER, f"OVSDB at {self.remote} is unreachable: {detail}",
+                        "is ovsdb-server running? (ovsdbSocket in the network config)")
 
-    def _schema(self) -> Any:
-        deadline_ms = int(self.timeout_s * 1000)
-        err, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(self.remote), deadline_ms)
-        if err:
-            raise self._fail(f"cannot connect: {os.strerror(err)}")
-        conn = ovs.jsonrpc.Connection(stream)
-        try:
-            request = ovs.jsonrpc.Message.create_request("get_schema", ["Open_vSwitch"])
-            err, reply = conn.transact_block(request)
-        finally:
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout_s
+
+    def _connect(self, deadline: float) -> Any:
+        if self._conn is None:
+            ms = max(0, int((deadline - time.monotonic()) * 1000))
+            err, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(self.remote), ms)
+            if err:
+                raise self._unreachable(os.strerror(err))
+            self._conn = ovs.jsonrpc.Connection(stream)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
             conn.close()
-        if err or reply is None or reply.error is not None:
-            raise self._fail("get_schema failed", str(err or (reply.error if reply else "no reply")))
-        helper = ovs.db.idl.SchemaHelper(schema_json=reply.result)
-        for table, cols in REQUIRED.items():
-            helper.register_columns(table, cols)
-        return helper
-
-    @property
-    def idl(self) -> Any:
-        if self._idl is None:
-            idl = ovs.db.idl.Idl(self.remote, self._schema(), probe_interval=0)
-            self._idl = idl
-            self._wait(lambda: idl.has_ever_connected() and idl.change_seqno > 0, "initial sync")
-        return self._idl
-
-    def _wait(self, done: Any, what: str) -> None:
-        idl = self._idl
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            idl.run()
-            if done():
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._fail(f"timed out waiting for {what} after {self.timeout_s:.1f}s")
-            poller = ovs.poller.Poller()
-            idl.wait(poller)
-            poller.timer_wait(int(min(left, 1.0) * 1000))
-            poller.block()
 
     def close(self) -> None:
-        if self._idl is not None:
-            self._idl.close()
-            self._idl = None
+        self._drop()
 
     def __enter__(self) -> OvsdbClient:
         return self
@@ -207,143 +539,188 @@ class OvsdbClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- reads -----------------------------------------------------------------------------
+    def _request(self, method: str, params: list[Any], what: str, deadline: float) -> Any:
+        """Send one request and return its reply's "result" (answering echo requests meanwhile).
+        A lost connection or a passed deadline drops the connection (a late reply must not be
+        read as the answer to a later request)."""
+        conn = self._connect(deadline)
+        request = ovs.jsonrpc.Message.create_request(method, params)
+        err = conn.send(request)
+        while not err:
+            err, msg = conn.recv()
+            if err == errno.EAGAIN:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    self._drop()
+                    raise CniError(Code.TRY_AGAIN_LATER,
+                                   f"OVSDB at {self.remote}: {what}: no reply within {self.timeout_s:g} s")
+                conn.run()
+                poller = ovs.poller.Poller()
+                conn.wait(poller)
+                conn.recv_wait(poller)
+                poller.timer_wait(left_ms)
+                poller.block()
+                err = 0
+            elif msg is None:
+                continue
+            elif msg.type == ovs.jsonrpc.Message.T_REQUEST and msg.method == "echo":
+                err = conn.send(ovs.jsonrpc.Message.create_reply(msg.params, msg.id))
+            elif msg.id == request.id and msg.type in (ovs.jsonrpc.Message.T_REPLY,
+                                                       ovs.jsonrpc.Message.T_ERROR):
+                if msg.error is not None:
+                    raise CniError(Code.INTERNAL, f"OVSDB at {self.remote}: {what}: {msg.error}")
+                return msg.result
+        self._drop()
+        raise self._unreachable(f"{what}: " + ("connection closed" if err == ovs.jsonrpc.EOF
+                                               else os.strerror(err)))
 
-    def _bridge_row(self, name: str) -> Any:
-        for row in self.idl.tables["Bridge"].rows.values():
-            if row.name == name:
-                return row
-        return None
+    def transact(self, steps: Sequence[Step], deadline: float | None = None) -> list[dict[str, Any]]:
+        """Run `steps` as ONE transaction and return their checked results."""
+        what = "; ".join(s.what for s in steps if s.op["op"] != "comment")
+        t0 = time.monotonic()
+        result = self._request("transact", [DB, *(s.op for s in steps)], what,
+                               deadline if deadline is not None else self._deadline())
+        _log.debug("OVSDB %s: %.1f ms", what, (time.monotonic() - t0) * 1000)
+        return check_reply(steps, result)
+
+    # -- reads -----------------------------------------------------------------------------
 
     def bridge_datapath(self, bridge: str) -> str | None:
         """The bridge's datapath type ("system" when empty), or None when it does not exist."""
-        row = self._bridge_row(bridge)
-        if row is None:
-            return None
-        return row.datapath_type or "system"
+        rows = rows_of(self.transact(bridge_steps(bridge))[0])
+        return (str(rows[0]["datapath_type"]) or "system") if rows else None
 
-    def _port_bridges(self) -> dict[Any, str]:
-        out: dict[Any, str] = {}
-        for br in self.idl.tables["Bridge"].rows.values():
-            for p in br.ports:
-                out[p.uuid] = br.name
+    def _infos(self, ports: list[dict[str, Any]], ifaces: Mapping[str, dict[str, Any]],
+               deadline: float) -> list[PortInfo]:
+        """PortInfos for Port rows, in ONE request: each port's bridge (Bridge where ports
+        includes it) and, unless `ifaces` holds one of its interfaces, its first Interface."""
+        steps: list[Step] = []
+        chosen: list[str | None] = []
+        for p in ports:
+            members = set_of(p["interfaces"])
+            pick = next((i for i in members if i in ifaces), members[0] if members else None)
+            chosen.append(pick)
+            steps.append(Step(op_select("Bridge", [includes("ports", [from_atom(p["_uuid"])])], ["name"]),
+                              f"find bridge of port {p['name']}"))
+            if pick is not None and pick not in ifaces:
+                steps.append(Step(op_select("Interface", [eq("_uuid", pick)], IFACE_COLUMNS),
+                                  f"read interface of port {p['name']}"))
+        if not steps:
+            return []
+        results = iter(self.transact(steps, deadline))
+        out = []
+        for p, pick in zip(ports, chosen, strict=True):
+            bridges = rows_of(next(results))
+            iface: dict[str, Any] | None = None
+            if pick is not None and pick in ifaces:
+                iface = ifaces[pick]
+            elif pick is not None:
+                rows = rows_of(next(results))
+                iface = rows[0] if rows else None
+            out.append(port_info(p, str(bridges[0]["name"]) if bridges else None, iface))
         return out
 
-    def _info(self, port: Any, bridges: Mapping[Any, str]) -> PortInfo:
-        iface = port.interfaces[0] if port.interfaces else None
-        return PortInfo(
-            name=port.name, bridge=bridges.get(port.uuid), tag=_one(port.tag),
-            trunks=tuple(sorted(port.trunks)), vlan_mode=_one(port.vlan_mode),
-            port_ids=dict(port.external_ids), iface_ids=dict(iface.external_ids) if iface else {},
-            ofport=_one(iface.ofport) if iface else None)
-
     def get_port(self, name: str) -> PortInfo | None:
-        bridges = self._port_bridges()
-        for p in self.idl.tables["Port"].rows.values():
-            if p.name == name:
-                return self._info(p, bridges)
-        return None
+        deadline = self._deadline()
+        rows = rows_of(self.transact([Step(op_select("Port", [eq("name", name)], PORT_COLUMNS),
+                                           f"read port {name}")], deadline)[0])
+        return self._infos(rows, {}, deadline)[0] if rows else None
 
     def find_ports(self, want: Mapping[str, str]) -> list[PortInfo]:
         """Ports whose Interface external_ids contain all of `want` (plus owner=ovs-underlay)."""
+        deadline = self._deadline()
         want = {"owner": OWNER, **want}
-        bridges = self._port_bridges()
-        out = []
-        for p in self.idl.tables["Port"].rows.values():
-            for iface in p.interfaces:
-                if matches(iface.external_ids, want):
-                    out.append(self._info(p, bridges))
-                    break
-        return out
+        ifaces = rows_of(self.transact([Step(
+            op_select("Interface", [includes("external_ids", want)], IFACE_COLUMNS),
+            "find interfaces by external_ids")], deadline)[0])
+        if not ifaces:
+            return []
+        by_uuid = {from_atom(i["_uuid"]): i for i in ifaces}
+        results = self.transact([Step(op_select("Port", [includes("interfaces", [u])], PORT_COLUMNS),
+                                      "find port of interface") for u in by_uuid], deadline)
+        ports: dict[str, dict[str, Any]] = {}
+        for r in results:
+            for p in rows_of(r):
+                ports.setdefault(from_atom(p["_uuid"]), p)
+        return self._infos(list(ports.values()), by_uuid, deadline)
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _commit(self, build: Any, what: str) -> None:
-        """Run `build(txn)` in a transaction and commit; retry on TRY_AGAIN (the IDL has new
-        data then). Any other non-success status is an error naming `what`."""
-        for _attempt in range(5):
-            idl = self.idl
-            txn = ovs.db.idl.Transaction(idl)
-            txn.add_comment(f"ovs-underlay: {what}")
-            try:
-                changed = build(txn)
-            except BaseException:
-                txn.abort()
-                raise
-            if not changed:
-                txn.abort()
-                return
-            status = txn.commit_block()
-            if status in (ovs.db.idl.Transaction.SUCCESS, ovs.db.idl.Transaction.UNCHANGED):
-                _log.debug("OVSDB %s: %s", what, status)
-                return
-            if status != ovs.db.idl.Transaction.TRY_AGAIN:
-                raise self._fail(f"{what} failed: {txn.get_error()}", code=Code.INTERNAL)
-            _log.info("OVSDB %s: try again", what)
-            self._wait(lambda: True, "resync")
-        raise self._fail(f"{what}: transaction kept conflicting")
+    def _lookup(self, names: Sequence[str], deadline: float) -> list[Found]:
+        return parse_lookup(names, self.transact(lookup_steps(names), deadline))
 
     def add_port(self, spec: PortSpec) -> None:
         """Delete a port of this name if it exists and is ours, then add `spec`, in ONE
-        transaction. A same-named port we do not own is an error (never touched)."""
+        transaction; then wait until ovs-vswitchd has attached it (ofport set). A same-named
+        port we do not own is an error (never touched). If OVS cannot attach the port, it is
+        removed again and ADD fails with Interface.error."""
+        deadline = self._deadline()
+        for attempt in range(1, _ATTEMPTS + 1):
+            (found,) = self._lookup([spec.name], deadline)
+            try:
+                self.transact(add_port_steps(spec, found), deadline)
+                break
+            except Changed:
+                if attempt == _ATTEMPTS:
+                    raise
+                _log.info("OVS port %s changed while adding it; retrying", spec.name)
+        if found.port is not None:
+            _log.info("replaced stale OVS port %s (owner %s, container %s)", spec.name, found.owner,
+                      found.iface_ids.get("container_id") or found.port_ids.get("container_id"))
+        try:
+            self._await_ofport(spec.name, deadline)
+        except CniError:
+            try:
+                self.delete_ports([spec.name])
+            except CniError as exc:
+                _log.warning("could not remove OVS port %s after the failed attach: %s", spec.name, exc.msg)
+            raise
 
-        def build(txn: Any) -> bool:
-            bridge = self._bridge_row(spec.bridge)
-            if bridge is None:
-                raise CniError(Code.INVALID_NETWORK_CONFIG, f"OVS bridge {spec.bridge!r} does not exist")
-            self._delete_named(txn, [spec.name], strict=True)
-            iface = txn.insert(self.idl.tables["Interface"])
-            for col, val in iface_columns(spec).items():
-                setattr(iface, col, val)
-            port = txn.insert(self.idl.tables["Port"])
-            for col, val in port_columns(spec).items():
-                setattr(port, col, val)
-            port.interfaces = [iface]
-            bridge.addvalue("ports", port)
-            return True
-
-        self._commit(build, f"add port {spec.name} to {spec.bridge}")
-
-    def _delete_named(self, txn: Any, names: Iterable[str], strict: bool) -> bool:
-        names = set(names)
-        found = False
-        for p in list(self.idl.tables["Port"].rows.values()):
-            if p.name not in names:
-                continue
-            owner = p.external_ids.get("owner") or next(
-                (i.external_ids.get("owner") for i in p.interfaces if i.external_ids.get("owner")), None)
-            if owner != OWNER:
-                if strict:
-                    raise CniError(Code.INVALID_NETWORK_CONFIG,
-                                   f"OVS port {p.name} exists and is not owned by {OWNER}")
-                _log.warning("not deleting OVS port %s: owner is %r", p.name, owner)
-                continue
-            for br in self.idl.tables["Bridge"].rows.values():
-                if any(x.uuid == p.uuid for x in br.ports):
-                    br.delvalue("ports", p)
-            for i in p.interfaces:
-                i.delete()
-            p.delete()
-            found = True
-        return found
+    def _await_ofport(self, name: str, deadline: float) -> int:
+        t0 = time.monotonic()
+        budget = min(OFPORT_WAIT_MS, int((deadline - t0) * 1000) - 200)
+        rows = rows_of(self.transact(ofport_steps(name, max(0, budget)), deadline)[1])
+        if not rows:
+            raise CniError(Code.INTERNAL, f"OVS interface {name} vanished while waiting for its ofport")
+        ofport, error = optional(rows[0]["ofport"]), optional(rows[0]["error"])
+        if not isinstance(ofport, int) or ofport <= 0:
+            raise CniError(Code.INTERNAL, f"OVS could not attach port {name} (ofport {ofport}): "
+                                          f"{error or 'no error given'}")
+        _log.debug("OVS port %s ready: ofport %d after %.1f ms", name, ofport, (time.monotonic() - t0) * 1000)
+        return ofport
 
     def delete_ports(self, names: Sequence[str]) -> None:
-        """Delete the named ports that we own (missing ones are fine), in one transaction."""
-        if names:
-            self._commit(lambda txn: self._delete_named(txn, names, strict=False),
-                         f"delete ports {', '.join(names)}")
+        """Delete the named ports that we own (missing ones are fine), in one transaction. A
+        same-named port we do not own is left alone (logged)."""
+        if not names:
+            return
+        deadline = self._deadline()
+        for attempt in range(1, _ATTEMPTS + 1):
+            found = self._lookup(list(dict.fromkeys(names)), deadline)
+            for f in found:
+                if f.port is not None and not f.ours:
+                    _log.warning("not deleting OVS port %s: owner is %r", f.name, f.owner)
+            steps = delete_steps(found)
+            if not steps:
+                return
+            try:
+                self.transact(steps, deadline)
+                return
+            except Changed:
+                if attempt == _ATTEMPTS:
+                    raise
+                _log.info("OVS ports %s changed while deleting them; retrying", ", ".join(names))
 
     def set_iface_ids(self, name: str, ids: Mapping[str, str]) -> None:
         """Set (merge) external_ids keys on our Interface `name` in one transaction."""
-
-        def build(txn: Any) -> bool:
-            for i in self.idl.tables["Interface"].rows.values():
-                if i.name == name:
-                    if i.external_ids.get("owner") != OWNER:
-                        raise CniError(Code.INTERNAL, f"OVS interface {name} is not owned by {OWNER}")
-                    for k, v in ids.items():
-                        i.setkey("external_ids", k, v)
-                    return True
+        deadline = self._deadline()
+        (r,) = self.transact(set_ids_steps(name, ids), deadline)
+        if r.get("count") == 1:
+            return
+        rows = rows_of(self.transact([Step(op_select("Interface", [eq("name", name)], ["external_ids"]),
+                                           f"read interface {name}")], deadline)[0])
+        if not rows:
             raise CniError(Code.INTERNAL, f"OVS interface {name} vanished")
+        owner = map_of(rows[0]["external_ids"]).get("owner")
+        raise CniError(Code.INTERNAL, f"OVS interface {name} is not owned by {OWNER} (owner {owner!r})")
 
-        self._commit(build, f"update external_ids of {name}")

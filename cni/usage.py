@@ -54,7 +54,9 @@ def handle(verbs: Verbs, prog: str, argv: Sequence[str], env: Mapping[str, str],
     if argv and argv[0] == "--version":
         stdout.write(f"{prog} {PRODUCT_VERSION} (CNI {', '.join(verbs.supported_versions)})\n")
         return 0
-    if argv and not (warm and argv[0] == "--warm-server"):
+    if warm and argv and argv[0] == "--warm-server":
+        return None  # server mode: cni.warm parses its own flags; no CNI_COMMAND there
+    if argv:
         stderr.write(f"{prog}: unknown argument {argv[0]!r} (see --help)\n")
         return 2
     if not env.get("CNI_COMMAND"):

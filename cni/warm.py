@@ -80,7 +80,7 @@ KILL_GRACE_S = 0.5
 PREIMPORT = (
     "cni.types", "cni.netconf", "cni.drivers", "cni.plugin", "cni.netlink", "cni.ovsdb",
     "cni.delegate", "ipamd.spec", "ipamd.client", "ipamd.convert", "ipamd.netns_socket",
-    "pyroute2", "ovs.db.idl", "ovs.jsonrpc", "ovs.stream", "ovs.poller", "ovs.vlog",
+    "ovs.jsonrpc", "ovs.stream", "ovs.poller", "ovs.vlog", "ovs.json",
     "grpc", "grpc_health.v1.health_pb2", "grpc_health.v1.health_pb2_grpc", "netaddr",
 )
 

@@ -39,3 +39,12 @@ def test_runtime_calls_are_unaffected() -> None:
     assert out.returncode == 0 and json.loads(out.stdout)["supportedVersions"][-1] == "1.1.0"
     bad = run("cni", env={"CNI_COMMAND": "FROB"})
     assert bad.returncode == 1 and json.loads(bad.stdout)["code"] == 4
+
+
+def test_warm_server_flag_is_not_mistaken_for_a_human_call() -> None:
+    from cni.__main__ import VERBS
+    from cni.usage import handle
+
+    # No CNI_COMMAND in server mode: it must reach cni.warm, not print the about text.
+    assert handle(VERBS, "ovs-underlay", ["--warm-server", "--socket", "/x"], {}, warm=True) is None
+    assert handle(VERBS, "ovs-underlay-ipam", ["--warm-server"], {}) == 2
