@@ -82,6 +82,7 @@ class Drivers:
         return client
 
     def close(self) -> None:
+        getattr(self.netlink, "close", lambda: None)()  # cached netlink sockets (real Netlink only)
         for c in self._clients:
             c.close()
         self._clients.clear()

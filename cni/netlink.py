@@ -1,41 +1,118 @@
 """Netlink boundary: the only module that imports pyroute2.
 
-Why: kernel link/address/route changes for one attachment, reached through netns-bound sockets
-(`IPRoute(netns=path, flags=0)`: `flags=0` so a bad path fails instead of creating a netns). The
-process never switches its own netns. Dumps are retried on NetlinkDumpInterrupted (as Go's
+Why: kernel link/address/route changes for one attachment, reached through netns-bound sockets.
+The process never switches its own netns. Dumps are retried on NetlinkDumpInterrupted (as Go's
 `netlinksafe` does); only named errnos are tolerated (ENODEV/ENOENT on delete, EEXIST on
 re-adding an identical address), everything else propagates.
 
-Also the gratuitous ARP / unsolicited NA sender (packet / raw ICMPv6 sockets made inside the pod
-netns by ipamd.netns_socket).
+Pod-netns sockets (issue 6; numbers measured on the 2-core CI box, pyroute2 0.9.7):
+`IPRoute(netns=path, flags=0)` forks a child per socket in pyroute2 0.9 (netns.create_socket ->
+ChildProcess), ~4-9 ms per open, and a dual-stack ADD opened 4 of them. Instead the
+NETLINK_ROUTE socket is made by `ipamd.netns_socket.socket_in_netns` (a short-lived thread
+setns()es, creates the socket, exits: ~0.1 ms, no fork) and handed to `IPRoute(use_socket=...)`.
+It opens the path read-only, so a missing path fails exactly as `flags=0` does (no netns is ever
+created). A `Netlink` keeps ONE host IPRoute and ONE IPRoute per pod netns for the life of a
+verb and `close()` (called by `Drivers.close()`) releases them: one object = one invocation.
+Missing netns: ADD steps raise CniError(INVALID_NETNS); `pod_state` returns None (gone).
+
+Import cost: `from pyroute2 import IPRoute` costs 100-145 ms, because pyroute2/__init__.py is a
+re-export aggregator importing ~40 modules we never use (ipdb, ndb, conntrack, nl80211, plan9,
+ipset...); the part we use, `pyroute2.iproute`, is 22-35 ms (`python -X importtime`).
+`_lean_pyroute2()` puts the package module in sys.modules from its real spec without running its
+__init__, and imports only pyroute2.config.log (the one side effect of that __init__: the
+NullHandler on the "pyroute2" logger), pyroute2.iproute.linux and pyroute2.netlink.exceptions.
+The stub's module-level __getattr__ runs the real __init__ on the first attribute that is not a
+submodule, so any later `from pyroute2 import X` (NDB, IPRoute, ...) still works. find_spec
+works with PyInstaller's importer, and packaging/ovs-underlay.spec collects every pyroute2
+submodule.
+
+Announcements (gratuitous ARP / unsolicited NA), made inside the pod netns by
+ipamd.netns_socket: one GARP per IPv4 address and one NA per IPv6 address, sent at once (as
+ovs-cni does: no repeats, no sleeps). The old sender cost ~30 ms per IPv4 address, all in the
+kernel's RCU grace period (synchronize_net, ~13 ms here): AF_PACKET bound to ETH_P_ARP paid it
+twice, on bind() (re-hooking the protocol) and on close() (packet_release). The socket now has
+protocol 0 (no receive hook, so no bind) and sendto()s to (ifname, ETH_P_ARP); sendto transmits
+synchronously, so the frame is on the wire when it returns, and the unavoidable close() runs on
+a daemon thread that overlaps the rest of ADD. The NA no longer opens a (forking) IPRoute just
+to learn the ifindex: SIOCGIFINDEX on its own socket answers in the pod netns.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import importlib
+import importlib.util
 import logging
 import os
 import socket
 import struct
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from netaddr import IPAddress, IPNetwork
-from pyroute2 import IPRoute, NetlinkError
-from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
 from cni.errors import CniError, Code
 from cni.types import IPConfig, Route
+from ipamd.netns_socket import socket_in_netns
 
 _log = logging.getLogger("ovs-underlay.netlink")
+
+
+def _lean_pyroute2() -> None:
+    """Register the pyroute2 package without executing its __init__ (see the module docstring).
+    A no-op when pyroute2 is already imported (by anyone, lean or not)."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None:
+        raise ImportError("pyroute2 is not installed", name="pyroute2")
+    loader = spec.loader
+    pkg = importlib.util.module_from_spec(spec)
+    lock = threading.RLock()
+    state = {"ran_init": False}
+
+    def __getattr__(name: str) -> Any:  # module-level __getattr__ (PEP 562)
+        sub = f"pyroute2.{name}"
+        if sub in sys.modules:  # a submodule still being imported (circular imports)
+            return sys.modules[sub]
+        if importlib.util.find_spec(sub) is not None:  # `from pyroute2 import config`
+            return importlib.import_module(sub)
+        with lock:
+            if not state["ran_init"]:
+                state["ran_init"] = True
+                _log.debug("pyroute2.%s requested: running the full pyroute2 __init__", name)
+                loader.exec_module(pkg)
+        try:
+            return pkg.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module 'pyroute2' has no attribute {name!r}") from None
+
+    setattr(pkg, "__getattr__", __getattr__)  # noqa: B010 (mypy: ModuleType has no such attribute)
+    sys.modules["pyroute2"] = pkg
+
+
+_lean_pyroute2()
+
+import pyroute2.config.log  # noqa: E402,F401  (the "pyroute2" logger's NullHandler)
+from pyroute2.iproute.linux import IPRoute  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError  # noqa: E402
+
 T = TypeVar("T")
 IFA_F_NODAD = 0x02
 ALIAS_PREFIX = "ovs-underlay "
 RT_PROTO_STATIC = 4
 RT_PROTO_BOOT = 3
 IFF_UP = 1
+NETLINK_ROUTE = 0
+NL_BUFSIZE = 1 << 20  # what pyroute2 sets on the sockets it creates itself
+ETH_P_ARP = 0x0806
+SIOCGIFINDEX = 0x8933
+_GONE = (errno.ENOENT, errno.EINVAL)  # no such path / the path is not a netns (any more)
 
 
 @dataclass(frozen=True)
@@ -69,63 +146,116 @@ def _nl_error(what: str, exc: NetlinkError, code: int = Code.INTERNAL) -> CniErr
     return CniError(code, f"{what}: {os.strerror(exc.code)} (errno {exc.code})")
 
 
+def open_pod_iproute(netns: str) -> Any:
+    """An IPRoute on a NETLINK_ROUTE socket created inside `netns` without forking (see the
+    module docstring). Raises OSError (ENOENT: no such path; EINVAL: not a netns). The caller
+    closes it (`close()` also closes the socket)."""
+    sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, NL_BUFSIZE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NL_BUFSIZE)
+        return IPRoute(use_socket=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class Netlink:
-    """Link/address/route operations for the plugin. Stateless apart from sockets opened
-    per call; safe to create per invocation."""
+    """Link/address/route operations for the plugin. Create one per invocation and `close()` it
+    at the end (Drivers.close does): it keeps one host socket and one socket per pod netns open
+    in between. Not thread-safe (pyroute2 sockets are bound to their creating thread)."""
+
+    def __init__(self) -> None:
+        self._host: Any = None
+        self._pods: dict[str, Any] = {}
+
+    def close(self) -> None:
+        """Close every cached socket. Idempotent; the object can be used again afterwards."""
+        conns = [*self._pods.values(), *([self._host] if self._host is not None else [])]
+        self._pods.clear()
+        self._host = None
+        for ipr in conns:
+            try:
+                ipr.close()
+            except Exception as exc:  # closing must not mask the verb's outcome
+                _log.debug("closing a netlink socket: %s", exc)
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _host_ipr(self) -> Any:
+        if self._host is None:
+            self._host = IPRoute()
+        return self._host
+
+    def _pod(self, netns: str) -> Any:
+        """The cached pod-netns IPRoute; a netns that cannot be opened is a CniError (ADD)."""
+        ipr = self._pods.get(netns)
+        if ipr is None:
+            try:
+                ipr = open_pod_iproute(netns)
+            except OSError as exc:
+                code = Code.INVALID_NETNS if exc.errno in _GONE else Code.INTERNAL
+                raise CniError(code, f"cannot open netlink in netns {netns}: {exc.strerror or exc}") from exc
+            self._pods[netns] = ipr
+        return ipr
 
     # -- host side -------------------------------------------------------------------------
 
     def host_link_alias(self, name: str) -> str | None:
         """The alias of host link `name`, "" when it has none, None when it does not exist."""
-        with IPRoute() as ipr:
-            try:
-                msg = _retry(lambda: ipr.link("get", ifname=name)[0], f"get link {name}")
-            except NetlinkError as exc:
-                if exc.code in (errno.ENODEV, errno.ENOENT):
-                    return None
-                raise
-            return str(msg.get("ifalias") or "")
+        ipr = self._host_ipr()
+        try:
+            msg = _retry(lambda: ipr.link("get", ifname=name)[0], f"get link {name}")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        return str(msg.get("ifalias") or "")
 
     def list_host_aliases(self) -> dict[str, str]:
         """{name: alias} of host links whose alias starts with "ovs-underlay "."""
-        with IPRoute() as ipr:
-            out = {}
-            for msg in _retry(lambda: list(ipr.link("dump")), "dump links"):
-                alias = msg.get("ifalias") or ""
-                if alias.startswith(ALIAS_PREFIX):
-                    out[str(msg.get("ifname"))] = str(alias)
-            return out
+        ipr = self._host_ipr()
+        out = {}
+        for msg in _retry(lambda: list(ipr.link("dump")), "dump links"):
+            alias = msg.get("ifalias") or ""
+            if alias.startswith(ALIAS_PREFIX):
+                out[str(msg.get("ifname"))] = str(alias)
+        return out
 
     def delete_host_link(self, name: str, alias: str) -> bool:
         """Delete host link `name` only if its alias is exactly `alias`. True if deleted."""
-        with IPRoute() as ipr:
-            try:
-                msg = _retry(lambda: ipr.link("get", ifname=name)[0], f"get link {name}")
-            except NetlinkError as exc:
-                if exc.code in (errno.ENODEV, errno.ENOENT):
-                    return False
-                raise
-            have = msg.get("ifalias") or ""
-            if have != alias:
-                _log.warning("not deleting link %s: alias %r is not %r", name, have, alias)
+        ipr = self._host_ipr()
+        try:
+            msg = _retry(lambda: ipr.link("get", ifname=name)[0], f"get link {name}")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
                 return False
-            try:
-                ipr.link("del", index=msg["index"])
-            except NetlinkError as exc:
-                if exc.code in (errno.ENODEV, errno.ENOENT):
-                    return False
-                raise
-            return True
+            raise
+        have = msg.get("ifalias") or ""
+        if have != alias:
+            _log.warning("not deleting link %s: alias %r is not %r", name, have, alias)
+            return False
+        try:
+            ipr.link("del", index=msg["index"])
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return False
+            raise
+        return True
 
     def create_veth(self, *, host: str, netns: str, ifname: str, alias: str, mtu: int | None,
                     mac: str | None) -> PodLink:
         """Create the pair with the pod end directly in `netns` named `ifname`; set the host
         end's alias, MTU and up; the pod end's MTU, MAC and up. Raises CniError when `ifname`
         already exists in the netns or `host` exists and is not ours."""
-        with IPRoute(netns=netns, flags=0) as pod:
-            if _retry(lambda: pod.link_lookup(ifname=ifname), "lookup"):
-                raise CniError(Code.INVALID_ENV, f"interface {ifname} already exists in netns {netns}",
-                               "CNI_IFNAME must not exist in the container before ADD")
+        pod = self._pod(netns)
+        if _retry(lambda: pod.link_lookup(ifname=ifname), "lookup"):
+            raise CniError(Code.INVALID_ENV, f"interface {ifname} already exists in netns {netns}",
+                           "CNI_IFNAME must not exist in the container before ADD")
         have = self.host_link_alias(host)
         if have is not None:
             if have != alias:
@@ -141,81 +271,83 @@ class Netlink:
         try:
             peer["net_ns_fd"] = fd
             kw: dict[str, Any] = {"mtu": mtu} if mtu else {}
-            with IPRoute() as ipr:
-                try:
-                    ipr.link("add", ifname=host, kind="veth", peer=peer, **kw)
-                except NetlinkError as exc:
-                    if exc.code == errno.EEXIST:
-                        raise CniError(Code.INVALID_ENV,
-                                       f"cannot create veth {host}/{ifname}: {ifname} exists in {netns} "
-                                       f"or {host} exists on the host") from exc
-                    raise _nl_error(f"create veth {host} (peer {ifname} in {netns})", exc) from exc
-                idx = ipr.link_lookup(ifname=host)
-                if not idx:
-                    raise CniError(Code.INTERNAL, f"veth {host} vanished after creation")
-                ipr.link("set", index=idx[0], ifalias=alias, state="up")
-                host_mac = str(ipr.link("get", index=idx[0])[0].get("address"))
+            ipr = self._host_ipr()
+            try:
+                ipr.link("add", ifname=host, kind="veth", peer=peer, **kw)
+            except NetlinkError as exc:
+                if exc.code == errno.EEXIST:
+                    raise CniError(Code.INVALID_ENV,
+                                   f"cannot create veth {host}/{ifname}: {ifname} exists in {netns} "
+                                   f"or {host} exists on the host") from exc
+                raise _nl_error(f"create veth {host} (peer {ifname} in {netns})", exc) from exc
+            try:
+                made = ipr.link("get", ifname=host)[0]
+            except NetlinkError as exc:
+                raise CniError(Code.INTERNAL, f"veth {host} vanished after creation: {exc}") from exc
+            ipr.link("set", index=made["index"], ifalias=alias, state="up")
+            host_mac = str(made.get("address"))  # alias and state do not change the MAC
         finally:
             os.close(fd)
-        with IPRoute(netns=netns, flags=0) as pod:
-            msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
-            pod.link("set", index=msg["index"], state="up")
-            return PodLink(ifname, int(msg["index"]), str(msg.get("address")), int(msg.get("mtu")), True,
-                           host_mac)
+        msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
+        pod.link("set", index=msg["index"], state="up")
+        return PodLink(ifname, int(msg["index"]), str(msg.get("address")), int(msg.get("mtu")), True,
+                       host_mac)
 
     # -- pod side --------------------------------------------------------------------------
 
     def set_pod_mac(self, *, netns: str, ifname: str, mac: str) -> None:
-        with IPRoute(netns=netns, flags=0) as pod:
-            idx = _retry(lambda: pod.link_lookup(ifname=ifname), "lookup")
-            if not idx:
-                raise CniError(Code.INTERNAL, f"interface {ifname} is missing in {netns}")
-            try:
-                pod.link("set", index=idx[0], address=mac)
-            except NetlinkError as exc:
-                raise _nl_error(f"set MAC {mac} on {ifname}", exc) from exc
+        pod = self._pod(netns)
+        idx = _retry(lambda: pod.link_lookup(ifname=ifname), "lookup")
+        if not idx:
+            raise CniError(Code.INTERNAL, f"interface {ifname} is missing in {netns}")
+        try:
+            pod.link("set", index=idx[0], address=mac)
+        except NetlinkError as exc:
+            raise _nl_error(f"set MAC {mac} on {ifname}", exc) from exc
 
     def configure(self, *, netns: str, ifname: str, ips: Sequence[IPConfig], routes: Sequence[Route]) -> None:
         """Add addresses (IPv6 without DAD: conflicts were probed by ipamd) and routes."""
-        with IPRoute(netns=netns, flags=0) as pod:
-            idx = _retry(lambda: pod.link_lookup(ifname=ifname), "lookup")
-            if not idx:
-                raise CniError(Code.INTERNAL, f"interface {ifname} is missing in {netns}")
-            for ip in ips:
-                kw: dict[str, Any] = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
-                try:
-                    pod.addr("add", index=idx[0], address=str(ip.address.ip), prefixlen=ip.address.prefixlen,
-                             **kw)
-                except NetlinkError as exc:
-                    raise _nl_error(f"add address {ip.address} to {ifname}", exc) from exc
-            for r in routes:
-                kw = {"dst": str(r.dst), "oif": idx[0]}
-                if r.gw is not None:
-                    kw["gateway"] = str(r.gw)
-                if r.priority:
-                    kw["priority"] = r.priority
-                if r.table is not None:
-                    kw["table"] = r.table
-                if r.scope is not None:
-                    kw["scope"] = r.scope
-                if r.mtu or r.advmss:
-                    metrics = {}
-                    if r.mtu:
-                        metrics["RTAX_MTU"] = r.mtu
-                    if r.advmss:
-                        metrics["RTAX_ADVMSS"] = r.advmss
-                    kw["metrics"] = {"attrs": list(metrics.items())}
-                try:
-                    pod.route("add", **kw)
-                except NetlinkError as exc:
-                    raise _nl_error(f"add route {r.dst} via {r.gw} dev {ifname}", exc) from exc
+        pod = self._pod(netns)
+        idx = _retry(lambda: pod.link_lookup(ifname=ifname), "lookup")
+        if not idx:
+            raise CniError(Code.INTERNAL, f"interface {ifname} is missing in {netns}")
+        for ip in ips:
+            kw: dict[str, Any] = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
+            try:
+                pod.addr("add", index=idx[0], address=str(ip.address.ip),
+                         prefixlen=ip.address.prefixlen, **kw)
+            except NetlinkError as exc:
+                raise _nl_error(f"add address {ip.address} to {ifname}", exc) from exc
+        for r in routes:
+            kw = {"dst": str(r.dst), "oif": idx[0]}
+            if r.gw is not None:
+                kw["gateway"] = str(r.gw)
+            if r.priority:
+                kw["priority"] = r.priority
+            if r.table is not None:
+                kw["table"] = r.table
+            if r.scope is not None:
+                kw["scope"] = r.scope
+            if r.mtu or r.advmss:
+                metrics = {}
+                if r.mtu:
+                    metrics["RTAX_MTU"] = r.mtu
+                if r.advmss:
+                    metrics["RTAX_ADVMSS"] = r.advmss
+                kw["metrics"] = {"attrs": list(metrics.items())}
+            try:
+                pod.route("add", **kw)
+            except NetlinkError as exc:
+                raise _nl_error(f"add route {r.dst} via {r.gw} dev {ifname}", exc) from exc
 
     def raise_pod_link_if_down(self, netns: str, ifname: str) -> bool:
         """Set the pod link up if it exists and is down (a main plugin such as bridge or macvlan
         leaves it down until after IPAM, but probes cannot send through a down link).
-        Returns True when it was raised; False when it was already up or is not there yet."""
+        Returns True when it was raised; False when it was already up or is not there yet.
+        Uses its own socket, closed before returning: the IPAM plugin calls this on a
+        throwaway Netlink() that it never closes."""
         try:
-            pod = IPRoute(netns=netns, flags=0)
+            pod = open_pod_iproute(netns)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENODEV):
                 return False
@@ -233,9 +365,10 @@ class Netlink:
         return True
 
     def set_pod_link_down(self, netns: str, ifname: str) -> None:
-        """Undo raise_pod_link_if_down. A link or netns that is gone already is fine."""
+        """Undo raise_pod_link_if_down. A link or netns that is gone already is fine. Own
+        socket, as raise_pod_link_if_down."""
         try:
-            with IPRoute(netns=netns, flags=0) as pod:
+            with open_pod_iproute(netns) as pod:
                 pod.link("set", ifname=ifname, state="down")
         except NetlinkError as exc:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
@@ -247,46 +380,51 @@ class Netlink:
     def pod_state(self, netns: str, ifname: str) -> PodState | None:
         """The pod interface as the kernel sees it, or None when the netns or link is gone."""
         try:
-            pod = IPRoute(netns=netns, flags=0)
-        except (FileNotFoundError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOENT, errno.EINVAL):
+            pod = self._pod(netns)
+        except CniError as exc:
+            if exc.code == Code.INVALID_NETNS:  # ENOENT / EINVAL: the netns is gone
                 return None
             raise
-        with pod:
-            try:
-                msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
-            except NetlinkError as exc:
-                if exc.code in (errno.ENODEV, errno.ENOENT):
-                    return None
-                raise
-            idx = int(msg["index"])
-            link = PodLink(ifname, idx, str(msg.get("address")), int(msg.get("mtu")),
-                           msg.get("flags", 0) & 1 == 1)
-            addrs = []
-            for a in _retry(lambda: list(pod.addr("dump", index=idx)), "dump addrs"):
-                if a["scope"] != 0:
-                    continue
-                addrs.append(IPNetwork(f"{a.get('address')}/{a['prefixlen']}"))
-            routes = []
-            for r in _retry(lambda: list(pod.route("dump", oif=idx)), "dump routes"):
-                if r["type"] != 1 or r.get("table") not in (254, None):
-                    continue
-                fam = "0.0.0.0/0" if r["family"] == socket.AF_INET else "::/0"
-                dst = IPNetwork(f"{r.get('dst')}/{r['dst_len']}") if r.get("dst") else IPNetwork(fam)
-                gw = r.get("gateway")
-                routes.append(Route(dst=dst.cidr, gw=IPAddress(gw) if gw else None))
-            return PodState(link, tuple(addrs), tuple(routes))
+        try:
+            msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        idx = int(msg["index"])
+        link = PodLink(ifname, idx, str(msg.get("address")), int(msg.get("mtu")),
+                       msg.get("flags", 0) & 1 == 1)
+        addrs = []
+        for a in _retry(lambda: list(pod.addr("dump", index=idx)), "dump addrs"):
+            if a["scope"] != 0:
+                continue
+            addrs.append(IPNetwork(f"{a.get('address')}/{a['prefixlen']}"))
+        routes = []
+        for r in _retry(lambda: list(pod.route("dump", oif=idx)), "dump routes"):
+            if r["type"] != 1 or r.get("table") not in (254, None):
+                continue
+            fam = "0.0.0.0/0" if r["family"] == socket.AF_INET else "::/0"
+            dst = IPNetwork(f"{r.get('dst')}/{r['dst_len']}") if r.get("dst") else IPNetwork(fam)
+            gw = r.get("gateway")
+            routes.append(Route(dst=dst.cidr, gw=IPAddress(gw) if gw else None))
+        return PodState(link, tuple(addrs), tuple(routes))
 
     def announce(self, *, netns: str, ifname: str, ips: Sequence[IPConfig], mac: str) -> None:
         """Gratuitous ARP (IPv4) / unsolicited neighbour advertisement (IPv6) so the switch
-        fabric and neighbours learn the new address and MAC at once. Failures are logged:
-        announcing is an optimisation, never a reason to fail ADD."""
-        for ip in ips:
+        fabric and neighbours learn the new address and MAC at once: one of each per address,
+        sent now, nothing repeated or awaited. Failures are logged: announcing is an
+        optimisation, never a reason to fail ADD."""
+        v4 = [ip.address.ip for ip in ips if ip.version == 4]
+        if v4:
             try:
-                if ip.version == 4:
-                    _garp(netns, ifname, ip.address.ip, mac)
-                else:
-                    _unsolicited_na(netns, ifname, ip.address.ip, mac)
+                _garp(netns, ifname, v4, mac)
+            except OSError as exc:
+                _log.warning("announcing %s on %s failed: %s", ",".join(map(str, v4)), ifname, exc)
+        for ip in ips:
+            if ip.version != 6:
+                continue
+            try:
+                _unsolicited_na(netns, ifname, ip.address.ip, mac)
             except OSError as exc:
                 _log.warning("announcing %s on %s failed: %s", ip.address.ip, ifname, exc)
 
@@ -298,17 +436,26 @@ def _mac_bytes(mac: str) -> bytes:
 def garp_frame(ip: IPAddress, mac: str) -> bytes:
     """Broadcast ARP request with sender = target = ip (RFC 5227 'ARP announcement')."""
     m = _mac_bytes(mac)
-    eth = b"\xff" * 6 + m + struct.pack("!H", 0x0806)
+    eth = b"\xff" * 6 + m + struct.pack("!H", ETH_P_ARP)
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + m + bytes(ip.packed) + b"\x00" * 6 + bytes(ip.packed)
     return eth + arp
 
 
-def _garp(netns: str, ifname: str, ip: IPAddress, mac: str) -> None:
-    from ipamd.netns_socket import packet_socket
+def _close_in_background(sock: socket.socket) -> None:
+    """close() an AF_PACKET socket without waiting for it: packet_release() always waits for an
+    RCU grace period (synchronize_net, ~13 ms on a busy box). What was sent is already sent."""
+    threading.Thread(target=sock.close, name="packet-socket-close", daemon=True).start()
 
-    sock, _ = packet_socket(netns, ifname, 0x0806)
-    with sock:
-        sock.send(garp_frame(ip, mac))
+
+def _garp(netns: str, ifname: str, ips: Sequence[IPAddress], mac: str) -> None:
+    """One ARP announcement per address out of `ifname`, from one send-only packet socket
+    (protocol 0: no receive hook to install, so no bind() and no grace period there)."""
+    sock = socket_in_netns(netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        for ip in ips:
+            sock.sendto(garp_frame(ip, mac), (ifname, ETH_P_ARP))
+    finally:
+        _close_in_background(sock)
 
 
 def na_message(ip: IPAddress, mac: str) -> bytes:
@@ -318,18 +465,19 @@ def na_message(ip: IPAddress, mac: str) -> bytes:
     return struct.pack("!BBHI", 136, 0, 0, flags) + bytes(ip.packed) + bytes([2, 1]) + _mac_bytes(mac)
 
 
-def _unsolicited_na(netns: str, ifname: str, ip: IPAddress, mac: str) -> None:
-    from ipamd.netns_socket import socket_in_netns
+def _ifindex(sock: socket.socket, ifname: str) -> int:
+    """The index of `ifname` in the netns `sock` lives in (SIOCGIFINDEX; ENODEV if missing)."""
+    res = fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, struct.pack("16si12x", ifname.encode(), 0))
+    return int(struct.unpack("16si12x", res)[1])
 
+
+def _unsolicited_na(netns: str, ifname: str, ip: IPAddress, mac: str) -> None:
     sock = socket_in_netns(netns, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
     with sock:
+        idx = _ifindex(sock, ifname)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
-        with IPRoute(netns=netns, flags=0) as pod:
-            idx = pod.link_lookup(ifname=ifname)
-        if not idx:
-            raise OSError(errno.ENODEV, f"{ifname} missing in {netns}")
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx[0])
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
         sock.bind((str(ip), 0, 0, 0))
-        sock.sendto(na_message(ip, mac), ("ff02::1", 0, 0, idx[0]))
+        sock.sendto(na_message(ip, mac), ("ff02::1", 0, 0, idx))

@@ -62,7 +62,11 @@ from cni.errors import CniError, Code
 OWNER = "ovs-underlay"
 DEFAULT_REMOTE = "unix:/run/openvswitch/db.sock"
 DB = "Open_vSwitch"
-OFPORT_WAIT_MS = 2000  # upper bound for ovs-vswitchd to attach a new port (ofport set)
+# Upper bound for ovs-vswitchd to attach a new port (ofport set). It reconfigures the bridge on
+# every change, so during a burst of ADDs on a busy node this takes seconds, not milliseconds:
+# that is back-pressure, not a broken port (a broken one gets ofport -1 at once). Within the
+# client deadline (10 s); kubelet waits minutes.
+OFPORT_WAIT_MS = 8000
 _ATTEMPTS = 3  # a lookup-then-write raced with another writer: redo it this often
 PORT_COLUMNS = ["_uuid", "name", "interfaces", "tag", "trunks", "vlan_mode", "external_ids"]
 IFACE_COLUMNS = ["_uuid", "external_ids", "ofport"]

@@ -19,8 +19,10 @@ delegate ADD [undo: delegate DEL] -> lease MAC -> addresses + routes -> gateway 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,17 +45,58 @@ def host_alias(container_id: str, ifname: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# phase timings (observability only: a verb run without `_run`, as in unit tests, records nothing)
+
+
+class _Phases:
+    """Wall time per phase of one verb: a DEBUG line per phase, one INFO summary line."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.done: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.done.append((name, (now - self.last) * 1000))
+        self.last = now
+        _log.debug("phase %s: %.1f ms", name, self.done[-1][1])
+
+    def summary(self) -> str:
+        total = (time.perf_counter() - self.start) * 1000
+        return " ".join(f"{n}={ms:.1f}ms" for n, ms in self.done) + f" total={total:.1f}ms"
+
+
+_PHASES: contextvars.ContextVar[_Phases | None] = contextvars.ContextVar("ovs_underlay_phases", default=None)
+
+
+def _phase(name: str) -> None:
+    ph = _PHASES.get()
+    if ph is not None:
+        ph.mark(name)
+
+
+# ---------------------------------------------------------------------------------------------
 # skel entry points
 
 
 def _run(args: CmdArgs, verb: Callable[[CmdArgs, NetConf, Drivers], Result | None]) -> Result | None:
-    conf = parse_netconf(args)
-    d = default_drivers(conf)
+    ph = _Phases()
+    token = _PHASES.set(ph)
     try:
-        return verb(args, conf, d)
+        conf = parse_netconf(args)
+        ph.mark("parse")
+        d = default_drivers(conf)
+        ph.mark("drivers")
+        try:
+            return verb(args, conf, d)
+        finally:
+            with contextlib.suppress(Exception):
+                d.close()
+            ph.mark("close")
     finally:
-        with contextlib.suppress(Exception):
-            d.close()
+        _PHASES.reset(token)
+        if args.command in ("ADD", "DEL"):
+            _log.info("%s phases: %s", args.command, ph.summary())
 
 
 def add(args: CmdArgs) -> Result | None:
@@ -125,22 +168,30 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
     host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
     with contextlib.ExitStack() as stack:
         preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
+        _phase("preflight")
         link = d.netlink.create_veth(host=host, netns=args.netns, ifname=args.ifname, alias=alias,
                                      mtu=conf.mtu, mac=conf.mac)
         stack.callback(_undo, f"delete veth {host}", d.netlink.delete_host_link, host, alias)
+        _phase("veth")
         d.ovsdb.add_port(port_spec(args, conf, host, link.mac))
         stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
+        _phase("ovsdb")
         addr = _ipam_add(args, conf, d, stack)
+        _phase("ipam")
         mac = link.mac
         if addr.mac and not conf.mac and addr.mac.lower() != mac.lower():
             d.netlink.set_pod_mac(netns=args.netns, ifname=args.ifname, mac=addr.mac)
             mac = addr.mac.lower()
         d.netlink.configure(netns=args.netns, ifname=args.ifname, ips=addr.ips, routes=addr.routes)
+        _phase("configure")
         if conf.ipam_mode == "ipamd":
             _gateway_check(args, conf, d.ipam_client(conf), addr.ips)
+        _phase("probes")
         d.netlink.announce(netns=args.netns, ifname=args.ifname, ips=addr.ips, mac=mac)
+        _phase("announce")
         d.ovsdb.set_iface_ids(host, {"attached_mac": mac,
                                      "ip_addresses": ",".join(str(ip.address) for ip in addr.ips)})
+        _phase("ovsdb_ids")
         result = Result(
             cni_version=conf.cni_version,
             interfaces=(Interface(name=host, mac=link.host_mac),
@@ -223,6 +274,7 @@ def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
             _delegate_best_effort(conf, d, "DEL", args)
     except CniError as exc:
         errors.append(exc)
+    _phase("ipam")
     try:
         want = {"container_id": args.container_id, "ifname": args.ifname}
         names = {p.name for p in d.ovsdb.find_ports(want)}
@@ -232,10 +284,12 @@ def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
         d.ovsdb.delete_ports(sorted(names))
     except CniError as exc:
         errors.append(exc)
+    _phase("ovsdb")
     try:
         d.netlink.delete_host_link(host, alias)
     except (CniError, OSError) as exc:
         errors.append(exc if isinstance(exc, CniError) else CniError(Code.INTERNAL, f"delete {host}: {exc}"))
+    _phase("veth")
     if errors:
         first = errors[0]
         raise CniError(first.code, "; ".join(e.msg for e in errors), first.details)

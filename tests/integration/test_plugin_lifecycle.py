@@ -7,6 +7,7 @@ OVS interface by container id, host-local lease files).
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -160,7 +161,9 @@ def test_bad_input(case: str, mutate: Callable[[dict], object], env: dict, code:
                    ovs_bridge: str, pod_netns: netbed.Netns) -> None:
     conf = mutate(ph.network(ovs_bridge, vlan=100))
     cid = env.get("container_id", netbed.container_id("bad"))
-    before = {ln["ifname"] for ln in netbed.links()}
+    ifname = env.get("ifname", "eth0")
+    # The documented naming contract (README): "ovu" + 12 hex of sha256("<cid>/<ifname>").
+    host = "ovu" + hashlib.sha256(f"{cid}/{ifname}".encode()).hexdigest()[:12]
     rc, out, err = ph.run_plugin("ADD", conf, container_id=cid, netns=env.get("netns", pod_netns.path),
                                  ifname=env.get("ifname", "eth0"), cni_args=env.get("cni_args", ""))
     assert rc != 0
@@ -168,7 +171,10 @@ def test_bad_input(case: str, mutate: Callable[[dict], object], env: dict, code:
     assert text in out["msg"] + out.get("details", ""), out
     assert set(out) <= {"cniVersion", "code", "msg", "details"}
     assert "Traceback" not in str(out)
-    assert {ln["ifname"] for ln in netbed.links()} == before
+    # Nothing of this attachment on the host (checked precisely, so concurrent runs can't
+    # disturb it): no veth by name, none whose alias names the container.
+    assert netbed.link(host) is None
+    assert [ln["ifname"] for ln in netbed.links() if cid in (ln.get("ifalias") or "")] == []
     assert netbed.bridge_ports(ovs_bridge) == []
     assert [ln["ifname"] for ln in netbed.links(ns=pod_netns.name)] == ["lo"]
 

@@ -1,0 +1,142 @@
+"""cni/netlink.py against the kernel (issue 6: fast netlink without weakening ADD).
+
+- pod-netns sockets are made without forking, and a verb opens ONE per netns;
+- what they do is checked through `ip -j` in the pod, not through our own code;
+- a missing netns is a clear CniError for ADD, "gone" for state, and is never created;
+- the plugin (as a process) still announces every address: GARP for IPv4 and an unsolicited NA
+  for IPv6 are seen tagged on the uplink; ADD/DEL log one INFO "phases:" line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import netbed
+import plugin_helpers as ph
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+import cni.netlink as nlmod
+from cni.errors import CniError, Code
+from cni.netlink import Netlink
+from cni.types import IPConfig, Route
+
+_FORKS: list[int] = []
+_COUNTING: list[bool] = [False]
+os.register_at_fork(before=lambda: _FORKS.append(1) if _COUNTING[0] else None)
+
+
+@pytest.fixture
+def attacher() -> Iterator[ph.Attacher]:
+    a = ph.Attacher()
+    yield a
+    a.cleanup()
+
+
+@pytest.fixture
+def host_veth() -> Iterator[tuple[str, str]]:
+    """(host name, alias) for a veth made directly through Netlink; removed afterwards."""
+    name = netbed.uniq("nh")
+    yield name, f"ovs-underlay {netbed.container_id('n')} eth0"
+    netbed.delete_link(name)
+
+
+def test_verb_sequence_opens_one_socket_per_netns_and_never_forks(
+        pod_netns: netbed.Netns, host_veth: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    host, alias = host_veth
+    opened: list[tuple[str, int]] = []
+    real = nlmod.socket_in_netns
+
+    def spy(path: str, family: int, type_: int, proto: int = 0) -> socket.socket:
+        opened.append((path, family))
+        return real(path, family, type_, proto)
+
+    monkeypatch.setattr(nlmod, "socket_in_netns", spy)
+    ips = (IPConfig(IPNetwork("192.0.2.10/24"), IPAddress("192.0.2.1"), 1),
+           IPConfig(IPNetwork("2001:db8:6::10/64"), None, 1))
+    routes = (Route(IPNetwork("0.0.0.0/0"), IPAddress("192.0.2.1")),)
+    _COUNTING[0] = True
+    try:
+        with Netlink() as nl:
+            link = nl.create_veth(host=host, netns=pod_netns.path, ifname="eth0", alias=alias, mtu=1400,
+                                  mac=None)
+            nl.set_pod_mac(netns=pod_netns.path, ifname="eth0", mac="0a:58:c0:00:02:0a")
+            nl.configure(netns=pod_netns.path, ifname="eth0", ips=ips, routes=routes)
+            state = nl.pod_state(pod_netns.path, "eth0")
+            nl.announce(netns=pod_netns.path, ifname="eth0", ips=ips, mac="0a:58:c0:00:02:0a")
+    finally:
+        _COUNTING[0] = False
+    assert _FORKS == []
+    assert [o for o in opened if o[1] == socket.AF_NETLINK] == [(pod_netns.path, socket.AF_NETLINK)]
+    # independent oracle: the kernel's view of the pod and the host end
+    pod = netbed.link("eth0", ns=pod_netns.name)
+    assert pod is not None and pod["address"] == "0a:58:c0:00:02:0a" and pod["mtu"] == 1400
+    assert "UP" in pod["flags"] and pod["ifindex"] == link.index
+    assert set(netbed.addrs("eth0", ns=pod_netns.name)) >= {"192.0.2.10/24", "2001:db8:6::10/64"}
+    assert any(r.get("dst") == "default" and r.get("gateway") == "192.0.2.1"
+               for r in netbed.routes(ns=pod_netns.name))
+    hl = netbed.link(host)
+    assert hl is not None and hl.get("ifalias") == alias and "UP" in hl["flags"]
+    assert hl["address"] == link.host_mac
+    assert state is not None and state.link.mac == "0a:58:c0:00:02:0a"
+    assert {str(a) for a in state.addresses} == {"192.0.2.10/24", "2001:db8:6::10/64"}
+    with Netlink() as nl:
+        assert nl.delete_host_link(host, alias) is True
+    assert netbed.link(host) is None and netbed.link("eth0", ns=pod_netns.name) is None
+
+
+def test_existing_ifname_in_pod_is_refused_before_any_host_change(
+        pod_netns: netbed.Netns, host_veth: tuple[str, str]) -> None:
+    host, alias = host_veth
+    pod_netns.exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    with Netlink() as nl, pytest.raises(CniError) as ei:
+        nl.create_veth(host=host, netns=pod_netns.path, ifname="eth0", alias=alias, mtu=None, mac=None)
+    assert ei.value.code == Code.INVALID_ENV
+    assert netbed.link(host) is None
+
+
+def test_netns_deleted_between_calls(netns_factory: Any, host_veth: tuple[str, str], tmp_path: Path) -> None:
+    ns = netns_factory("gone")
+    path = ns.path
+    ns.delete()
+    host, alias = host_veth
+    with Netlink() as nl:
+        with pytest.raises(CniError) as ei:
+            nl.create_veth(host=host, netns=path, ifname="eth0", alias=alias, mtu=None, mac=None)
+        assert ei.value.code == Code.INVALID_NETNS
+        assert nl.pod_state(path, "eth0") is None
+        plain = tmp_path / "not-a-netns"
+        plain.write_text("")
+        assert nl.pod_state(str(plain), "eth0") is None  # not a netns: gone, as before
+    assert netbed.link(host) is None
+    assert not os.path.exists(path)  # never (re)created
+
+
+def test_plugin_add_announces_every_address_and_logs_phases(
+        underlay: netbed.Underlay, pod_netns: netbed.Netns, attacher: ph.Attacher, tmp_path: Path) -> None:
+    ipam = {"type": "host-local", "dataDir": str(tmp_path / "ds"),
+            "ranges": [[{"subnet": "192.168.100.0/24", "rangeStart": "192.168.100.160",
+                         "gateway": "192.168.100.1"}],
+                       [{"subnet": "fd00:100::/64", "rangeStart": "fd00:100::160", "gateway": "fd00:100::1"}]]}
+    conf = ph.network(underlay.bridge, vlan=100, ipam=ipam, logLevel="debug")
+    a = attacher.new(conf, pod_netns.path)
+    with netbed.capture(underlay.uplink, "vlan 100 and (arp or icmp6)") as lines:
+        res = a.add()
+    v4, v6 = (ip["address"].split("/")[0] for ip in res["ips"])
+    assert any(f"Request who-has {v4} tell {v4}" in ln or f"Announcement {v4}" in ln for ln in lines), lines
+    assert any("neighbor advertisement" in ln and f"tgt is {v6}" in ln for ln in lines), lines
+    rc, out, err = a.delete()
+    assert rc == 0, (out, err)
+    log = [ln for ln in Path(ph.LOG_FILE).read_text().splitlines() if a.container_id in ln]
+    add = [ln for ln in log if "ADD phases:" in ln]
+    dele = [ln for ln in log if "DEL phases:" in ln]
+    assert len(add) == 1 and " INFO " in add[0], log
+    for phase in ("parse", "veth", "ovsdb", "ipam", "configure", "probes", "announce", "total"):
+        assert re.search(rf"\b{phase}=\d+\.\dms", add[0]), (phase, add[0])
+    assert len(dele) == 1 and re.search(r"\bveth=\d+\.\dms", dele[0]), log
+    assert any("phase announce:" in ln and " DEBUG " in ln for ln in log), log
