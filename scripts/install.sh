@@ -15,7 +15,7 @@
 #   CNI_BIN_DIR/ovs-underlay             -> PREFIX/ovs-underlay       (relative symlink)
 #   CNI_BIN_DIR/ovs-underlay-ipam        -> PREFIX/ovs-underlay-ipam  (relative symlink)
 #   SBIN_DIR/ovs-underlay-ipamd          -> PREFIX/ovs-underlay-ipamd (relative symlink)
-#   SYSTEMD_DIR/ovs-underlay-ipamd.service   (when conf-examples/ has it)
+#   SYSTEMD_DIR/ovs-underlay-ipamd.service, ovs-underlay-warm.service (not enabled)
 #   PREFIX/examples/                     (EXAMPLES=1)
 #
 # Symlinks work because the PyInstaller bootloader finds _internal/ from the resolved path of
@@ -75,12 +75,23 @@ link "$dest/ovs-underlay" "$DESTDIR$CNI_BIN_DIR/ovs-underlay"
 link "$dest/ovs-underlay-ipam" "$DESTDIR$CNI_BIN_DIR/ovs-underlay-ipam"
 link "$dest/ovs-underlay-ipamd" "$DESTDIR$SBIN_DIR/ovs-underlay-ipamd"
 
-unit="$ROOT/conf-examples/ovs-underlay-ipamd.service"
-if [[ -f "$unit" ]]; then
+# ipamd's config: the unit points at it. Never overwrite one the operator has edited.
+conf_dir="$DESTDIR/etc/ovs-underlay"
+if [[ ! -e "$conf_dir/ipamd.json" ]]; then
+  install -d -m 0755 "$conf_dir"
+  install -m 0644 "$ROOT/conf-examples/ipamd.json" "$conf_dir/ipamd.json"
+  log "ipamd config -> $conf_dir/ipamd.json"
+fi
+install -m 0644 "$ROOT/README.md" "$dest/README.md"
+
+# The daemon and the (optional) warm-path server. Enabling them is the operator's call.
+for name in ovs-underlay-ipamd ovs-underlay-warm; do
+  unit="$ROOT/conf-examples/$name.service"
+  [[ -f "$unit" ]] || continue
   mkdir -p "$DESTDIR$SYSTEMD_DIR"
-  install -m 0644 "$unit" "$DESTDIR$SYSTEMD_DIR/ovs-underlay-ipamd.service"
-  log "systemd unit -> $DESTDIR$SYSTEMD_DIR/ovs-underlay-ipamd.service"
-  if [[ -z "$DESTDIR" ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
-    systemctl daemon-reload || true
-  fi
+  install -m 0644 "$unit" "$DESTDIR$SYSTEMD_DIR/$name.service"
+  log "systemd unit -> $DESTDIR$SYSTEMD_DIR/$name.service"
+done
+if [[ -z "$DESTDIR" ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+  systemctl daemon-reload || true
 fi

@@ -45,8 +45,12 @@ def test_install_into_destdir_layout(bundle: Path, tmp_path: Path) -> None:
     assert sbin.is_symlink() and sbin.resolve() == (prefix / "ovs-underlay-ipamd").resolve()
     assert (prefix / "bin/ovs-underlay-ipamd").resolve() == (prefix / "ovs-underlay-ipamd").resolve()
     assert (prefix / "examples/10-underlay-vlan.conflist").is_file()
-    unit = e2e.EXAMPLES / "ovs-underlay-ipamd.service"
-    assert (dest / "etc/systemd/system/ovs-underlay-ipamd.service").is_file() == unit.is_file()
+    # The unit's --config exists, with the shipped defaults; an edited one is never replaced.
+    conf = dest / "etc/ovs-underlay/ipamd.json"
+    assert conf.read_text() == (e2e.EXAMPLES / "ipamd.json").read_text()
+    for name in ("ovs-underlay-ipamd.service", "ovs-underlay-warm.service"):
+        installed = dest / "etc/systemd/system" / name
+        assert installed.read_text() == (e2e.EXAMPLES / name).read_text()
     # Nothing was written outside DESTDIR.
     assert not list(tmp_path.glob("*.new.*")) and not list((dest / "opt").glob("ovs-underlay.*"))
 
@@ -57,8 +61,12 @@ def test_install_without_examples_and_reinstall_replaces(bundle: Path, tmp_path:
     prefix = dest / "opt/ovs-underlay"
     assert not (prefix / "examples").exists()
     (prefix / "stale-file").write_text("x")
+    edited = dest / "etc/ovs-underlay/ipamd.json"
+    edited.write_text('{"cooldownSeconds": 5}\n')
     install(str(dest), "/opt/ovs-underlay", "/opt/cni/bin", "", tmp_path)
     assert not (prefix / "stale-file").exists()
+    assert edited.read_text() == '{"cooldownSeconds": 5}\n'  # the operator's config survives
+    assert (prefix / "README.md").is_file()
     assert sorted(p.name for p in (dest / "opt").iterdir()) == ["cni", "ovs-underlay"]
 
 
