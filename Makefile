@@ -44,8 +44,9 @@ integration: setup
 test: setup
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
+# PYINSTALLER_CONFIG_DIR: --clean wipes PyInstaller's cache; keep it per checkout, not per user.
 binary: setup
-	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller packaging/ovs-underlay.spec
+	PYINSTALLER_CONFIG_DIR=$(CURDIR)/build/pyinstaller-cache $(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller packaging/ovs-underlay.spec
 
 cnitool:
 	scripts/build-cnitool.sh build/cnitool

@@ -80,7 +80,8 @@ def ensure_bundle() -> Path:
             res = subprocess.run(
                 [str(pyinstaller), "--noconfirm", "--clean", "--log-level", "WARN", "--distpath", "dist",
                  "--workpath", "build/pyinstaller", str(SPEC)],
-                cwd=ROOT, capture_output=True, text=True, timeout=900)
+                cwd=ROOT, capture_output=True, text=True, timeout=900,
+                env={**os.environ, "PYINSTALLER_CONFIG_DIR": str(ROOT / "build/pyinstaller-cache")})
             if res.returncode != 0:
                 raise RuntimeError(f"PyInstaller build failed ({res.returncode}):\n{res.stderr[-4000:]}")
             sys.stderr.write(f"e2e: built {DIST} in {time.monotonic() - t0:.1f}s\n")
