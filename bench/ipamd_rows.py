@@ -1,20 +1,35 @@
 """Row 5: ipamd allocate/release latency and throughput, 1 and 16 concurrent clients, /24 and
-/16 pools, 0 and 60,000 existing leases; daemon RSS idle and loaded.
+/16 pools, 0 and 60,000 existing leases; daemon RSS idle and loaded; daemon CPU per RPC.
 
-Existing leases are written straight through ipamd's store module (SqliteStore.reserve, in
-batches) into the state directory before the daemon starts. Clients are separate processes
-(spawn: no grpc state crosses a fork), released together by a barrier.
+Existing leases are bulk-loaded straight through ipamd's store (one SqliteStore batch: one
+transaction, about a second for 60,000) into the state directory before the daemon starts; the
+daemon builds its occupancy from them before it binds its socket. Clients are separate processes
+(spawn: no grpc state crosses a fork), released together by a barrier. Every case's state
+directory is removed after it, and client processes are killed if a case fails: the bench leaves
+no processes or files behind.
+
+Standalone (only this section, a few minutes): `.venv/bin/python bench/ipamd_rows.py [--quick]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from common import netbed, rss_kb, summary
+
+CASES = [  # label, subnet, existing leases (full run)
+    ("/24", "10.91.0.0/24", 0),
+    ("/16", "10.92.0.0/16", 0),
+    ("/16", "10.93.0.0/16", 60_000),
+]
 
 
 def _pool(subnet: str) -> Any:
@@ -24,6 +39,7 @@ def _pool(subnet: str) -> Any:
 
 
 def prefill(state_dir: str, network: str, subnet: str, n: int) -> float:
+    """Write `n` ACTIVE leases (the first allocatable addresses) in one store batch."""
     from netaddr import IPNetwork
 
     from ipamd.model import Entry
@@ -31,25 +47,22 @@ def prefill(state_dir: str, network: str, subnet: str, n: int) -> float:
 
     t0 = time.perf_counter()
     pool = _pool(subnet)
-    store = SqliteStore(os.path.join(state_dir, "ipam.db"))
-    store.put_pool(network, pool)
-    net = IPNetwork(subnet)
     spec = pool.subnets[0]
-    batch: list[Entry] = []
-    made = 0
+    net = IPNetwork(subnet)
+    entries: list[Entry] = []
     for ip in net.iter_hosts():
-        if made >= n:
+        if len(entries) >= n:
             break
-        if not spec.allocatable(ip):
-            continue
-        batch.append(Entry(network, IPNetwork(f"{ip}/{net.prefixlen}"), 0, f"pre{made}", "eth0"))
-        made += 1
-        if len(batch) == 5000:
-            store.reserve(batch, advance_cursor=False)
-            batch = []
-    if batch:
-        store.reserve(batch, advance_cursor=False)
-    store.close()
+        if spec.allocatable(ip):
+            addr = IPNetwork((int(ip), net.prefixlen), ip.version)
+            entries.append(Entry(network, addr, 0, f"pre{len(entries)}", "eth0"))
+    store = SqliteStore(os.path.join(state_dir, "ipam.db"))
+    try:
+        with store.batch():
+            store.put_pool(network, pool)
+            store.reserve(entries, advance_cursor=False)
+    finally:
+        store.close()
     return time.perf_counter() - t0
 
 
@@ -75,18 +88,33 @@ def _client(sock: str, network: str, subnet: str, cid: int, k: int, barrier: Any
     q.put((alloc, rel, t_start, t_alloc, t_end))
 
 
-def _measure(sock: str, network: str, subnet: str, clients: int, per_client: int) -> dict[str, Any]:
+def _cpu_ms(pid: int) -> float:
+    """utime+stime of a process (all its threads), ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(sock: str, network: str, subnet: str, clients: int, per_client: int, pid: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     barrier, q = ctx.Barrier(clients), ctx.Queue()
     procs = [
         ctx.Process(target=_client, args=(sock, network, subnet, i, per_client, barrier, q))
         for i in range(clients)
     ]
-    for p in procs:
-        p.start()
-    out = [q.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(30)
+    try:
+        for p in procs:
+            p.start()
+        cpu0 = _cpu_ms(pid)
+        out = [q.get(timeout=300) for _ in procs]
+        cpu = _cpu_ms(pid) - cpu0
+        for p in procs:
+            p.join(30)
+    finally:
+        for p in procs:  # a failed client must not leave the others (or itself) behind
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        q.close()
     alloc = [x for o in out for x in o[0]]
     rel = [x for o in out for x in o[1]]
     start = min(o[2] for o in out)
@@ -95,43 +123,76 @@ def _measure(sock: str, network: str, subnet: str, clients: int, per_client: int
         "release": summary(rel),
         "alloc_per_s": len(alloc) / (max(o[3] for o in out) - start),
         "release_per_s": len(rel) / (max(o[4] for o in out) - min(o[3] for o in out)),
+        "cpu_ms": cpu / (len(alloc) + len(rel)),  # daemon CPU per RPC (allocate and release)
     }
 
 
-def ipamd_rows(work: Path, quick: bool) -> list[dict[str, Any]]:
-    cases = [
-        ("/24", "10.91.0.0/24", 0),
-        ("/16", "10.92.0.0/16", 0),
-        ("/16", "10.93.0.0/16", 2000 if quick else 60_000),
-    ]
+def ipamd_rows(work: Path, quick: bool,
+               cases: list[tuple[str, str, int]] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for label, subnet, existing in cases:
+    for label, subnet, existing in cases or CASES:
+        existing = min(existing, 2000) if quick else existing
         d = work / f"ipamd-{subnet.replace('/', '_')}"
         state = d / "state"
         state.mkdir(parents=True, exist_ok=True)
-        network = f"b{label.strip('/')}x{existing}"
-        load_s = prefill(str(state), network, subnet, existing) if existing else 0.0
-        daemon = netbed.start_ipamd(str(d))
         try:
-            assert daemon.proc is not None
-            rss_idle = rss_kb(daemon.proc.pid)
-            for clients in (1, 16):
-                # a /24 has 253 addresses and released ones cool down: keep its totals small
-                total = (40 if quick else 200) if label == "/24" else (160 if quick else 3200)
-                per = max(1, total // clients)
-                m = _measure(daemon.socket, network, subnet, clients, per)
-                name = f"ipamd {label} {existing} leases {clients} client(s)"
-                rows.append(
-                    {
-                        "row": f"{name} allocate",
-                        **m["alloc"],
-                        "per_s": m["alloc_per_s"],
-                        "rss_kb": rss_kb(daemon.proc.pid),
-                        "rss_idle_kb": rss_idle,
-                        "prefill_s": load_s,
-                    }
-                )
-                rows.append({"row": f"{name} release", **m["release"], "per_s": m["release_per_s"]})
+            network = f"b{label.strip('/')}x{existing}"
+            load_s = prefill(str(state), network, subnet, existing) if existing else 0.0
+            daemon = netbed.start_ipamd(str(d))
+            try:
+                assert daemon.proc is not None
+                rss_idle = rss_kb(daemon.proc.pid)
+                for clients in (1, 16):
+                    # a /24 has 253 addresses and released ones cool down: keep its totals small
+                    total = (40 if quick else 200) if label == "/24" else (160 if quick else 3200)
+                    per = max(1, total // clients)
+                    load1 = os.getloadavg()[0]
+                    m = _measure(daemon.socket, network, subnet, clients, per, daemon.proc.pid)
+                    name = f"ipamd {label} {existing} leases {clients} client(s)"
+                    rows.append(
+                        {
+                            "row": f"{name} allocate",
+                            **m["alloc"],
+                            "per_s": m["alloc_per_s"],
+                            "cpu_ms": m["cpu_ms"],
+                            "rss_kb": rss_kb(daemon.proc.pid),
+                            "rss_idle_kb": rss_idle,
+                            "prefill_s": load_s,
+                            "load1": load1,
+                        }
+                    )
+                    rows.append({"row": f"{name} release", **m["release"], "per_s": m["release_per_s"],
+                                 "cpu_ms": m["cpu_ms"], "load1": load1})
+            finally:
+                daemon.stop()
         finally:
-            daemon.stop()
+            shutil.rmtree(d, ignore_errors=True)
     return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="ipamd rows of the bench, alone")
+    ap.add_argument("--quick", action="store_true", help="2,000 existing leases, small totals")
+    ap.add_argument("--only-60k", action="store_true", help="only the /16 with existing leases")
+    a = ap.parse_args()
+    cases = [c for c in CASES if c[2]] if a.only_60k else CASES
+    work = Path(tempfile.mkdtemp(prefix="ovs-underlay-ipamd-bench-"))
+    load0 = os.getloadavg()
+    try:
+        rows = ipamd_rows(work, a.quick, cases)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"nproc {os.cpu_count()}; load average start {load0}, end {os.getloadavg()}")
+    print(f"{'row':<46} {'n':>5} {'p50':>6} {'p95':>6} {'p99':>6} {'max':>7} {'/s':>6} {'cpu ms/rpc':>10}")
+    for r in rows:
+        print(f"{r['row']:<46} {r['n']:>5} {r['p50']:>6.2f} {r['p95']:>6.2f} {r['p99']:>6.2f} "
+              f"{r['max']:>7.2f} {r['per_s']:>6.0f} {r['cpu_ms']:>10.3f}")
+    for r in rows:
+        if "rss_kb" in r:
+            print(f"{r['row'].rsplit(' allocate', 1)[0]}: RSS idle {r['rss_idle_kb']} kB, "
+                  f"after {r['rss_kb']} kB, prefill {r['prefill_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

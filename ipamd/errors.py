@@ -86,3 +86,10 @@ class StoreConflict(Exception):
         super().__init__(f"network {network}: address {ip} is already reserved")
         self.network = network
         self.ip = ip
+
+
+class CommitFailed(IpamError):
+    """The store could not make a batch durable: nothing of it was granted or released."""
+
+    status = "UNAVAILABLE"
+    cni_code = Code.TRY_AGAIN_LATER

@@ -83,6 +83,11 @@ class SubnetOccupancy:
     def is_held(self, off: int) -> bool:
         return self._bitmap[off] != FREE if self.dense else off in self._held
 
+    def is_active(self, off: int) -> bool:
+        """Held by a live lease (not cooling down, not quarantined)."""
+        return (self.is_held(off) and off not in self._cooling_until and off not in self._quarantine_until
+                and not (self.dense and self._bitmap[off] == BLOCKED))
+
     def mark_active(self, off: int, *, advance: bool = True) -> None:
         self._cooling_until.pop(off, None)
         if self._quarantine_until.pop(off, None) is not None:

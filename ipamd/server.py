@@ -4,6 +4,10 @@ Why these steps, in this order:
 - one daemon per socket: an flock on `<socket>.lock`, then a health call on an existing socket
   file (refuse if someone answers), then the stale file is removed;
 - the socket is created under umask 0177 and chmod'ed 0600: only root may ask for addresses;
+- every stored network's occupancy is built before the socket is bound (a /16 with 60,000 leases
+  takes about a second): no request pays for it; then what survived start-up is frozen
+  (gc.freeze) so that a full cyclic-GC collection during an RPC no longer scans it (measured:
+  7 ms -> ~0 at 60,000 leases);
 - health (`grpc.health.v1`) is SERVING only while the store answers, checked periodically;
 - SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), close the store.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -93,6 +98,10 @@ class Daemon:
         self.allocator = Allocator(self.store, default_cooldown_s=cfg.cooldown_seconds,
                                    quarantine_s=cfg.quarantine_seconds, prober=self.prober)
         self.metrics.add_gauges(self._pool_gauges)
+        self.metrics.describe("ipamd_commit_batches_total", "counter",
+                              "Store transactions committed or failed (group commits: one fsync each)")
+        self.metrics.describe("ipamd_commit_writes_total", "counter",
+                              "Requests' store writes made durable or failed in those transactions")
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="rpc"))
@@ -108,6 +117,8 @@ class Daemon:
             out += [("ipamd_pool_used", labels, u.used), ("ipamd_pool_total", labels, u.total),
                     ("ipamd_pool_quarantined", labels, u.quarantined),
                     ("ipamd_pool_utilisation", labels, u.used / u.total if u.total else 1.0)]
+        out += [("ipamd_commit_batches_total", (), self.allocator.commits.batches),
+                ("ipamd_commit_writes_total", (), self.allocator.commits.writes)]
         return out
 
     def _bind(self) -> None:
@@ -141,6 +152,10 @@ class Daemon:
                 self._set_health(ok)
 
     def run(self) -> int:
+        nets = self.allocator.warm()
+        gc.collect()
+        gc.freeze()
+        log.info("networks=%d msg=%s", nets, "occupancy built from the store")
         self._bind()
         self.server.start()
         os.chmod(self.cfg.socket, 0o600)

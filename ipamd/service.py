@@ -4,6 +4,10 @@ Why thin: the servicer holds no IPAM logic. Its one other job is the single erro
 (`_rpc`): domain errors become their gRPC status, their message and the trailing metadata
 `ovs-underlay-cni-code`; spec.ConfigError becomes INVALID_ARGUMENT/7; anything unexpected becomes
 INTERNAL with the traceback in the daemon's log only.
+
+Every Allocate carries the whole pool definition, nearly always the same one: it is validated
+(spec.parse_ipam) once per distinct wire form (the message's deterministic serialisation is the
+cache key) and the parsed definition, with its resolved routes and DNS, is reused after that.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
@@ -23,9 +27,10 @@ from ipamd.allocator import Allocator, Request
 from ipamd.errors import CNI_CODE_KEY, InvalidPool, InvalidRequest, IpamError, LeaseNotFound
 from ipamd.metrics import Metrics
 from ipamd.probe import Prober
-from ipamd.spec import ConfigError
+from ipamd.spec import ConfigError, PoolDef
 
 log = logging.getLogger("ipamd.service")
+POOL_CACHE_MAX = 256  # distinct pool definitions kept parsed (cleared when full)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -71,16 +76,37 @@ def _netns(path: str) -> str:
     return path
 
 
+class _ParsedPool(NamedTuple):
+    pool: PoolDef
+    routes: list[pb.Route]
+    dns: pb.Dns
+
+
 class IpamService(ipam_pb2_grpc.IpamServicer):
     def __init__(self, allocator: Allocator, prober: Prober, metrics: Metrics) -> None:
         self.allocator = allocator
         self.prober = prober
         self.metrics = metrics
+        self._pools: dict[bytes, _ParsedPool] = {}
+
+    def _parsed_pool(self, msg: pb.PoolSpec) -> _ParsedPool:
+        """The validated definition of a wire pool; parsed once per distinct wire form."""
+        key = msg.SerializeToString(deterministic=True)
+        hit = self._pools.get(key)
+        if hit is None:
+            pool = convert.pool_from_pb(msg)  # raises ConfigError: never cached
+            hit = _ParsedPool(pool, convert.routes_to_pb(convert.resolve_routes(pool)),
+                              convert.dns_to_pb(pool.dns))
+            if len(self._pools) >= POOL_CACHE_MAX:
+                self._pools.clear()
+            self._pools[key] = hit
+        return hit
 
     @_rpc
     def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
         _required(network=request.network, container_id=request.container_id, ifname=request.ifname)
-        pool = convert.pool_from_pb(request.pool)
+        parsed = self._parsed_pool(request.pool)
+        pool = parsed.pool
         grant = self.allocator.allocate(Request(
             network=request.network, pool=pool, container_id=request.container_id, ifname=request.ifname,
             pod=convert.pod_from_pb(request.pod), requested_ips=convert.ips_from_pb(request.requested_ips),
@@ -94,8 +120,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
                  request.network, request.container_id, request.ifname,
                  ",".join(str(e.address) for e in grant.entries), grant.existing, grant.conflict_probed)
         return pb.AllocateResponse(
-            lease=convert.leases_to_pb(grant.entries)[0],
-            routes=convert.routes_to_pb(convert.resolve_routes(pool)), dns=convert.dns_to_pb(pool.dns),
+            lease=convert.leases_to_pb(grant.entries)[0], routes=parsed.routes, dns=parsed.dns,
             conflict_probed=grant.conflict_probed, quarantined=list(grant.quarantined))
 
     @_rpc

@@ -73,8 +73,15 @@ def test_16_concurrent_clients_no_duplicates(ipamd: netbed.Ipamd) -> None:
     assert sorted(ips) == sorted(ip for v in held.values() for ip in v)
 
 
-def test_kill9_mid_load_loses_nothing(ipamd: netbed.Ipamd) -> None:
-    granted: dict[str, list[str]] = {}
+def test_kill9_during_16_client_burst_loses_nothing(ipamd: netbed.Ipamd) -> None:
+    """Group commit keeps durability: kill -9 in the middle of a 16-client allocate/release burst;
+    every lease whose Allocate returned is there after restart (with the same addresses), every
+    attachment whose Release returned is gone, and no address was ever granted twice."""
+    leases: dict[str, list[str]] = {}  # every Allocate that returned
+    granted: dict[str, list[str]] = {}  # Allocate returned; no Release sent
+    releasing: set[str] = set()  # Release sent, no answer (yet): either outcome is correct
+    released: set[str] = set()  # Release returned
+    every_grant: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -89,34 +96,54 @@ def test_kill9_mid_load_loses_nothing(ipamd: netbed.Ipamd) -> None:
                 except CniError:
                     return  # the daemon died under us
                 with lock:
-                    granted[cid] = [str(x.address.ip) for x in a.ips]
+                    leases[cid] = granted[cid] = [str(x.address.ip) for x in a.ips]
+                    every_grant.extend(granted[cid])
+                if i % 4:
+                    continue
+                with lock:
+                    releasing.add(cid)
+                    del granted[cid]
+                try:
+                    c.release(network="crash", container_id=cid, ifname="eth0")
+                except CniError:
+                    return
+                with lock:
+                    releasing.discard(cid)
+                    released.add(cid)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while len(every_grant) < 2 * 600 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert ipamd.proc is not None
-    ipamd.proc.send_signal(signal.SIGKILL)
+    ipamd.proc.send_signal(signal.SIGKILL)  # mid-burst: 16 clients are still sending
     ipamd.proc.wait()
     stop.set()
     for t in threads:
         t.join()
-    assert granted, "no allocation succeeded before the kill"
+    assert len(granted) + len(released) >= 300, "the burst was too small to prove anything"
+    assert released, "no release returned before the kill"
     assert os.path.exists(ipamd.socket)  # the stale socket file is left behind
     ipamd.start()  # serve must start over the stale socket
     rows = ipamd.leases("crash")
-    by_cid = {}
+    by_cid: dict[str, list[str]] = {}
     for r in rows:
         by_cid.setdefault(r["containerID"], []).append(r["ip"])
     for cid, ips in granted.items():
         assert sorted(by_cid.get(cid, [])) == sorted(ips), f"granted lease of {cid} lost"
+    for cid in releasing:  # in flight at the kill: released, or still held as granted
+        assert sorted(by_cid.get(cid, leases[cid])) == sorted(leases[cid])
+    assert not released & by_cid.keys(), "a returned release was undone"
+    assert len(every_grant) == len(set(every_grant)), "an address was granted twice"
     ips = [r["ip"] for r in rows]
     assert len(ips) == len(set(ips))
     # and the restarted daemon never hands out a granted address again
     with IpamClient(ipamd.socket) as c:
         for i in range(30):
             a = c.allocate(network="crash", pool=BIG, container_id=netbed.container_id(f"after{i}"), ifname="eth0")
-            assert not {str(x.address.ip) for x in a.ips} & set(ips)
+            assert not {str(x.address.ip) for x in a.ips} & set(every_grant)
 
 
 def test_second_daemon_refuses_and_sigterm_is_clean(ipamd: netbed.Ipamd, tmp_path: Path) -> None:
@@ -264,3 +291,4 @@ def test_metrics_endpoint_on_loopback(ipamd_factory: Callable[..., netbed.Ipamd]
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'ipamd_allocations_total{network="m"} 2' in body
     assert 'ipamd_pool_used{network="m",subnet="10.20.0.0/22"} 1' in body
+    assert "ipamd_commit_batches_total 1\n" in body and "ipamd_commit_writes_total 1\n" in body

@@ -150,3 +150,58 @@ def test_concurrent_reservations_never_duplicate(store: Store) -> None:
         t.join()
     assert sorted(wins) == sorted(f"10.0.0.{10 + n}" for n in range(20))
     assert len(store.list_entries("n1")) == 20
+
+
+# ---- batches (group commit) ------------------------------------------------------------------
+
+
+def test_batch_is_all_or_nothing(store: Store) -> None:
+    store.reserve([entry("10.0.0.5/24", cid="old")])
+    with store.batch():
+        store.put_pool("n1", POOL)
+        store.reserve([entry("10.0.0.9/24", cid="a"), entry("fd00::9/64", cid="a", k=1)])
+        store.release_by_owner("n1", "old", "eth0", now_ms=7)
+    assert store.get_pool("n1") == POOL
+    assert [str(e.ip) for e in store.get_by_owner("n1", "a", "eth0")] == ["10.0.0.9", "fd00::9"]
+    assert store.get_cursor("n1", 0) == "10.0.0.9" and store.get_by_owner("n1", "old", "eth0") == []
+
+    with pytest.raises(RuntimeError), store.batch():
+        store.put_pool("n2", POOL)
+        store.reserve([entry("10.0.0.10/24", cid="b")])
+        store.release_by_owner("n1", "a", "eth0", now_ms=8)
+        store.quarantine("n1", "10.0.0.5", conflict_mac="aa:aa:aa:aa:aa:aa", now_ms=8)
+        raise RuntimeError("commit failed")
+    # nothing of the failed batch is visible; what came before is intact
+    assert store.get_pool("n2") is None and store.get_entry("n1", "10.0.0.10") is None
+    assert store.get_cursor("n1", 0) == "10.0.0.9"
+    assert [str(e.ip) for e in store.get_by_owner("n1", "a", "eth0")] == ["10.0.0.9", "fd00::9"]
+    old = store.get_entry("n1", "10.0.0.5")
+    assert old is not None and old.state == RELEASED and old.changed_ms == 7
+
+
+def test_refusal_inside_a_batch_undoes_the_batch(store: Store) -> None:
+    store.reserve([entry("10.0.0.5/24")])
+    with pytest.raises(StoreConflict), store.batch():
+        store.reserve([entry("10.0.0.6/24", cid="c2")])
+        store.reserve([entry("10.0.0.5/24", cid="c3")])
+    assert store.get_entry("n1", "10.0.0.6") is None
+    assert store.get_entry("n1", "10.0.0.5").container_id == "c1"  # type: ignore[union-attr]
+
+
+def test_sqlite_batch_readers_see_only_committed_state_and_full_sync(tmp_path: Path) -> None:
+    s = SqliteStore(str(tmp_path / "x.db"))
+    # durability is not traded for speed: both connections wait for the WAL fsync at COMMIT
+    assert [db.execute("PRAGMA synchronous").fetchone()[0] for db in (s._db, s._rdb)] == [2, 2]
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    seen: list[list[Entry]] = []
+    with s.batch():
+        s.reserve([entry("10.0.0.5/24")])
+        t = threading.Thread(target=lambda: seen.append(s.get_by_owner("n1", "c1", "eth0")))
+        t.start()
+        t.join(5)  # a reader is not blocked by the open batch ...
+    assert seen == [[]]  # ... and does not see it before COMMIT
+    assert [str(e.ip) for e in s.get_by_owner("n1", "c1", "eth0")] == ["10.0.0.5"]
+    s.close()
+    s2 = SqliteStore(str(tmp_path / "x.db"))
+    assert s2.get_cursor("n1", 0) == "10.0.0.5"  # written once, at the batch's end
+    s2.close()
