@@ -85,8 +85,14 @@ def socket_in_netns(netns_path: str, family: int, type_: int, proto: int = 0) ->
 
 def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.socket, int]:
     """An AF_PACKET/SOCK_RAW socket bound to `ifname` inside the netns, receiving `ethertype`.
-    Returns the socket and the interface index (raises OSError ENODEV if ifname is missing)."""
-    sock = socket_in_netns(netns_path, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+    Returns the socket and the interface index (raises OSError ENODEV if ifname is missing).
+
+    Created with protocol 0, then bound to the ethertype: a socket created with a protocol has a
+    packet hook registered already, and bind() must unregister it first, which waits for an RCU
+    grace period (synchronize_net: 8-15 ms measured here). With protocol 0 there is nothing to
+    unregister and bind() is immediate. close() still pays one grace period: callers on a
+    latency-critical path should close on another thread (see probe.close_later)."""
+    sock = socket_in_netns(netns_path, socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.bind((ifname, ethertype))
         ifindex = _ifindex_of(sock)

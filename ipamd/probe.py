@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import queue
 import select
 import socket
 import struct
@@ -182,11 +183,37 @@ class Prober:
                 if found is not None:
                     return frames.mac_text(found)
         finally:
-            sock.close()
+            close_later(sock)
 
     def _observe(self, kind: str, result: str, elapsed_ms: float) -> None:
         if self.metrics is not None:
             self.metrics.observe("ipamd_probe_duration_ms", elapsed_ms, kind=kind, result=result)
+
+
+_closing: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: threading.Thread | None = None
+
+
+def close_later(sock: socket.socket) -> None:
+    """Close a packet socket on the closer thread. Closing unregisters the socket's packet hook,
+    which waits for an RCU grace period (8-20 ms measured here); the probe's answer does not
+    depend on it, so the RPC need not wait. One long-lived thread, not one per socket."""
+    global _closer
+    with _closer_lock:
+        if _closer is None or not _closer.is_alive():
+            _closer = threading.Thread(target=_close_loop, name="probe-socket-closer", daemon=True)
+            _closer.start()
+    _closing.put(sock)
+
+
+def _close_loop() -> None:
+    while True:
+        sock = _closing.get()
+        try:
+            sock.close()
+        except OSError as exc:  # nothing to do about it but say so
+            log.warning("closing a probe socket failed: %s", exc)
 
 
 def _open(netns: str, ifname: str, ethertype: int) -> socket.socket:
