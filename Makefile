@@ -44,9 +44,9 @@ integration: setup
 test: setup
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
-# PYINSTALLER_CONFIG_DIR: --clean wipes PyInstaller's cache; keep it per checkout, not per user.
+# PyInstaller bundle (ovs-underlay-py, -ipam, -ipamd) + the native client ovs-underlay (gcc).
 binary: setup
-	PYINSTALLER_CONFIG_DIR=$(CURDIR)/build/pyinstaller-cache $(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller packaging/ovs-underlay.spec
+	PYTHON_BIN=$(abspath $(BIN)) scripts/build-bundle.sh
 
 cnitool:
 	scripts/build-cnitool.sh build/cnitool

@@ -27,6 +27,14 @@ exits without running. After "G", if the worker dies without "X":
     runtime's own DEL cleans up.
   - stdout may hold output: the exit code is 1 (re-running would print a second document).
 
+The native client: `ovs-underlay` as installed is a small C program
+(packaging/shim/ovs-underlay-shim.c) that speaks this protocol itself, because the frozen
+Python bootstrap alone costs ~40 ms; it execs this plugin, `ovs-underlay-py`, for everything
+else, so all policy stays here. A failure before "G": it execs us with the stdin bytes restored
+and OVS_UNDERLAY_WARM=0 (in-process). The worker died after "G": it execs us with the stdin
+restored and OVS_UNDERLAY_WARM_RECOVER=<output seen 0|1>:<server status | "unknown">, and
+`dispatch` applies the rules above (`after_commit`).
+
 grpc and fork: the server imports grpc but never creates a channel, and grpc's fork support is
 left OFF (GRPC_ENABLE_FORK_SUPPORT=0 set before the import): with no channel and no grpc thread
 in the parent there is nothing for its atfork handlers to do, and they cost every fork. Every
@@ -69,6 +77,7 @@ DEFAULT_SOCKET = "/run/ovs-underlay/cni-warm.sock"
 ENV_SOCKET = "OVS_UNDERLAY_WARM_SOCKET"
 ENV_ENABLE = "OVS_UNDERLAY_WARM"
 ENV_HANDOFF = "OVS_UNDERLAY_WARM_HANDOFF_MS"
+ENV_RECOVER = "OVS_UNDERLAY_WARM_RECOVER"  # set by the native client, see the module docstring
 DEFAULT_HANDOFF_MS = 100
 WARM_COMMANDS = frozenset({"ADD", "DEL", "CHECK", "STATUS", "GC"})
 MAGIC = b"OUW1"
@@ -81,7 +90,9 @@ PREIMPORT = (
     "cni.types", "cni.netconf", "cni.drivers", "cni.plugin", "cni.netlink", "cni.ovsdb",
     "cni.delegate", "ipamd.spec", "ipamd.client", "ipamd.convert", "ipamd.netns_socket",
     "ovs.jsonrpc", "ovs.stream", "ovs.poller", "ovs.vlog", "ovs.json",
-    "grpc", "grpc_health.v1.health_pb2", "grpc_health.v1.health_pb2_grpc", "netaddr",
+    # grpc imports these on the first channel: ~4 ms per worker if left to the worker.
+    "grpc", "grpc._channel", "grpc._simple_stubs", "grpc.experimental",
+    "grpc_health.v1.health_pb2", "grpc_health.v1.health_pb2_grpc", "netaddr",
 )
 
 
@@ -177,6 +188,10 @@ def dispatch(verbs: Verbs, argv: Sequence[str], env: Mapping[str, str], stdin: I
     usual (stdin untouched)."""
     if argv and argv[0] == SERVE_FLAG:
         return serve_main(verbs, argv[1:])
+    recover = env.get(ENV_RECOVER)
+    if recover is not None and env.get("CNI_COMMAND") in WARM_COMMANDS:
+        env = {k: v for k, v in env.items() if k != ENV_RECOVER}  # not passed on to delegates
+        return after_commit(verbs, env, stdin.read(), stdout, parse_recover(recover))
     if env.get("CNI_COMMAND") not in WARM_COMMANDS or env.get(ENV_ENABLE, "1") == "0":
         return None
     path = socket_path(env)
@@ -199,6 +214,29 @@ def run_call(verbs: Verbs, env: Mapping[str, str], data: bytes, stdout: IO[str],
     except (HandoffFailed, OSError, ValueError) as exc:  # nothing ran (bad stdout/stderr fd included)
         _note(env, f"warm path not used ({exc}); running in-process")
         return in_process()
+    return after_commit(verbs, env, data, stdout, reply)
+
+
+def parse_recover(value: str) -> Reply:
+    """OVS_UNDERLAY_WARM_RECOVER (`<output seen 0|1>:<status | unknown>`) as the Reply the native
+    client saw. Anything unreadable counts as "output may have been written" (never re-run)."""
+    reply = Reply()
+    seen, _, status = value.partition(":")
+    reply.output = seen != "0"
+    try:
+        reply.status = int(status)
+    except ValueError:
+        reply.status = None
+    return reply
+
+
+def after_commit(verbs: Verbs, env: Mapping[str, str], data: bytes, stdout: IO[str], reply: Reply) -> int:
+    """The exit code once "G" was sent: the verb's own, or the post-commit rules (docstring)."""
+    from cni import skel
+
+    def in_process(e: Mapping[str, str] = env, out: IO[str] = stdout) -> int:
+        return skel.main(verbs, env=e, stdin=io.BytesIO(data), stdout=out)
+
     code = reply.final_code()
     if code is not None:
         return code

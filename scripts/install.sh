@@ -10,7 +10,8 @@
 #   SYSTEMD_DIR (default /etc/systemd/system).
 #
 # Layout (paths below DESTDIR):
-#   PREFIX/{ovs-underlay,ovs-underlay-ipam,ovs-underlay-ipamd,_internal/}   the bundle
+#   PREFIX/{ovs-underlay,ovs-underlay-py,ovs-underlay-ipam,ovs-underlay-ipamd,_internal/}   the bundle
+#     (ovs-underlay is the native warm-path client; it execs ovs-underlay-py from its own real dir)
 #   PREFIX/bin/ovs-underlay-ipamd        -> ../ovs-underlay-ipamd
 #   CNI_BIN_DIR/ovs-underlay             -> PREFIX/ovs-underlay       (relative symlink)
 #   CNI_BIN_DIR/ovs-underlay-ipam        -> PREFIX/ovs-underlay-ipam  (relative symlink)
@@ -19,7 +20,8 @@
 #   PREFIX/examples/                     (EXAMPLES=1)
 #
 # Symlinks work because the PyInstaller bootloader finds _internal/ from the resolved path of
-# the running executable (/proc/self/exe), not from argv[0]. They are relative so that a
+# the running executable (/proc/self/exe), not from argv[0], and the native client finds
+# ovs-underlay-py the same way. They are relative so that a
 # DaemonSet init container that mounts the host's /opt under /host/opt makes links that resolve
 # on the host. The bundle is replaced by rename, so running plugin processes keep their files.
 set -euo pipefail
@@ -32,7 +34,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUNDLE=${BUNDLE:-$ROOT/dist/ovs-underlay}
 SBIN_DIR=${SBIN_DIR:-/usr/local/sbin}
 SYSTEMD_DIR=${SYSTEMD_DIR:-/etc/systemd/system}
-PROGRAMS=(ovs-underlay ovs-underlay-ipam ovs-underlay-ipamd)
+PROGRAMS=(ovs-underlay ovs-underlay-py ovs-underlay-ipam ovs-underlay-ipamd)
 
 log() { echo "install: $*" >&2; }
 die() { log "$*"; exit 1; }

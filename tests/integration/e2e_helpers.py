@@ -29,15 +29,17 @@ import netbed
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist" / "ovs-underlay"
-SPEC = ROOT / "packaging" / "ovs-underlay.spec"
 CNITOOL_DIR = ROOT / "build" / "cnitool"
 CNITOOL = CNITOOL_DIR / "cnitool"
 EXAMPLES = ROOT / "conf-examples"
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
-PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipamd")
+BUILD = ROOT / "scripts" / "build-bundle.sh"
+SHIM_SOURCE = ROOT / "packaging" / "shim" / "ovs-underlay-shim.c"
+# ovs-underlay is the native warm-path client; it execs ovs-underlay-py (the Python plugin).
+PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipamd", "ovs-underlay-py")
 LIBCNI_CACHE = Path("/var/lib/cni")
-# Inputs of the bundle: a newer file means dist/ is stale.
-_SOURCES = ("cni", "ipamd", "packaging", "pyproject.toml")
+# Inputs of the bundle: a newer file means dist/ is stale (packaging/ holds the shim's .c).
+_SOURCES = ("cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,18 +74,14 @@ def bundle_is_fresh() -> bool:
 
 
 def ensure_bundle() -> Path:
-    """dist/ovs-underlay/, rebuilt (same command as `make binary`) when missing or stale."""
+    """dist/ovs-underlay/, rebuilt (scripts/build-bundle.sh, as `make binary`) when missing or stale."""
     with _lock("bundle"):
         if not bundle_is_fresh():
-            pyinstaller = Path(sys.executable).parent / "pyinstaller"
             t0 = time.monotonic()
-            res = subprocess.run(
-                [str(pyinstaller), "--noconfirm", "--clean", "--log-level", "WARN", "--distpath", "dist",
-                 "--workpath", "build/pyinstaller", str(SPEC)],
-                cwd=ROOT, capture_output=True, text=True, timeout=900,
-                env={**os.environ, "PYINSTALLER_CONFIG_DIR": str(ROOT / "build/pyinstaller-cache")})
+            res = subprocess.run([str(BUILD)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                                 env={**os.environ, "PYTHON_BIN": str(Path(sys.executable).parent)})
             if res.returncode != 0:
-                raise RuntimeError(f"PyInstaller build failed ({res.returncode}):\n{res.stderr[-4000:]}")
+                raise RuntimeError(f"build-bundle.sh failed ({res.returncode}):\n{res.stderr[-4000:]}")
             sys.stderr.write(f"e2e: built {DIST} in {time.monotonic() - t0:.1f}s\n")
             for exe in PROGRAMS:  # mark the build time, not the copy time of an old artefact
                 os.utime(DIST / exe)

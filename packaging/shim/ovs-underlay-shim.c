@@ -1,0 +1,324 @@
+/* ovs-underlay: the native hand-off client of the warm path (cni/warm.py has the protocol).
+ *
+ * Why C: the plugin exec'd by the runtime used to be the frozen Python binary, whose bootstrap
+ * alone costs ~40 ms before it can hand a call to the warm server. This program is that client
+ * and nothing else: it sends exactly what warm.call() sends and reads the same replies. ALL
+ * policy stays in Python (dispatch/run_call in cni/warm.py); whenever the call is not a plain
+ * successful hand-off, it execs the Python plugin `ovs-underlay-py` that sits next to its own
+ * real path:
+ *   - argv given, CNI_COMMAND not ADD/DEL/CHECK/STATUS/GC, OVS_UNDERLAY_WARM=0, no socket file:
+ *     exec at once, stdin untouched (VERSION and human calls);
+ *   - any failure before "G" (nothing ran): stdin restored, OVS_UNDERLAY_WARM=0, exec;
+ *   - the worker died after "G" without "X": stdin restored,
+ *     OVS_UNDERLAY_WARM_RECOVER=<output seen 0|1>:<status|unknown>, exec; warm.dispatch applies
+ *     the post-commit rules (re-run, DEL-then-ADD, or exit 1 when output was written).
+ * stdout is the CNI protocol: this program never writes to it, except the error JSON when the
+ * Python plugin cannot be exec'd at all.
+ *
+ * Environment encoding: Python's client sends os.environ through json.dumps (ensure_ascii),
+ * where undecodable bytes are surrogate escapes (U+DC80..U+DCFF); the worker turns them back
+ * into the same bytes. We emit byte-identical JSON: strict UTF-8, one \udcXX per invalid byte,
+ * first occurrence of a duplicated name (Python's os.environ keeps the first too).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_REQUEST (16u * 1024 * 1024) /* warm.MAX_REQUEST: json + stdin */
+#define DEFAULT_SOCKET "/run/ovs-underlay/cni-warm.sock"
+#define DEFAULT_HANDOFF_MS 100
+
+extern char **environ;
+static char py[PATH_MAX];
+
+struct buf { char *p; size_t len, cap; };
+
+static int put(struct buf *b, const void *s, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 8192;
+        while (cap < b->len + n) cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (!p) return -1;
+        b->p = p, b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 0;
+}
+
+static int puts_(struct buf *b, const char *s) { return put(b, s, strlen(s)); }
+
+static int put_u(struct buf *b, unsigned u) { /* \uXXXX, lower-case hex like json.dumps */
+    char e[7];
+    snprintf(e, sizeof e, "\\u%04x", u & 0xffffu);
+    return put(b, e, 6);
+}
+
+/* Length of the valid UTF-8 sequence at s (0 if invalid: Python's strict decoder rules). */
+static size_t utf8_seq(const unsigned char *s, size_t n, unsigned *cp) {
+    size_t len;
+    unsigned c = s[0];
+    if (c >= 0xc2 && c <= 0xdf) len = 2, c &= 0x1f;
+    else if (c >= 0xe0 && c <= 0xef) len = 3, c &= 0x0f;
+    else if (c >= 0xf0 && c <= 0xf4) len = 4, c &= 0x07;
+    else return 0;
+    if (n < len) return 0;
+    for (size_t k = 1; k < len; k++) {
+        if ((s[k] & 0xc0) != 0x80) return 0;
+        c = c << 6 | (s[k] & 0x3f);
+    }
+    if ((len == 3 && c < 0x800) || (len == 4 && (c < 0x10000 || c > 0x10ffff)) ||
+        (c >= 0xd800 && c <= 0xdfff))
+        return 0;
+    *cp = c;
+    return len;
+}
+
+static int json_str(struct buf *b, const char *str, size_t n) {
+    const unsigned char *s = (const unsigned char *)str;
+    int rc = put(b, "\"", 1);
+    for (size_t i = 0; i < n && rc == 0;) {
+        unsigned c = s[i], cp;
+        size_t len;
+        if (c == '"' || c == '\\') rc = put(b, "\\", 1) || put(b, &s[i], 1), i++;
+        else if (c >= 0x20 && c < 0x7f) rc = put(b, &s[i], 1), i++;
+        else if (c < 0x80) {
+            const char *esc = c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t"
+                            : c == '\b' ? "\\b" : c == '\f' ? "\\f" : NULL;
+            rc = esc ? puts_(b, esc) : put_u(b, c), i++;
+        } else if ((len = utf8_seq(s + i, n - i, &cp)) == 0) rc = put_u(b, 0xdc00 | c), i++;
+        else if (cp < 0x10000) rc = put_u(b, cp), i += len;
+        else cp -= 0x10000, rc = put_u(b, 0xd800 | cp >> 10) || put_u(b, 0xdc00 | (cp & 0x3ff)), i += len;
+    }
+    return rc || put(b, "\"", 1);
+}
+
+/* Never returns. Exec failure: no Python to report it, so the minimal CNI error is ours. */
+__attribute__((noreturn)) static void exec_py(char **argv) {
+    char *def[] = {py, NULL};
+    execv(py, argv && argv[0] ? argv : def);
+    char msg[PATH_MAX + 256];
+    snprintf(msg, sizeof msg, "ovs-underlay: cannot exec %s: %s", py, strerror(errno));
+    struct buf b = {0};
+    if (puts_(&b, "{\"cniVersion\":\"1.0.0\",\"code\":999,\"msg\":") == 0 && json_str(&b, msg, strlen(msg)) == 0 &&
+        puts_(&b, "}\n") == 0 && write(1, b.p, b.len) < 0) { /* nothing left to tell */ }
+    fprintf(stderr, "%s\n", msg);
+    _exit(1);
+}
+
+static void note(const char *msg) {
+    const char *q = getenv("OVS_UNDERLAY_WARM_QUIET");
+    if (!q || strcmp(q, "1") != 0) fprintf(stderr, "ovs-underlay: %s\n", msg);
+}
+
+/* Put the stdin bytes back on fd 0 (then `tail`, then the unread rest of fd `more` if >= 0), exec. */
+__attribute__((noreturn)) static void exec_py_with_stdin(char **argv, const struct buf *in, const char *tail, size_t tlen, int more) {
+    int fd = memfd_create("ovs-underlay-stdin", MFD_CLOEXEC);
+    if (fd < 0 && more < 0 && tlen == 0 && in->len <= 65536) {
+        int p[2];
+        if (pipe2(p, O_CLOEXEC) == 0) {
+            if (write(p[1], in->p, in->len) == (ssize_t)in->len && dup2(p[0], 0) == 0) {
+                close(p[0]), close(p[1]);
+                exec_py(argv);
+            }
+            close(p[0]), close(p[1]);
+        }
+    }
+    if (fd >= 0 && (in->len == 0 || write(fd, in->p, in->len) == (ssize_t)in->len) &&
+        (tlen == 0 || write(fd, tail, tlen) == (ssize_t)tlen)) {
+        char chunk[65536];
+        ssize_t n = 0;
+        while (more >= 0 && ((n = read(more, chunk, sizeof chunk)) > 0 || (n < 0 && errno == EINTR)))
+            if (n > 0 && write(fd, chunk, (size_t)n) != n) break;
+        if (n == 0 && lseek(fd, 0, SEEK_SET) == 0 && dup2(fd, 0) == 0) {
+            close(fd);
+            exec_py(argv);
+        }
+    }
+    char msg[256];
+    snprintf(msg, sizeof msg, "{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"ovs-underlay: cannot "
+             "restore stdin for the in-process run: %s\"}\n", strerror(errno));
+    if (write(1, msg, strlen(msg)) < 0) { /* nothing left to tell */ }
+    _exit(1);
+}
+
+struct reply { int ready, output, have_exit, exit_code, have_status, status; unsigned char pend[5]; size_t npend; };
+
+/* warm.Reply.feed: -1 on an unexpected byte. */
+static int feed(struct reply *r, const unsigned char *d, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        r->pend[r->npend++] = d[i];
+        unsigned char t = r->pend[0];
+        if (t == 'R') r->ready = 1, r->npend = 0;
+        else if (t == 'O') r->output = 1, r->npend = 0;
+        else if (t == 'X' && r->npend == 2) r->have_exit = 1, r->exit_code = r->pend[1], r->npend = 0;
+        else if (t == 'E' && r->npend == 5) {
+            uint32_t v = (uint32_t)r->pend[1] << 24 | (uint32_t)r->pend[2] << 16 | (uint32_t)r->pend[3] << 8 | r->pend[4];
+            r->have_status = 1, r->status = (int32_t)v, r->npend = 0;
+        } else if (t != 'X' && t != 'E') return -1;
+    }
+    return 0;
+}
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int wait_fd(int fd, short ev, long long deadline) {
+    struct pollfd p = {.fd = fd, .events = ev};
+    for (;;) {
+        long long left = deadline - now_ms();
+        if (left <= 0) return errno = ETIMEDOUT, -1;
+        int n = poll(&p, 1, (int)left);
+        if (n > 0) return 0;
+        if (n < 0 && errno != EINTR) return -1;
+    }
+}
+
+/* Everything up to and including "G". 0: committed; -1: nothing ran (*why says why). */
+static int handoff(int s, const char *path, const struct buf *req, const int *fds, int nfds, int ms,
+                   struct reply *r, const char **why) {
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    long long deadline = now_ms() + ms;
+    if (strlen(path) >= sizeof sa.sun_path) return *why = "socket path too long", -1;
+    strcpy(sa.sun_path, path);
+    if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (errno != EINPROGRESS || wait_fd(s, POLLOUT, deadline) < 0) return *why = strerror(errno), -1;
+        if (getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) return *why = strerror(err ? err : errno), -1;
+    }
+    char cbuf[CMSG_SPACE(3 * sizeof(int))] = {0};
+    for (size_t off = 0; off < req->len;) {
+        ssize_t n;
+        if (off == 0) { /* the fds ride on the first bytes, as socket.send_fds does */
+            struct iovec iov = {.iov_base = req->p, .iov_len = req->len};
+            struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                                .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
+            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+            cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS, cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+            memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
+            n = sendmsg(s, &mh, MSG_NOSIGNAL);
+        } else {
+            n = send(s, req->p + off, req->len - off, MSG_NOSIGNAL);
+        }
+        if (n > 0) off += (size_t)n;
+        else if (n < 0 && errno != EAGAIN && errno != EINTR) return *why = strerror(errno), -1;
+        else if (n < 0 && errno == EAGAIN && wait_fd(s, POLLOUT, deadline) < 0) return *why = strerror(errno), -1;
+    }
+    while (!r->ready) {
+        unsigned char d[64];
+        if (wait_fd(s, POLLIN, deadline) < 0) return *why = strerror(errno), -1;
+        ssize_t n = recv(s, d, sizeof d, 0);
+        if (n == 0) return *why = "server closed the connection before the hand-off", -1;
+        if (n < 0 && errno != EAGAIN && errno != EINTR) return *why = strerror(errno), -1;
+        if (n > 0 && feed(r, d, (size_t)n) < 0) return *why = "bad reply", -1;
+    }
+    if (send(s, "G", 1, MSG_NOSIGNAL) != 1) return *why = strerror(errno), -1;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    char self[PATH_MAX];
+    ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
+    char *slash = sl > 0 ? (self[sl] = 0, strrchr(self, '/')) : NULL;
+    if (!slash || snprintf(py, sizeof py, "%.*s/ovs-underlay-py", (int)(slash - self), self) >= (int)sizeof py)
+        snprintf(py, sizeof py, "ovs-underlay-py (/proc/self/exe unreadable)");
+
+    const char *cmd = getenv("CNI_COMMAND"), *on = getenv("OVS_UNDERLAY_WARM");
+    const char *path = getenv("OVS_UNDERLAY_WARM_SOCKET"), *hms = getenv("OVS_UNDERLAY_WARM_HANDOFF_MS");
+    struct stat st;
+    if (!path || !*path) path = DEFAULT_SOCKET;
+    if (argc > 1 || !cmd || (strcmp(cmd, "ADD") && strcmp(cmd, "DEL") && strcmp(cmd, "CHECK") &&
+                             strcmp(cmd, "STATUS") && strcmp(cmd, "GC")) ||
+        (on && strcmp(on, "0") == 0) || stat(path, &st) < 0)
+        exec_py(argv);
+
+    struct buf in = {0}, req = {0};
+    char chunk[65536], why_buf[128];
+    const char *why = "cannot read stdin";
+    for (;;) {
+        ssize_t n = read(0, chunk, sizeof chunk);
+        if (n == 0) break;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && in.len == 0) exec_py(argv); /* nothing consumed: Python sees the same fd 0 */
+        int stored = n > 0 && put(&in, chunk, (size_t)n) == 0;
+        if (!stored || in.len > MAX_REQUEST) {
+            note("warm path not used (stdin too large or unreadable); running in-process");
+            setenv("OVS_UNDERLAY_WARM", "0", 1);
+            exec_py_with_stdin(argv, &in, chunk, stored || n < 0 ? 0 : (size_t)n, n < 0 ? -1 : 0);
+        }
+    }
+    int ns_fd = -1, fds[3] = {1, 2, -1}, nfds = 2;
+    const char *netns = getenv("CNI_NETNS");
+    if (netns && *netns && (ns_fd = open(netns, O_RDONLY | O_CLOEXEC)) >= 0) fds[nfds++] = ns_fd;
+
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd)) strcpy(cwd, "/");
+    int rc = put(&req, "OUW1\0\0\0\0\0\0\0\0", 12) || puts_(&req, "{\"env\": {");
+    int first = 1;
+    for (char **e = environ; *e && rc == 0; e++) {
+        const char *eq = strchr(*e, '=');
+        size_t klen = eq ? (size_t)(eq - *e) : 0;
+        int dup = !eq;
+        for (char **p = environ; p < e && !dup; p++)
+            dup = strncmp(*p, *e, klen + 1) == 0;
+        if (dup) continue;
+        rc = (first ? 0 : put(&req, ", ", 2)) || json_str(&req, *e, klen) || put(&req, ": ", 2) ||
+             json_str(&req, eq + 1, strlen(eq + 1));
+        first = 0;
+    }
+    rc = rc || puts_(&req, "}, \"cwd\": ") || json_str(&req, cwd, strlen(cwd)) ||
+         puts_(&req, ns_fd >= 0 ? ", \"netns_fd\": true}" : ", \"netns_fd\": false}");
+    uint32_t jlen = (uint32_t)(req.len - 12), slen = (uint32_t)in.len;
+    rc = rc || (size_t)jlen + slen > MAX_REQUEST || put(&req, in.p, in.len);
+
+    struct reply r = {0};
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    char *end;
+    long ms = hms ? strtol(hms, &end, 10) : DEFAULT_HANDOFF_MS;
+    if (!hms || end == hms || *end || ms > 600000) ms = DEFAULT_HANDOFF_MS;
+    if (rc) why = "request too large";
+    else if (s < 0) why = strerror(errno);
+    else {
+        unsigned char be[8] = {jlen >> 24, jlen >> 16, jlen >> 8, jlen, slen >> 24, slen >> 16, slen >> 8, slen};
+        memcpy(req.p + 4, be, 8);
+        rc = handoff(s, path, &req, fds, nfds, ms < 1 ? 1 : (int)ms, &r, &why);
+    }
+    if (s < 0 || rc) { /* nothing ran: in-process, and Python must not try the warm path again */
+        if (s >= 0) close(s);
+        snprintf(why_buf, sizeof why_buf, "warm path not used (%s); running in-process", why);
+        note(why_buf);
+        setenv("OVS_UNDERLAY_WARM", "0", 1);
+        exec_py_with_stdin(argv, &in, NULL, 0, -1);
+    }
+    int fl = fcntl(s, F_GETFL);
+    if (fl >= 0) fcntl(s, F_SETFL, fl & ~O_NONBLOCK);
+    while (!r.have_exit && !r.have_status) { /* committed: wait as long as the runtime lets us */
+        unsigned char d[64];
+        ssize_t n = recv(s, d, sizeof d, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0 || feed(&r, d, (size_t)n) < 0) break;
+    }
+    if (r.have_exit) return r.exit_code;
+    if (r.have_status && r.status >= 0) return r.status;
+    close(s);
+    char rec[32];
+    if (r.have_status) snprintf(rec, sizeof rec, "%d:%d", r.output, r.status);
+    else snprintf(rec, sizeof rec, "%d:unknown", r.output);
+    setenv("OVS_UNDERLAY_WARM_RECOVER", rec, 1);
+    exec_py_with_stdin(argv, &in, NULL, 0, -1);
+}
