@@ -52,7 +52,9 @@ the server SIGKILLs the worker, as the runtime would have killed an in-process p
 
 Environment: OVS_UNDERLAY_WARM=0 disables the client side; OVS_UNDERLAY_WARM_SOCKET overrides
 the socket path (default /run/ovs-underlay/cni-warm.sock); OVS_UNDERLAY_WARM_HANDOFF_MS the
-hand-off deadline (default 100).
+hand-off deadline (default 1000: under a burst the server's fork and "ready" can take a few
+hundred ms, and falling back to the in-process path then costs far more than waiting; a dead
+server refuses the connection at once, so only a hung one makes a caller wait the full deadline).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ ENV_SOCKET = "OVS_UNDERLAY_WARM_SOCKET"
 ENV_ENABLE = "OVS_UNDERLAY_WARM"
 ENV_HANDOFF = "OVS_UNDERLAY_WARM_HANDOFF_MS"
 ENV_RECOVER = "OVS_UNDERLAY_WARM_RECOVER"  # set by the native client, see the module docstring
-DEFAULT_HANDOFF_MS = 100
+DEFAULT_HANDOFF_MS = 1000  # see the module docstring; the C client has the same default
 WARM_COMMANDS = frozenset({"ADD", "DEL", "CHECK", "STATUS", "GC"})
 MAGIC = b"OUW1"
 _HDR = struct.Struct("!4sII")

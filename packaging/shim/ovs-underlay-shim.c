@@ -37,7 +37,8 @@
 
 #define MAX_REQUEST (16u * 1024 * 1024) /* warm.MAX_REQUEST: json + stdin */
 #define DEFAULT_SOCKET "/run/ovs-underlay/cni-warm.sock"
-#define DEFAULT_HANDOFF_MS 100
+/* Must match cni/warm.py DEFAULT_HANDOFF_MS (tests/unit/test_shim.py checks). */
+#define DEFAULT_HANDOFF_MS 1000
 
 extern char **environ;
 static char py[PATH_MAX];

@@ -364,3 +364,10 @@ def test_parse_recover() -> None:
     assert not r.output and r.status == -15 and r.final_code() is None
     r = warm.parse_recover("1:unknown")
     assert r.output and r.status is None
+
+
+def test_handoff_default_matches_the_python_client() -> None:
+    from cni import warm
+
+    src = (ROOT / "packaging/shim/ovs-underlay-shim.c").read_text()
+    assert f"#define DEFAULT_HANDOFF_MS {warm.DEFAULT_HANDOFF_MS}\n" in src
