@@ -170,12 +170,23 @@ def test_daemonset_mounts_what_the_node_needs() -> None:
     spec = ds["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"]}
-    assert {"/run/ovs-underlay", "/var/lib/ovs-underlay", "/opt", "/run/openvswitch", "/var/run/netns"} <= host_paths
+    assert {"/run/ovs-underlay", "/var/lib/ovs-underlay", "/opt", "/run/openvswitch", "/run/netns",
+            "/var/log/ovs-underlay"} <= host_paths
+    assert spec["hostPID"] is True  # netns paths of the form /proc/<pid>/ns/net must open
     (init,) = spec["initContainers"]
     assert init["securityContext"]["privileged"] and "install.sh" in init["command"][0]
-    (ipamd,) = spec["containers"]
+    ipamd, warm = spec["containers"]
     assert ipamd["securityContext"]["privileged"]
     assert ipamd["command"][:2] == ["/opt/ovs-underlay/ovs-underlay-ipamd", "serve"]
     assert "health" in ipamd["readinessProbe"]["exec"]["command"]
-    netns = next(m for m in ipamd["volumeMounts"] if m["mountPath"] == "/var/run/netns")
-    assert netns["mountPropagation"] == "HostToContainer"
+    # The warm server is the same binary in serving mode, on the socket the plugin looks for,
+    # and sees the host's /opt (bundle + CNI_PATH), netns and OVSDB like an exec'd plugin.
+    from cni import warm as warm_mod
+
+    assert warm["command"][:2] == ["/opt/ovs-underlay/ovs-underlay", warm_mod.SERVE_FLAG]
+    assert warm["command"][warm["command"].index("--socket") + 1] == warm_mod.DEFAULT_SOCKET
+    assert {m["mountPath"] for m in warm["volumeMounts"]} >= {"/opt", "/run/ovs-underlay", "/run/openvswitch",
+                                                             "/run/netns", "/var/log/ovs-underlay"}
+    for c in (ipamd, warm):
+        netns = next(m for m in c["volumeMounts"] if m["mountPath"] == "/run/netns")
+        assert netns["mountPropagation"] == "HostToContainer"
