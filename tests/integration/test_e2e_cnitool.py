@@ -24,29 +24,6 @@ from plugin_helpers import host_ifname
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller)
 
 
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return e2e.ensure_bundle()
-
-
-@pytest.fixture(scope="module")
-def cnitool_bin() -> Path:
-    return e2e.ensure_cnitool()
-
-
-@pytest.fixture
-def frozen_ipamd(bundle: Path, tmp_path: Path) -> Iterator[netbed.Ipamd]:
-    """ipamd from the bundle (not `python -m ipamd`), on a private socket and state dir."""
-    work = tmp_path / "ipamd"
-    (work / "state").mkdir(parents=True)
-    sock = str(work / "ipamd.sock")
-    args = [str(bundle / "ovs-underlay-ipamd"), "serve", "--socket", sock, "--state-dir", str(work / "state")]
-    d = netbed.Ipamd(sock, str(work / "state"), None, str(work / "ipamd.log"), args)
-    d.start()
-    yield d
-    d.stop()
-
-
 @dataclass
 class Runtime:
     """cnitool + the attachments it made, so a failing test still DELs them."""

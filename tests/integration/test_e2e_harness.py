@@ -20,16 +20,6 @@ import pytest
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller)
 
 
-@pytest.fixture(scope="module")
-def cnitool_bin() -> Path:
-    return e2e.ensure_cnitool()
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return e2e.ensure_bundle()
-
-
 def test_cnitool_drives_reference_bridge_and_host_local(
         cnitool_bin: Path, tmp_path: Path, netns_factory: Callable[[str], netbed.Netns]) -> None:
     lbr = netbed.uniq("lb")

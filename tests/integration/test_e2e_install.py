@@ -15,11 +15,6 @@ pytestmark = pytest.mark.timeout(900)  # may build the bundle (PyInstaller)
 INSTALL = e2e.ROOT / "scripts" / "install.sh"
 
 
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return e2e.ensure_bundle()
-
-
 def install(destdir: str, prefix: str, cni_bin: str, examples: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SBIN_DIR": str(tmp / "sbin") if not destdir else "/usr/local/sbin",
            "SYSTEMD_DIR": str(tmp / "systemd") if not destdir else "/etc/systemd/system"}

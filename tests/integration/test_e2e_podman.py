@@ -55,18 +55,6 @@ APPLETS = ("sh", "sleep", "ping", "ip", "cat")
 HOST_PATHS = tuple(map(Path, ("/etc/containers", "/etc/cni", "/var/lib/containers", "/run/containers", "/run/libpod")))
 
 
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return e2e.ensure_bundle()
-
-
-@pytest.fixture
-def frozen_ipamd(bundle: Path, tmp_path: Path) -> Iterator[netbed.Ipamd]:
-    d = e2e.start_frozen_ipamd(tmp_path / "ipamd")
-    yield d
-    d.stop()
-
-
 def _write_podman_conf(base: Path, network: str) -> dict[str, str]:
     """containers.conf, storage.conf and an empty registries.conf under `base`; returns the env."""
     for d in ("net.d", "tmp", "root", "runroot"):

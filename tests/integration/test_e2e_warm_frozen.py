@@ -27,18 +27,6 @@ import pytest
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller + gcc)
 
 
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    return e2e.ensure_bundle()
-
-
-@pytest.fixture
-def frozen_ipamd(bundle: Path, tmp_path: Path) -> Iterator[netbed.Ipamd]:
-    d = e2e.start_frozen_ipamd(tmp_path / "ipamd")
-    yield d
-    d.stop()
-
-
 class FrozenWarmServer:
     def __init__(self, bundle: Path, work: Path) -> None:
         self.path = str(work / "run" / "cni-warm.sock")
