@@ -393,6 +393,45 @@ def start_ipamd(workdir: str, extra_args: Sequence[str] = ()) -> Ipamd:
     return d
 
 
+@dataclass
+class WarmServer:
+    """The plugin's warm-path fork server as a real process (`<argv> --warm-server --socket S`):
+    `argv` is `[python, -m, cni]` or the frozen `ovs-underlay`."""
+
+    argv: list[str]
+    path: str
+    log: Path
+    cwd: str = "/"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_s: float = 30) -> None:
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([*self.argv, "--warm-server", "--socket", self.path],
+                                         stdout=f, stderr=f, cwd=self.cwd)
+        PROCS.append(self.proc)
+        deadline = time.monotonic() + wait_s
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"warm server exited ({self.proc.returncode}):\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warm server did not start in {wait_s}s:\n{self.log.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def children(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False)
+        return [int(p) for p in out.stdout.split()]
+
+
 def tool(name: str) -> str:
     path = shutil.which(name)
     if not path:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,33 +26,11 @@ import pytest
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller + gcc)
 
 
-class FrozenWarmServer:
-    def __init__(self, bundle: Path, work: Path) -> None:
-        self.path = str(work / "run" / "cni-warm.sock")
-        self.log = work / "warm-server.log"
-        with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen([str(bundle / "ovs-underlay"), "--warm-server", "--socket", self.path],
-                                         stdout=f, stderr=f, cwd="/")
-        netbed.PROCS.append(self.proc)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.path):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "warm server did not start"
-            time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
-def warm_server(bundle: Path, tmp_path: Path) -> Iterator[FrozenWarmServer]:
-    s = FrozenWarmServer(bundle, tmp_path)
+def warm_server(bundle: Path, tmp_path: Path) -> Iterator[netbed.WarmServer]:
+    s = netbed.WarmServer([str(bundle / "ovs-underlay")], str(tmp_path / "run" / "cni-warm.sock"),
+                          tmp_path / "warm-server.log")
+    s.start()
     yield s
     s.stop()
 
@@ -96,7 +73,7 @@ def _leases(ipamd: netbed.Ipamd, cid: str) -> list[str]:
 
 
 def test_frozen_shim_hands_calls_to_the_warm_server_and_falls_back_when_it_dies(
-        bundle: Path, warm_server: FrozenWarmServer, underlay: netbed.Underlay, frozen_ipamd: netbed.Ipamd,
+        bundle: Path, warm_server: netbed.WarmServer, underlay: netbed.Underlay, frozen_ipamd: netbed.Ipamd,
         netns_factory: Callable[[str], netbed.Netns], tmp_path: Path) -> None:
     # The server went through the shim: the same pid now runs the Python plugin.
     assert os.readlink(f"/proc/{warm_server.proc.pid}/exe") == str(bundle / "ovs-underlay-py")

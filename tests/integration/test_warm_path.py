@@ -23,36 +23,13 @@ import plugin_helpers as ph
 import pytest
 
 
-class WarmServer:
-    def __init__(self, path: str, log: Path) -> None:
-        self.path, self.log = path, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen([ph.PYTHON, "-m", "cni", "--warm-server", "--socket", self.path],
-                                         stdout=f, stderr=f, cwd=ph.ROOT)
-        netbed.PROCS.append(self.proc)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.path):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "warm server did not start"
-            time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(15)
-
-    def children(self) -> list[int]:
-        assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False)
-        return [int(p) for p in out.stdout.split()]
+def warm_server(path: str, log: Path) -> netbed.WarmServer:
+    return netbed.WarmServer([ph.PYTHON, "-m", "cni"], path, log, cwd=str(ph.ROOT))
 
 
 @pytest.fixture
-def warm(tmp_path: Path) -> Iterator[WarmServer]:
-    s = WarmServer(str(tmp_path / "run" / "cni-warm.sock"), tmp_path / "warm.log")
+def warm(tmp_path: Path) -> Iterator[netbed.WarmServer]:
+    s = warm_server(str(tmp_path / "run" / "cni-warm.sock"), tmp_path / "warm.log")
     s.start()
     yield s
     s.stop()
@@ -94,7 +71,7 @@ def _oracle(a: ph.Attachment, bridge: str) -> dict[str, Any]:
 
 
 def test_add_check_del_through_the_warm_server_match_in_process(
-        warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
+        warm: netbed.WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
         netns_factory: Callable[[str], netbed.Netns], attacher: ph.Attacher) -> None:
     conf = _net(underlay, ipamd)
     seen = {}
@@ -128,7 +105,7 @@ def test_add_check_del_through_the_warm_server_match_in_process(
     assert seen[True] == seen[False]
 
 
-def test_error_result_is_identical(warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
+def test_error_result_is_identical(warm: netbed.WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
                                    pod_netns: netbed.Netns) -> None:
     conf = _net(underlay, ipamd)
     conf["bridge"] = "nosuchbridge0"
@@ -138,13 +115,13 @@ def test_error_result_is_identical(warm: WarmServer, underlay: netbed.Underlay, 
     assert res[0][1]["code"] == res[1][1]["code"] == 7 and res[0][1]["msg"] == res[1][1]["msg"]
 
 
-def test_socket_permissions(warm: WarmServer) -> None:
+def test_socket_permissions(warm: netbed.WarmServer) -> None:
     assert stat.S_IMODE(os.stat(warm.path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(warm.path)).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(warm.path).st_mode)
 
 
-def test_server_down_falls_back_in_process(warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
+def test_server_down_falls_back_in_process(warm: netbed.WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd,
                                            pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
     warm.stop(signal.SIGKILL)  # leaves a stale socket file behind: connect is refused
     assert os.path.exists(warm.path)
@@ -159,7 +136,7 @@ def test_server_down_falls_back_in_process(warm: WarmServer, underlay: netbed.Un
 
 
 def test_worker_killed_mid_add_is_cleaned_up_and_rerun(
-        warm: WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd, pod_netns: netbed.Netns,
+        warm: netbed.WarmServer, underlay: netbed.Underlay, ipamd: netbed.Ipamd, pod_netns: netbed.Netns,
         attacher: ph.Attacher) -> None:
     """The gateway router is away for a while, so the worker sits in the gateway check; it is
     killed there (half-built: veth, port, lease exist). The client cleans up with DEL and
@@ -195,7 +172,7 @@ def test_worker_killed_mid_add_is_cleaned_up_and_rerun(
     assert rc == 0 and ph.no_trace(a, underlay.bridge) == []
 
 
-def test_disabled_by_env(warm: WarmServer, ovs_bridge: str, pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
+def test_disabled_by_env(warm: netbed.WarmServer, ovs_bridge: str, pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
     a = attacher.new(ph.network(ovs_bridge), pod_netns.path)
     a.add(extra_env=_env(warm.path, on=False))
     assert warm.proc is not None and str(warm.proc.pid) not in _worker_pids(ph.LOG_FILE, a.container_id)
@@ -212,7 +189,7 @@ if os.environ.get("OU_TEST_WARM_ALL") == "1":
     @pytest.fixture(autouse=True, scope="module")
     def _all_through_warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         d = tmp_path_factory.mktemp("warm")
-        s = WarmServer(str(d / "cni-warm.sock"), d / "warm.log")
+        s = warm_server(str(d / "cni-warm.sock"), d / "warm.log")
         s.start()
         old = os.environ.get("OVS_UNDERLAY_WARM_SOCKET")
         os.environ["OVS_UNDERLAY_WARM_SOCKET"] = s.path
