@@ -85,7 +85,6 @@ class Bed:
             "name": f"bench{netbed.TOKEN}",
             "type": "ovs-underlay",
             "bridge": bridge or self.underlay.bridge,
-            "datapathType": "netdev",
             "vlan": VLAN,
             "ipam": {
                 "type": "ovs-underlay-ipam",

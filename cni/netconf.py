@@ -42,7 +42,6 @@ from ipamd.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requeste
 IPAMD_TYPE = "ovs-underlay-ipam"
 DEFAULT_BRIDGE = "br-int"
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
-DEFAULT_DATAPATH = "system"
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
@@ -72,7 +71,8 @@ class NetConf:
     mtu: int | None = None
     ovn_port: str | None = None
     ovsdb_socket: str = DEFAULT_OVSDB
-    datapath_type: str = DEFAULT_DATAPATH
+    # None: accept the bridge as it is (userspace/netdev or kernel). Set: an assertion.
+    datapath_type: str | None = None
     ofport_request: int | None = None
     ipam_mode: IpamMode = "none"
     ipam_type: str = ""
@@ -279,7 +279,7 @@ def parse_netconf(args: CmdArgs) -> NetConf:
         mtu=_int(conf, "mtu", 68, 65535),
         ovn_port=ovn_port,
         ovsdb_socket=ovsdb,
-        datapath_type=_str(conf, "datapathType", DEFAULT_DATAPATH),
+        datapath_type=None if conf.get("datapathType") is None else _str(conf, "datapathType", ""),
         ofport_request=_int(conf, "ofportRequest", 1, 65279),
         ipam_mode=mode, ipam_type=ipam_type, ipam=ipam_conf,
         mac=mac, requested_ips=ips,

@@ -145,7 +145,7 @@ def preflight_bridge(conf: NetConf, d: Drivers, code: int) -> None:
     if dp is None:
         raise CniError(code, f"OVS bridge {conf.bridge!r} does not exist",
                        "ovs-underlay does not create bridges; create it or fix `bridge`")
-    if dp != conf.datapath_type:
+    if conf.datapath_type is not None and dp != conf.datapath_type:
         raise CniError(code, f"OVS bridge {conf.bridge!r} has datapath_type {dp!r}, "
                              f"config expects {conf.datapath_type!r}")
 

@@ -202,7 +202,6 @@ def write_configs() -> None:
                 "type": "ovs-underlay",
                 "bridge": BRIDGE,
                 "vlan": v.vid,
-                "datapathType": "netdev",  # this demo's bridges use the userspace datapath
                 "ipam": {
                     "type": "ovs-underlay-ipam",
                     "daemonSocket": str(SOCKET),

@@ -201,8 +201,8 @@ def load_example(name: str) -> dict[str, Any]:
 
 def adapt(conf: Mapping[str, Any], *, bridge: str | None = None, daemon_socket: str | None = None,
           name: str | None = None, cni_version: str | None = None) -> dict[str, Any]:
-    """An example made runnable on the test bed: our bridge, the userspace datapath
-    (datapathType netdev: this kernel has no OVS module) and the test ipamd's socket."""
+    """An example made runnable on the test bed: our bridge and the test ipamd's socket. The
+    datapath is left alone: the examples run unchanged on the bed's userspace (netdev) bridges."""
     out = copy.deepcopy(dict(conf))
     if name:
         out["name"] = name
@@ -213,7 +213,6 @@ def adapt(conf: Mapping[str, Any], *, bridge: str | None = None, daemon_socket: 
         if p.get("type") == "ovs-underlay":
             if bridge:
                 p["bridge"] = bridge
-            p["datapathType"] = "netdev"
         ipam = p.get("ipam")
         if ipam and ipam.get("type") == "ovs-underlay-ipam" and daemon_socket:
             ipam["daemonSocket"] = daemon_socket

@@ -106,7 +106,7 @@ class Attacher:
 
 def network(bridge: str, name: str | None = None, version: str = "1.1.0", **extra: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {"cniVersion": version, "name": name or f"net{netbed.TOKEN}", "type": "ovs-underlay",
-                            "bridge": bridge, "datapathType": "netdev"}
+                            "bridge": bridge}  # no datapathType: the default accepts the netdev bridge
     conf.update(extra)
     return conf
 

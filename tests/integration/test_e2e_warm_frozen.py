@@ -37,7 +37,7 @@ def warm_server(bundle: Path, tmp_path: Path) -> Iterator[netbed.WarmServer]:
 
 def _conf(bridge: str, ipamd: netbed.Ipamd) -> dict[str, Any]:
     return {"cniVersion": "1.1.0", "name": f"fw{netbed.TOKEN}", "type": "ovs-underlay", "bridge": bridge,
-            "datapathType": "netdev", "vlan": 100,
+            "vlan": 100,
             "ipam": {"type": "ovs-underlay-ipam", "daemonSocket": ipamd.socket,
                      "subnets": [{"subnet": "192.168.100.0/24", "gateway": "192.168.100.1",
                                   "rangeStart": "192.168.100.10"}],

@@ -114,6 +114,10 @@ def test_add_fails_on_missing_bridge_and_wrong_datapath(pod_netns: netbed.Netns,
     rc, out, _ = b.run("ADD")
     assert rc != 0 and out["code"] == 7 and "datapath_type 'netdev'" in out["msg"]
     assert ph.no_trace(b, ovs_bridge) == []
+    # Set and right, it is only an assertion: ADD goes through.
+    c = attacher.new(ph.network(ovs_bridge, datapathType="netdev"), pod_netns.path)
+    rc, out, _ = c.run("ADD")
+    assert rc == 0, out
     rc, out, _ = ph.run_plugin("STATUS", ph.network(f"nobr{netbed.TOKEN}"))
     assert rc != 0 and out["code"] == 50
 

@@ -21,7 +21,7 @@ def args(conf: dict[str, Any], cni_args: str = "", command: str = "ADD") -> CmdA
 def test_defaults_l2_only() -> None:
     c = parse_netconf(args({}))
     assert c.bridge == "br-int" and c.vlan is None and c.trunk == () and c.mtu is None
-    assert c.ovsdb_socket == "unix:/run/openvswitch/db.sock" and c.datapath_type == "system"
+    assert c.ovsdb_socket == "unix:/run/openvswitch/db.sock" and c.datapath_type is None
     assert c.ipam_mode == "none" and c.mac is None and c.requested_ips == ()
 
 
