@@ -210,9 +210,8 @@ def adapt(conf: Mapping[str, Any], *, bridge: str | None = None, daemon_socket: 
         out["cniVersion"] = cni_version
         out.pop("cniVersions", None)
     for p in out.get("plugins", [out]):
-        if p.get("type") == "ovs-underlay":
-            if bridge:
-                p["bridge"] = bridge
+        if p.get("type") == "ovs-underlay" and bridge:
+            p["bridge"] = bridge
         ipam = p.get("ipam")
         if ipam and ipam.get("type") == "ovs-underlay-ipam" and daemon_socket:
             ipam["daemonSocket"] = daemon_socket
