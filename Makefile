@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
-PROTO_OUT := ipamd/_proto/ipam_pb2.py
+PROTO_OUT := core/_proto/ipam_pb2.py
 DIST := dist/ovs-underlay
 PREFIX ?= /opt/ovs-underlay
 CNI_BIN_DIR ?= /opt/cni/bin
@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml
 
 proto: $(PROTO_OUT)
 $(PROTO_OUT): proto/ipam.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iipamd/_proto=proto --python_out=. --grpc_python_out=. --pyi_out=. ipamd/_proto/ipam.proto
+	$(PY) -m grpc_tools.protoc -Icore/_proto=proto --python_out=. --grpc_python_out=. --pyi_out=. core/_proto/ipam.proto
 
 lint: setup
-	$(BIN)/ruff check cni ipamd tests scripts bench
-	$(BIN)/mypy cni ipamd
+	$(BIN)/ruff check core cni ipamd tests scripts bench testbed
+	$(BIN)/mypy core cni ipamd
 
 unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -58,10 +58,10 @@ demo: setup binary cnitool
 	$(PY) scripts/demo.py $(if $(KEEP),--keep,)
 
 bench: setup binary
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 bench-quick: setup binary
-	$(PY) bench/run.py --quick
+	$(PY) -m bench.run --quick
 
 clean:
-	rm -rf build dist $(VENV) .pytest_cache .mypy_cache .ruff_cache ipamd/_proto/*_pb2*.py ipamd/_proto/*_pb2*.pyi
+	rm -rf build dist $(VENV) .pytest_cache .mypy_cache .ruff_cache core/_proto/*_pb2*.py core/_proto/*_pb2*.pyi

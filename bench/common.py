@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed import netbed  # the network test bed the tests use too
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import netbed  # noqa: E402  (tests/netbed.py: the network test bed, reused for set-up)
-
 __all__ = ["netbed"]
 
 

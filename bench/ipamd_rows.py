@@ -8,7 +8,7 @@ daemon builds its occupancy from them before it binds its socket. Clients are se
 directory is removed after it, and client processes are killed if a case fails: the bench leaves
 no processes or files behind.
 
-Standalone (only this section, a few minutes): `.venv/bin/python bench/ipamd_rows.py [--quick]`.
+Standalone (only this section, a few minutes): `.venv/bin/python -m bench.ipamd_rows [--quick]`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import netbed, rss_kb, summary
+from bench.common import netbed, rss_kb, summary
 
 CASES = [  # label, subnet, existing leases (full run)
     ("/24", "10.91.0.0/24", 0),
@@ -33,7 +33,7 @@ CASES = [  # label, subnet, existing leases (full run)
 
 
 def _pool(subnet: str) -> Any:
-    from ipamd.spec import parse_ipam
+    from core.spec import parse_ipam
 
     return parse_ipam({"type": "ovs-underlay-ipam", "subnets": [{"subnet": subnet}]}).pool
 
@@ -67,7 +67,7 @@ def prefill(state_dir: str, network: str, subnet: str, n: int) -> float:
 
 
 def _client(sock: str, network: str, subnet: str, cid: int, k: int, barrier: Any, q: Any) -> None:
-    from ipamd.client import IpamClient
+    from core.ipamd_client import IpamClient
 
     pool = _pool(subnet)
     alloc, rel = [], []

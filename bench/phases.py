@@ -14,20 +14,17 @@ import os
 import pstats
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PHASES = {  # phase -> (module file suffix, function name)
     "parse config": ("cni/netconf.py", "parse_netconf"),
     "OVSDB connect+preflight": ("cni/plugin.py", "preflight_bridge"),
-    "netlink veth": ("cni/netlink.py", "create_veth"),
-    "OVSDB add port": ("cni/ovsdb.py", "add_port"),
-    "ipamd allocate RPC": ("ipamd/client.py", "allocate"),
-    "netlink addresses+routes": ("cni/netlink.py", "configure"),
-    "gateway probe RPC": ("cni/plugin.py", "_gateway_check"),
-    "announce (GARP/NA)": ("cni/netlink.py", "announce"),
-    "OVSDB set ids": ("cni/ovsdb.py", "set_iface_ids"),
+    "netlink veth": ("core/netlink.py", "create_veth"),
+    "OVSDB add port": ("core/vswitch.py", "add_port"),
+    "ipamd allocate RPC": ("core/ipamd_client.py", "allocate"),
+    "netlink addresses+routes": ("core/netlink.py", "configure"),
+    "gateway probe RPC": ("cni/ipam.py", "gateway_check"),
+    "announce (GARP/NA)": ("core/netlink.py", "announce"),
+    "OVSDB set ids": ("core/vswitch.py", "set_iface_ids"),
     "drivers close": ("cni/drivers.py", "close"),
     "whole verb (skel.main)": ("cni/skel.py", "main"),
 }
@@ -40,8 +37,8 @@ def main() -> None:
 
     t1 = time.perf_counter()
     import cni.plugin  # noqa: F401
-    import ipamd.client  # noqa: F401
-    from cni import netlink, ovsdb  # noqa: F401
+    import core.ipamd_client  # noqa: F401
+    from core import netlink, vswitch  # noqa: F401
 
     t2 = time.perf_counter()
     data = sys.stdin.buffer.read()

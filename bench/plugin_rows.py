@@ -1,7 +1,7 @@
 """Rows 1, 2, 4 and 6: ADD/DEL latency and CPU of the frozen `ovs-underlay` (warm path and
 in-process) next to the reference `bridge` + `host-local`, port-count scale, probe cost.
 
-Set-up comes from tests/netbed.py (underlay bridge + ToR + router netns, ipamd process, pod
+Set-up comes from testbed/netbed.py (underlay bridge + ToR + router netns, ipamd process, pod
 netns); every object carries the bench's token and is removed in `Bed.close()`.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import FROZEN, REF_DIR, Exec, children_cpu_ms, netbed, run_exec, summary
+from bench.common import FROZEN, REF_DIR, Exec, children_cpu_ms, netbed, run_exec, summary
 
 VLAN = 100
 SUBNET, GATEWAY = "10.77.0.0/16", "10.77.0.1"

@@ -22,9 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import FROZEN, REF_DIR, ROOT, machine, run_exec, summary
+from bench.common import FROZEN, REF_DIR, ROOT, machine, run_exec, summary
 
 RESULTS = ROOT / "bench" / "results"
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
@@ -53,7 +51,7 @@ def startup_rows(n: int) -> tuple[list[dict[str, Any]], list[list[Any]]]:
             "-X",
             "importtime",
             "-c",
-            "import cni.skel, cni.plugin, cni.netlink, cni.ovsdb, cni.delegate, ipamd.client",
+            "import cni.skel, cni.plugin, core.netlink, core.vswitch, cni.delegate, core.ipamd_client",
         ],
         capture_output=True,
         text=True,
@@ -71,7 +69,7 @@ def startup_rows(n: int) -> tuple[list[dict[str, Any]], list[list[Any]]]:
 
 
 def phase_breakdown(bed: Any) -> dict[str, Any]:
-    from common import netbed
+    from bench.common import netbed
 
     ns = bed.netns[0]
     env = {
@@ -85,7 +83,7 @@ def phase_breakdown(bed: Any) -> dict[str, Any]:
         "PYTHONPATH": str(ROOT),
     }
     p = subprocess.run(
-        [PY, str(ROOT / "bench" / "phases.py")],
+        [PY, "-m", "bench.phases"],
         input=json.dumps(bed.conf("warm")).encode(),
         env=env,
         capture_output=True,
@@ -161,7 +159,7 @@ def targets(rows: list[dict[str, Any]], scale_counts: list[int]) -> list[dict[st
     for r in big or [r for r in rows if r["row"].endswith("16 client(s) allocate")][-1:]:
         out.append(t(f"ipamd >= 1000 alloc/s ({r['row']})", r["per_s"], 1000, "/s", higher=True))
     on, off = get(rows, "ADD warm probes on"), get(rows, "ADD warm probes off")
-    from plugin_rows import PROBE_WAIT_MS
+    from bench.plugin_rows import PROBE_WAIT_MS
 
     out.append(
         t(f"probes-on ADD - off <= conflict wait {PROBE_WAIT_MS} + 10 ms", on - off, PROBE_WAIT_MS + 10, "ms")
@@ -272,7 +270,7 @@ def main() -> int:
         "errors": [],
     }
     work = Path(tempfile.mkdtemp(prefix="ovs-underlay-bench-"))
-    from plugin_rows import Bed, latency_rows, probe_rows, scale_rows
+    from bench.plugin_rows import Bed, latency_rows, probe_rows, scale_rows
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -319,7 +317,7 @@ def main() -> int:
     finally:
         if bed is not None:
             bed.close()
-    from ipamd_rows import ipamd_rows
+    from bench.ipamd_rows import ipamd_rows
 
     doc["rows"] += section("ipamd", lambda: ipamd_rows(work, q)) or []
     md = save()

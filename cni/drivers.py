@@ -3,7 +3,10 @@
 Why: verbs are plain functions `cmd_add(args, conf, drivers)`; production passes the real
 netlink/OVSDB/ipamd/delegate implementations (built lazily by `default_drivers`), unit tests pass
 fakes and inject faults at every step. The warm path (a fork server) reuses the same verbs with
-the same drivers. stdlib + ipamd.spec types only at module level.
+the same drivers. The real drivers are the shared core's boundaries (core.netlink.Netlink,
+core.vswitch.Vswitch, core.ipamd_client.IpamClient); they raise neutral core errors, which the
+verbs let through to skel (or map with cni.errors.as_cni where they collect errors). stdlib and
+type names only at module level.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from netaddr import IPAddress
+    from netaddr import IPAddress, IPNetwork
 
-    from cni.netconf import NetConf
-    from cni.netlink import PodLink, PodState
-    from cni.ovsdb import PortInfo, PortSpec
-    from cni.types import CmdArgs, IPConfig, Result, Route
-    from ipamd.spec import Allocation, PodRef, PoolDef, ProbeResult
+    from cni.types import CmdArgs, Result
+    from core.netlink import PodLink, PodState, RouteLike
+    from core.spec import Allocation, IpamConf, PodRef, PoolDef, ProbeResult
+    from core.vswitch import PortInfo, PortSpec
 
 
 class NetlinkDriver(Protocol):
@@ -28,11 +30,10 @@ class NetlinkDriver(Protocol):
     def set_pod_mac(self, *, netns: str, ifname: str, mac: str) -> None: ...
     def delete_host_link(self, name: str, alias: str) -> bool: ...
     def host_link_alias(self, name: str) -> str | None: ...
-    def list_host_aliases(self) -> dict[str, str]: ...
-    def configure(self, *, netns: str, ifname: str, ips: Sequence[IPConfig],
-                  routes: Sequence[Route]) -> None: ...
+    def configure(self, *, netns: str, ifname: str, addresses: Sequence[IPNetwork],
+                  routes: Sequence[RouteLike]) -> None: ...
     def pod_state(self, netns: str, ifname: str) -> PodState | None: ...
-    def announce(self, *, netns: str, ifname: str, ips: Sequence[IPConfig], mac: str) -> None: ...
+    def announce(self, *, netns: str, ifname: str, addresses: Sequence[IPAddress], mac: str) -> None: ...
 
 
 class OvsdbDriver(Protocol):
@@ -45,17 +46,28 @@ class OvsdbDriver(Protocol):
     def close(self) -> None: ...
 
 
+class LeaseView(Protocol):
+    """What the plugins read of a released lease (ipamd's Lease message)."""
+
+    @property
+    def container_id(self) -> str: ...
+    @property
+    def ifname(self) -> str: ...
+    @property
+    def ips(self) -> Sequence[Any]: ...
+
+
 class IpamClientDriver(Protocol):
-    """The subset of ipamd.client.IpamClient the plugin uses (same signatures)."""
+    """The subset of core.ipamd_client.IpamClient the plugins use (same signatures)."""
 
     def close(self) -> None: ...
     def allocate(self, *, network: str, pool: PoolDef, container_id: str, ifname: str,
                  pod: PodRef | None = None, requested_ips: Sequence[IPAddress] = (),
                  requested_mac: str | None = None, netns: str | None = None,
                  conflict_check: bool = False, conflict_check_wait_ms: int = 100) -> Allocation: ...
-    def release(self, *, network: str, container_id: str, ifname: str) -> int: ...
+    def release(self, *, network: str, container_id: str, ifname: str) -> Sequence[LeaseView]: ...
     def get_lease(self, *, network: str, container_id: str, ifname: str) -> Allocation | None: ...
-    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]: ...
+    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> Sequence[LeaseView]: ...
     def probe_gateway(self, *, netns: str, ifname: str, gateway: IPAddress, sender_ip: IPAddress | None,
                       timeout_ms: int, cache_key: str) -> ProbeResult: ...
     def health(self) -> bool: ...
@@ -75,9 +87,8 @@ class Drivers:
     delegate: DelegateDriver
     _clients: list[Any] = field(default_factory=list)
 
-    def ipam_client(self, conf: NetConf) -> IpamClientDriver:
-        assert conf.ipam is not None
-        client = self.ipam(conf.ipam.daemon_socket, conf.ipam.timeout_ms)
+    def ipam_client(self, ipam: IpamConf) -> IpamClientDriver:
+        client = self.ipam(ipam.daemon_socket, ipam.timeout_ms)
         self._clients.append(client)
         return client
 
@@ -89,17 +100,16 @@ class Drivers:
         self.ovsdb.close()
 
 
-def default_drivers(conf: NetConf) -> Drivers:
+def default_drivers(ovsdb_socket: str) -> Drivers:
     """The production drivers. Imports pyroute2 / ovs here (not at module import); grpc only
     when an ipamd client is actually created."""
     from cni.delegate import ExecDelegate
-    from cni.netlink import Netlink
-    from cni.ovsdb import OvsdbClient
+    from core.netlink import Netlink
+    from core.vswitch import Vswitch
 
     def ipam_factory(socket_path: str, timeout_ms: int) -> IpamClientDriver:
-        from ipamd.client import IpamClient
+        from core.ipamd_client import IpamClient
 
         return IpamClient(socket_path, timeout_ms=timeout_ms)
 
-    return Drivers(netlink=Netlink(), ovsdb=OvsdbClient(conf.ovsdb_socket), ipam=ipam_factory,
-                   delegate=ExecDelegate())
+    return Drivers(netlink=Netlink(), ovsdb=Vswitch(ovsdb_socket), ipam=ipam_factory, delegate=ExecDelegate())

@@ -3,7 +3,8 @@
 Why a separate module: macvlan, ipvlan, bridge and ptp exec an IPAM plugin and expect an IPAM
 result on stdout (CNI 1.1: `ips` without `interface`, `routes`, `dns`; no `interfaces`). These
 verbs forward to the node's ipamd over its unix socket (`ipam.daemonSocket`) through
-`ipamd.client.IpamClient`; skel (cni/skel.py) writes the result or error and picks the exit code.
+`core.ipamd_client.IpamClient`; skel (cni/skel.py) writes the result or error and picks the exit
+code. The result mapping and the gateway check are the main plugin's (cni.ipam).
 Nothing here imports grpc at module level: the client is built by `_default_client` on first use.
 
 Config: the whole main-plugin config arrives on stdin. Only the keys that concern IPAM (`name`,
@@ -40,14 +41,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cni.drivers import IpamClientDriver
 from cni.errors import CniError, Code
-from cni.netconf import IPAMD_TYPE, VALID_ATTACHMENTS_KEYS, parse_netconf
-from cni.types import DNS, CmdArgs, IPConfig, Result, Route, addr_key
-from ipamd.spec import DEFAULT_DAEMON_SOCKET, IpamConf, PodRef, PoolDef
+from cni.ipam import addressing, gateway_check
+from cni.netconf import IPAMD_TYPE, VALID_ATTACHMENTS_KEYS, IpamdBackend, parse_netconf
+from cni.types import CmdArgs, Result, addr_key
+from core.errors import CoreError
+from core.spec import DEFAULT_DAEMON_SOCKET, IpamConf, PodRef, PoolDef
 
 if TYPE_CHECKING:
     from netaddr import IPAddress
 
-    from ipamd.spec import Allocation
+    from core.spec import Allocation
 
 _log = logging.getLogger("ovs-underlay.ipam")
 
@@ -66,7 +69,7 @@ class PoolUsageView(Protocol):
 
 
 class IpamDaemon(IpamClientDriver, Protocol):
-    """What this plugin needs of ipamd.client.IpamClient: the main plugin's driver plus the
+    """What this plugin needs of core.ipamd_client.IpamClient: the main plugin's driver plus the
     pool listing that STATUS uses to report exhaustion."""
 
     def list_pools(self, *, network: str = "") -> Sequence[Any]: ...
@@ -118,9 +121,11 @@ def parse_conf(args: CmdArgs) -> IpamPluginConf:
     # The type names the main plugin; ours is forced so that a renamed binary parses the same way.
     sub.update({"type": str(raw.get("type") or "unknown"), "ipam": {**section, "type": IPAMD_TYPE}})
     nc = parse_netconf(replace(args, config=sub))
-    assert nc.ipam is not None  # ipam.type is ours, so parse_netconf parsed it with parse_ipam
+    if not isinstance(nc.ipam, IpamdBackend):  # cannot happen: ipam.type is forced to ours above
+        raise CniError(Code.INTERNAL, f"ipam section did not parse as {IPAMD_TYPE}")
     return IpamPluginConf(
-        network=nc.name, cni_version=nc.cni_version, ipam=nc.ipam, pod=nc.pod, requested_ips=nc.requested_ips,
+        network=nc.name, cni_version=nc.cni_version, ipam=nc.ipam.conf, pod=nc.pod,
+        requested_ips=nc.requested_ips,
         prev_result=nc.prev_result, valid_attachments=nc.valid_attachments,
         cache_key=_cache_key(nc.name, raw))
 
@@ -150,22 +155,22 @@ def _del_conf(args: CmdArgs, exc: CniError) -> IpamPluginConf:
 
 
 def _default_client(socket_path: str, timeout_ms: int) -> IpamDaemon:
-    from ipamd.client import IpamClient
+    from core.ipamd_client import IpamClient
 
     return IpamClient(socket_path, timeout_ms=timeout_ms)
 
 
 class NetnsLinks:
-    """PodLinks through cni.netlink, imported only when a probe is enabled (pyroute2 costs
+    """PodLinks through core.netlink, imported only when a probe is enabled (pyroute2 costs
     ~130 ms of start-up, which the IPAM plugin must not pay when probes are off)."""
 
     def raise_if_down(self, netns: str, ifname: str) -> bool:
-        from cni.netlink import Netlink
+        from core.netlink import Netlink
 
         return Netlink().raise_pod_link_if_down(netns, ifname)
 
     def set_down(self, netns: str, ifname: str) -> None:
-        from cni.netlink import Netlink
+        from core.netlink import Netlink
 
         Netlink().set_pod_link_down(netns, ifname)
 
@@ -226,7 +231,7 @@ def _undo_release(args: CmdArgs, conf: IpamPluginConf, client: IpamDaemon) -> No
 def _restore_down(d: IpamDrivers, netns: str, ifname: str) -> None:
     try:
         d.links.set_down(netns, ifname)
-    except CniError as exc:  # the main plugin configures (and sets up) the link next anyway
+    except CoreError as exc:  # the main plugin configures (and sets up) the link next anyway
         _log.warning("could not set %s down again after the probes: %s", ifname, exc.msg)
     else:
         _log.info("set %s down again after the probes", ifname)
@@ -248,49 +253,29 @@ def cmd_add(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> Result:
             if ipam.conflict_check and not alloc.conflict_probed:
                 _log.info("conflict probe skipped: %s is not in %s yet (the main plugin creates it "
                           "after IPAM) or the lease already existed", args.ifname, args.netns)
-            _gateway_check(args, conf, client, alloc)
             result = to_result(conf.cni_version, alloc)
+            if ipam.gateway_check:
+                gateway_check(client, netns=args.netns, ifname=args.ifname, ips=result.ips,
+                              timeout_ms=ipam.gateway_check_timeout_ms, cache_key=conf.cache_key,
+                              where=f"in {args.netns} (network {conf.network})",
+                              hint="check the gateway and the L2 path to it; "
+                                   "set ipam.gatewayCheck=false to skip")
             stack.pop_all()
     _log.info("ADD done: network %s ips %s", conf.network, ",".join(str(a.address) for a in alloc.ips))
     return result
 
 
-def _gateway_check(args: CmdArgs, conf: IpamPluginConf, client: IpamDaemon, alloc: Allocation) -> None:
-    ipam = conf.ipam
-    if not ipam.gateway_check:
-        return
-    for a in alloc.ips:
-        if a.gateway is None:
-            continue
-        res = client.probe_gateway(netns=args.netns, ifname=args.ifname, gateway=a.gateway,
-                                   sender_ip=a.address.ip, timeout_ms=ipam.gateway_check_timeout_ms,
-                                   cache_key=conf.cache_key)
-        if res.skipped:
-            _log.info("gateway probe skipped: %s is not in %s yet", args.ifname, args.netns)
-            return  # the interface is the same for every gateway
-        if not res.reachable:
-            raise CniError(
-                Code.GATEWAY_UNREACHABLE,
-                f"gateway {a.gateway} unreachable from {args.ifname} ({a.address}) in {args.netns} "
-                f"within {ipam.gateway_check_timeout_ms} ms (network {conf.network})",
-                "check the gateway and the L2 path to it; set ipam.gatewayCheck=false to skip")
-        _log.info("gateway %s reachable (%s, %.1f ms%s)", a.gateway, res.mac, res.elapsed_ms,
-                  ", cached" if res.cached else "")
-
-
 def to_result(version: str, alloc: Allocation) -> Result:
     """An IPAM result: no interfaces, no ips[].interface (CNI 1.1)."""
-    return Result(
-        cni_version=version,
-        ips=tuple(IPConfig(a.address, a.gateway) for a in alloc.ips),
-        routes=tuple(Route(r.dst, r.gw) for r in alloc.routes),
-        dns=DNS(alloc.dns.nameservers, alloc.dns.domain, alloc.dns.search, alloc.dns.options))
+    addr = addressing(alloc, interface=None)
+    return Result(cni_version=version, ips=addr.ips, routes=addr.routes, dns=addr.dns)
 
 
 def cmd_del(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
     """Idempotent: nothing held is success. ipamd unreachable -> 11 (the runtime retries)."""
-    n = d.client.release(network=conf.network, container_id=args.container_id, ifname=args.ifname)
-    _log.info("DEL: released %d address(es) in network %s", n, conf.network)
+    released = d.client.release(network=conf.network, container_id=args.container_id, ifname=args.ifname)
+    _log.info("DEL: released %d address(es) in network %s", sum(len(lease.ips) for lease in released),
+              conf.network)
 
 
 def cmd_check(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
@@ -316,7 +301,7 @@ def cmd_gc(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
                        "refusing to read a missing list as 'release every lease of the network'")
     released = d.client.gc(network=conf.network, valid=sorted(conf.valid_attachments))
     _log.info("GC: released %d stale attachment(s) in network %s: %s", len(released), conf.network,
-              ", ".join(f"{c}/{i}" for c, i in released) or "-")
+              ", ".join(f"{lease.container_id}/{lease.ifname}" for lease in released) or "-")
 
 
 def cmd_status(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
@@ -325,9 +310,7 @@ def cmd_status(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
         if not d.client.health():
             raise CniError(Code.NOT_AVAILABLE, f"ipamd at {sock} is not serving")
         pools = d.client.list_pools(network=conf.network)
-    except CniError as exc:
-        if exc.code == Code.NOT_AVAILABLE:
-            raise
+    except CoreError as exc:
         raise CniError(Code.NOT_AVAILABLE, f"ipamd at {sock} is not available: {exc.msg}") from exc
     full = [p for p in pools if int(p.used) + int(p.quarantined) >= int(p.total)]
     if full:

@@ -9,11 +9,12 @@ is not a result.
 Keys are camelCase; ovs-cni / snake_case spellings go through ALIASES (one table). Unknown
 top-level keys are ignored: Multus and runtimes add their own.
 
-IPAM mode:
-- `ipam.type == "ovs-underlay-ipam"`         -> "ipamd": in-process gRPC to ipamd (ipamd.spec parses).
-- any other `ipam.type`                       -> "delegate": exec that plugin from CNI_PATH.
-- no `ipam` but top-level `subnets`/`excludeSubnets` (ovn-kubernetes) -> "ipamd".
-- neither                                     -> "none": L2-only attachment, no addresses.
+The IPAM backend is chosen once, here, as one typed value (`NetConf.ipam`):
+- `ipam.type == "ovs-underlay-ipam"`         -> IpamdBackend: gRPC to ipamd (core.spec parses).
+- any other `ipam.type`                       -> DelegateBackend: exec that plugin from CNI_PATH.
+- no `ipam` but top-level `subnets`/`excludeSubnets` (ovn-kubernetes) -> IpamdBackend.
+- neither                                     -> NoIpam: L2-only attachment, no addresses.
+Verbs `match` on it; nothing compares mode strings.
 
 Per-pod values, highest precedence first (documented contract; Multus may send several):
 - MAC: runtimeConfig.mac (libcni injects it only when `capabilities.mac` is declared; we accept
@@ -22,28 +23,26 @@ Per-pod values, highest precedence first (documented contract; Multus may send s
   is present wins entirely (lists are not merged).
 - ovnPort: args.cni.ovnPort > CNI_ARGS `OvnPort=` > config `ovnPort`.
 CNI_ARGS keys are case-insensitive; `IgnoreUnknown` (true/1) is accepted and unknown keys are
-always ignored. K8S_POD_NAMESPACE / K8S_POD_NAME / K8S_POD_UID / K8S_POD_INFRA_CONTAINER_ID are
-recorded in OVSDB and sent to ipamd.
+always ignored. K8S_POD_NAMESPACE / K8S_POD_NAME / K8S_POD_UID are recorded in OVSDB and sent
+to ipamd.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from netaddr import IPAddress
 
 from cni.errors import CniError, Code
 from cni.types import CmdArgs, Result, parse_cni_args
-from ipamd.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
+from core.names import MAC_RE, NAME_RE
+from core.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
 
 IPAMD_TYPE = "ovs-underlay-ipam"
 DEFAULT_BRIDGE = "br-int"
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 # Peer spelling -> our canonical key (ovs-cni `socket_file`/`ofport_request`, snake_case).
 ALIASES: dict[str, str] = {
@@ -57,14 +56,33 @@ ALIASES: dict[str, str] = {
 }
 VALID_ATTACHMENTS_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
 
-IpamMode = Literal["none", "ipamd", "delegate"]
+
+@dataclass(frozen=True)
+class IpamdBackend:
+    """Addresses from the node's ipamd (`ipam.type` ours, or ovn-kubernetes top-level subnets)."""
+
+    conf: IpamConf
+
+
+@dataclass(frozen=True)
+class DelegateBackend:
+    """Addresses from another IPAM plugin (host-local, static, whereabouts...) run from CNI_PATH."""
+
+    plugin: str
+
+
+@dataclass(frozen=True)
+class NoIpam:
+    """An L2-only attachment: no addresses (as in ovn-kubernetes without subnets)."""
+
+
+IpamBackend = IpamdBackend | DelegateBackend | NoIpam
 
 
 @dataclass(frozen=True)
 class NetConf:
     name: str
     cni_version: str
-    type: str
     bridge: str = DEFAULT_BRIDGE
     vlan: int | None = None
     trunk: tuple[tuple[int, int], ...] = ()  # inclusive (min, max) ranges
@@ -74,16 +92,12 @@ class NetConf:
     # None: accept the bridge as it is (userspace/netdev or kernel). Set: an assertion.
     datapath_type: str | None = None
     ofport_request: int | None = None
-    ipam_mode: IpamMode = "none"
-    ipam_type: str = ""
-    ipam: IpamConf | None = None
+    ipam: IpamBackend = field(default_factory=NoIpam)
     mac: str | None = None
     requested_ips: tuple[IPAddress, ...] = ()
     pod: PodRef = field(default_factory=PodRef)
-    infra_container_id: str = ""
     prev_result: Result | None = None
     valid_attachments: tuple[tuple[str, str], ...] | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def trunk_vlans(self) -> tuple[int, ...]:
         out: set[int] = set()
@@ -207,7 +221,7 @@ def _attachments(conf: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
     return tuple(dict.fromkeys(found)) if seen else None
 
 
-def _ipam(conf: Mapping[str, Any]) -> tuple[IpamMode, str, IpamConf | None]:
+def _ipam(conf: Mapping[str, Any]) -> IpamBackend:
     ipam = conf.get("ipam")
     has_top = any(k in conf for k in ("subnets", "excludeSubnets"))
     if ipam is not None and not isinstance(ipam, Mapping):
@@ -220,15 +234,15 @@ def _ipam(conf: Mapping[str, Any]) -> tuple[IpamMode, str, IpamConf | None]:
             if not isinstance(itype, str) or not itype:
                 raise _bad(f"ipam.type: expected a plugin name, got {itype!r}")
             if itype == IPAMD_TYPE:
-                return "ipamd", itype, parse_ipam(ipam)
+                return IpamdBackend(parse_ipam(ipam))
             if "/" in itype or itype in (".", ".."):
                 raise _bad(f"ipam.type: {itype!r} is not a plugin name")
-            return "delegate", itype, None
+            return DelegateBackend(itype)
         if has_top:
-            return "ipamd", IPAMD_TYPE, parse_ipam(None, top_level=conf)
+            return IpamdBackend(parse_ipam(None, top_level=conf))
     except ConfigError as exc:
         raise _bad(str(exc)) from exc
-    return "none", "", None
+    return NoIpam()
 
 
 def parse_netconf(args: CmdArgs) -> NetConf:
@@ -267,12 +281,12 @@ def parse_netconf(args: CmdArgs) -> NetConf:
     if ovn_port is not None and not isinstance(ovn_port, str):
         raise _bad(f"args.cni.ovnPort: expected a string, got {ovn_port!r}")
 
-    mode, ipam_type, ipam_conf = _ipam(conf)
-    if ips and mode == "none":
+    backend = _ipam(conf)
+    if ips and isinstance(backend, NoIpam):
         raise _bad(f"static IPs {', '.join(map(str, ips))} requested but the network {name} has no IPAM")
     prev = conf.get("prevResult")
     return NetConf(
-        name=name, cni_version=args.cni_version, type=ptype,
+        name=name, cni_version=args.cni_version,
         bridge=_str(conf, "bridge", DEFAULT_BRIDGE),
         vlan=None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan"),
         trunk=_trunk(conf.get("trunk")),
@@ -281,12 +295,10 @@ def parse_netconf(args: CmdArgs) -> NetConf:
         ovsdb_socket=ovsdb,
         datapath_type=None if conf.get("datapathType") is None else _str(conf, "datapathType", ""),
         ofport_request=_int(conf, "ofportRequest", 1, 65279),
-        ipam_mode=mode, ipam_type=ipam_type, ipam=ipam_conf,
+        ipam=backend,
         mac=mac, requested_ips=ips,
         pod=PodRef(cargs.get("K8S_POD_NAMESPACE", ""), cargs.get("K8S_POD_NAME", ""),
                    cargs.get("K8S_POD_UID", "")),
-        infra_container_id=cargs.get("K8S_POD_INFRA_CONTAINER_ID", ""),
         prev_result=Result.from_json(prev, args.cni_version) if prev else None,
         valid_attachments=_attachments(conf),
-        raw=args.config,
     )

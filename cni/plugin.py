@@ -5,9 +5,14 @@ it with fakes (fault injection at every step) and the warm path runs exactly thi
 skel-facing wrappers (`add`, `delete`, ...) only parse the config, build the default drivers
 and close them. Nothing here writes to stdout.
 
-Identity without state: the host veth is `ovu` + sha256(container_id/ifname)[:12] with alias
-"ovs-underlay <container_id> <ifname>"; the OVS port has the same name and carries owner ids,
-so DEL/GC/CHECK find everything from (container id, ifname) alone.
+Identity without state (core.names): the host veth is `ovu` + sha256(container_id/ifname)[:12]
+with alias "ovs-underlay <container_id> <ifname>"; the OVS port has the same name and carries
+owner ids, so DEL/GC/CHECK find everything from (container id, ifname) alone.
+
+IPAM is one typed backend chosen at parse time (cni.netconf: IpamdBackend, DelegateBackend,
+NoIpam); the verbs `match` on it. The ipamd result mapping and the gateway check are shared
+with the IPAM plugin (cni.ipam). The core's neutral errors pass through to skel, which maps
+them (cni.errors); DEL and GC, which collect errors and go on, map them with `as_cni`.
 
 ADD order (each creating step pushes its undo; cleanup failures are logged, never raised):
 preflight bridge -> veth (pod end created in the netns) [undo: delete veth] -> OVS port in one
@@ -20,28 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from cni.drivers import Drivers, IpamClientDriver, default_drivers
-from cni.errors import CniError, Code
-from cni.netconf import NetConf, parse_netconf
-from cni.types import DNS, CmdArgs, Interface, IPConfig, Result, Route, addr_key
+from cni.drivers import Drivers, default_drivers
+from cni.errors import CniError, Code, as_cni
+from cni.ipam import Addressing, addressing, gateway_check
+from cni.netconf import DelegateBackend, IpamdBackend, NetConf, NoIpam, parse_netconf
+from cni.types import CmdArgs, Interface, IPConfig, Result, addr_key
+from core.errors import CoreError
+from core.names import OWNER, host_alias, host_ifname
 
 _log = logging.getLogger("ovs-underlay.plugin")
-OWNER = "ovs-underlay"
-
-
-def host_ifname(container_id: str, ifname: str) -> str:
-    return "ovu" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:12]
-
-
-def host_alias(container_id: str, ifname: str) -> str:
-    return f"ovs-underlay {container_id} {ifname}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +83,7 @@ def _run(args: CmdArgs, verb: Callable[[CmdArgs, NetConf, Drivers], Result | Non
     try:
         conf = parse_netconf(args)
         ph.mark("parse")
-        d = default_drivers(conf)
+        d = default_drivers(conf.ovsdb_socket)
         ph.mark("drivers")
         try:
             return verb(args, conf, d)
@@ -123,14 +121,6 @@ def gc(args: CmdArgs) -> Result | None:
 # ADD
 
 
-@dataclass(frozen=True)
-class Addressing:
-    ips: tuple[IPConfig, ...] = ()
-    routes: tuple[Route, ...] = ()
-    dns: DNS = field(default_factory=DNS)
-    mac: str | None = None  # lease MAC (macFromIP)
-
-
 def _undo(what: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> None:
     try:
         fn(*a, **kw)
@@ -151,7 +141,7 @@ def preflight_bridge(conf: NetConf, d: Drivers, code: int) -> None:
 
 
 def port_spec(args: CmdArgs, conf: NetConf, host: str, mac: str, ips: tuple[IPConfig, ...] = ()) -> Any:
-    from cni.ovsdb import PortSpec
+    from core.vswitch import PortSpec
 
     ids = {"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname,
            "netns": args.netns, "network": conf.name, "pod_namespace": conf.pod.namespace,
@@ -182,12 +172,20 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
         if addr.mac and not conf.mac and addr.mac.lower() != mac.lower():
             d.netlink.set_pod_mac(netns=args.netns, ifname=args.ifname, mac=addr.mac)
             mac = addr.mac.lower()
-        d.netlink.configure(netns=args.netns, ifname=args.ifname, ips=addr.ips, routes=addr.routes)
+        d.netlink.configure(netns=args.netns, ifname=args.ifname, addresses=[ip.address for ip in addr.ips],
+                            routes=addr.routes)
         _phase("configure")
-        if conf.ipam_mode == "ipamd":
-            _gateway_check(args, conf, d.ipam_client(conf), addr.ips)
+        if isinstance(conf.ipam, IpamdBackend) and conf.ipam.conf.gateway_check:
+            gateway_check(
+                d.ipam_client(conf.ipam.conf), netns=args.netns, ifname=args.ifname, ips=addr.ips,
+                timeout_ms=conf.ipam.conf.gateway_check_timeout_ms,
+                cache_key=f"{conf.bridge}/{conf.vlan if conf.vlan is not None else 0}",
+                where=f"on VLAN {conf.vlan_text()} via OVS bridge {conf.bridge} (host port {host})",
+                hint="check the uplink trunk, the VLAN on the switch and the gateway; "
+                     "set ipam.gatewayCheck=false to skip")
         _phase("probes")
-        d.netlink.announce(netns=args.netns, ifname=args.ifname, ips=addr.ips, mac=mac)
+        d.netlink.announce(netns=args.netns, ifname=args.ifname, addresses=[ip.address.ip for ip in addr.ips],
+                           mac=mac)
         _phase("announce")
         d.ovsdb.set_iface_ids(host, {"attached_mac": mac,
                                      "ip_addresses": ",".join(str(ip.address) for ip in addr.ips)})
@@ -204,54 +202,29 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
 
 
 def _ipam_add(args: CmdArgs, conf: NetConf, d: Drivers, stack: contextlib.ExitStack) -> Addressing:
-    if conf.ipam_mode == "ipamd":
-        assert conf.ipam is not None
-        client = d.ipam_client(conf)
-        alloc = client.allocate(
-            network=conf.name, pool=conf.ipam.pool, container_id=args.container_id, ifname=args.ifname,
-            pod=conf.pod, requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
-            conflict_check=conf.ipam.conflict_check, conflict_check_wait_ms=conf.ipam.conflict_check_wait_ms)
-        stack.callback(_undo, "release lease", client.release, network=conf.name,
-                       container_id=args.container_id, ifname=args.ifname)
-        ips = tuple(IPConfig(a.address, a.gateway, 1) for a in alloc.ips)
-        routes = tuple(Route(r.dst, r.gw) for r in alloc.routes)
-        dns = DNS(alloc.dns.nameservers, alloc.dns.domain, alloc.dns.search, alloc.dns.options)
-        return Addressing(ips, routes, dns, alloc.mac or None)
-    if conf.ipam_mode == "delegate":
-        res = d.delegate.run(conf.ipam_type, "ADD", args)
-        stack.callback(_undo, f"IPAM {conf.ipam_type} DEL", d.delegate.run, conf.ipam_type, "DEL", args)
-        if res is None or not res.ips:
-            raise CniError(Code.INTERNAL, f"IPAM plugin {conf.ipam_type} returned no IP configuration")
-        ips = tuple(IPConfig(ip.address, ip.gateway, 1) for ip in res.ips)
-        # A route without gw goes via the gateway of its family (Go ipam.ConfigureIface).
-        gws = {ip.version: ip.gateway for ip in reversed(ips) if ip.gateway is not None}
-        routes = tuple(replace(r, gw=gws[r.dst.version]) if r.gw is None and r.dst.version in gws else r
-                       for r in res.routes)
-        return Addressing(ips, routes, res.dns)
-    return Addressing()
-
-
-def _gateway_check(args: CmdArgs, conf: NetConf, client: IpamClientDriver, ips: tuple[IPConfig, ...]) -> None:
-    assert conf.ipam is not None
-    if not conf.ipam.gateway_check:
-        return
-    for ip in ips:
-        if ip.gateway is None:
-            continue
-        res = client.probe_gateway(netns=args.netns, ifname=args.ifname, gateway=ip.gateway,
-                                   sender_ip=ip.address.ip, timeout_ms=conf.ipam.gateway_check_timeout_ms,
-                                   cache_key=f"{conf.bridge}/{conf.vlan if conf.vlan is not None else 0}")
-        if not res.reachable:
-            raise CniError(
-                Code.GATEWAY_UNREACHABLE,
-                f"gateway {ip.gateway} unreachable from {args.ifname} ({ip.address}) on VLAN "
-                f"{conf.vlan_text()} via OVS bridge {conf.bridge} (host port "
-                f"{host_ifname(args.container_id, args.ifname)}) within "
-                f"{conf.ipam.gateway_check_timeout_ms} ms",
-                "check the uplink trunk, the VLAN on the switch and the gateway; "
-                "set ipam.gatewayCheck=false to skip")
-        _log.info("gateway %s reachable (%s, %.1f ms%s)", ip.gateway, res.mac, res.elapsed_ms,
-                  ", cached" if res.cached else "")
+    match conf.ipam:
+        case IpamdBackend(ipam):
+            client = d.ipam_client(ipam)
+            alloc = client.allocate(
+                network=conf.name, pool=ipam.pool, container_id=args.container_id, ifname=args.ifname,
+                pod=conf.pod, requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
+                conflict_check=ipam.conflict_check, conflict_check_wait_ms=ipam.conflict_check_wait_ms)
+            stack.callback(_undo, "release lease", client.release, network=conf.name,
+                           container_id=args.container_id, ifname=args.ifname)
+            return addressing(alloc, interface=1)
+        case DelegateBackend(plugin):
+            res = d.delegate.run(plugin, "ADD", args)
+            stack.callback(_undo, f"IPAM {plugin} DEL", d.delegate.run, plugin, "DEL", args)
+            if res is None or not res.ips:
+                raise CniError(Code.INTERNAL, f"IPAM plugin {plugin} returned no IP configuration")
+            ips = tuple(IPConfig(ip.address, ip.gateway, 1) for ip in res.ips)
+            # A route without gw goes via the gateway of its family (Go ipam.ConfigureIface).
+            gws = {ip.version: ip.gateway for ip in reversed(ips) if ip.gateway is not None}
+            routes = tuple(replace(r, gw=gws[r.dst.version]) if r.gw is None and r.dst.version in gws else r
+                           for r in res.routes)
+            return Addressing(ips, routes, res.dns)
+        case NoIpam():
+            return Addressing()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,15 +238,17 @@ def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
     errors: list[CniError] = []
     host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
     try:
-        if conf.ipam_mode == "ipamd":
-            assert conf.ipam is not None
-            n = d.ipam_client(conf).release(network=conf.name, container_id=args.container_id,
-                                            ifname=args.ifname)
-            _log.info("released %d lease(s)", n)
-        elif conf.ipam_mode == "delegate":
-            _delegate_best_effort(conf, d, "DEL", args)
-    except CniError as exc:
-        errors.append(exc)
+        match conf.ipam:
+            case IpamdBackend(ipam):
+                released = d.ipam_client(ipam).release(network=conf.name, container_id=args.container_id,
+                                                       ifname=args.ifname)
+                _log.info("released %d address(es)", sum(len(lease.ips) for lease in released))
+            case DelegateBackend(plugin):
+                _delegate_best_effort(plugin, d, "DEL", args)
+            case NoIpam():
+                pass
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
     _phase("ipam")
     try:
         want = {"container_id": args.container_id, "ifname": args.ifname}
@@ -282,24 +257,26 @@ def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
         if existing is not None and existing.iface_ids.get("container_id") == args.container_id:
             names.add(host)
         d.ovsdb.delete_ports(sorted(names))
-    except CniError as exc:
-        errors.append(exc)
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
     _phase("ovsdb")
     try:
         d.netlink.delete_host_link(host, alias)
-    except (CniError, OSError) as exc:
-        errors.append(exc if isinstance(exc, CniError) else CniError(Code.INTERNAL, f"delete {host}: {exc}"))
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    except OSError as exc:
+        errors.append(CniError(Code.INTERNAL, f"delete {host}: {exc}"))
     _phase("veth")
     if errors:
         first = errors[0]
         raise CniError(first.code, "; ".join(e.msg for e in errors), first.details)
 
 
-def _delegate_best_effort(conf: NetConf, d: Drivers, command: str, args: CmdArgs) -> None:
+def _delegate_best_effort(plugin: str, d: Drivers, command: str, args: CmdArgs) -> None:
     from cni.delegate import DelegateNotFound
 
     try:
-        d.delegate.run(conf.ipam_type, command, args)
+        d.delegate.run(plugin, command, args)
     except DelegateNotFound as exc:
         # Nothing can have been allocated by a plugin that does not exist: not a DEL failure.
         _log.warning("%s: %s; nothing to release", command, exc.msg)
@@ -362,19 +339,20 @@ def _check_port(args: CmdArgs, conf: NetConf, d: Drivers) -> list[str]:
 
 
 def _check_lease(args: CmdArgs, conf: NetConf, d: Drivers, prev: Result) -> list[str]:
-    if conf.ipam_mode == "ipamd":
-        lease = d.ipam_client(conf).get_lease(network=conf.name, container_id=args.container_id,
-                                              ifname=args.ifname)
-        if lease is None:
-            return [f"no ipamd lease for {args.container_id}/{args.ifname} in network {conf.name}"]
-        held = {addr_key(a.address) for a in lease.ips}
-        return [f"address {ip.address} is not leased to this attachment" for ip in prev.ips
-                if addr_key(ip.address) not in held]
-    if conf.ipam_mode == "delegate":
-        try:
-            d.delegate.run(conf.ipam_type, "CHECK", args)
-        except CniError as exc:
-            return [exc.msg]
+    match conf.ipam:
+        case IpamdBackend(ipam):
+            lease = d.ipam_client(ipam).get_lease(network=conf.name, container_id=args.container_id,
+                                                  ifname=args.ifname)
+            if lease is None:
+                return [f"no ipamd lease for {args.container_id}/{args.ifname} in network {conf.name}"]
+            held = {addr_key(a.address) for a in lease.ips}
+            return [f"address {ip.address} is not leased to this attachment" for ip in prev.ips
+                    if addr_key(ip.address) not in held]
+        case DelegateBackend(plugin):
+            try:
+                d.delegate.run(plugin, "CHECK", args)
+            except CniError as exc:
+                return [exc.msg]
     return []
 
 
@@ -387,21 +365,21 @@ def cmd_status(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
         preflight_bridge(conf, d, Code.NOT_AVAILABLE)
     except CniError as exc:
         raise CniError(Code.NOT_AVAILABLE, exc.msg, exc.details) from exc
-    if conf.ipam_mode == "ipamd":
-        assert conf.ipam is not None
-        try:
-            healthy = d.ipam_client(conf).health()
-        except CniError as exc:
-            raise CniError(Code.NOT_AVAILABLE, f"ipamd at {conf.ipam.daemon_socket}: {exc.msg}") from exc
-        if not healthy:
-            raise CniError(Code.NOT_AVAILABLE, f"ipamd at {conf.ipam.daemon_socket} is not serving")
-    elif conf.ipam_mode == "delegate":
-        try:
-            d.delegate.run(conf.ipam_type, "STATUS", args)
-        except CniError as exc:
-            if exc.code != Code.INCOMPATIBLE_VERSION:
-                raise
-            _log.info("IPAM plugin %s does not implement STATUS (CNI < 1.1.0)", conf.ipam_type)
+    match conf.ipam:
+        case IpamdBackend(ipam):
+            try:
+                healthy = d.ipam_client(ipam).health()
+            except CoreError as exc:
+                raise CniError(Code.NOT_AVAILABLE, f"ipamd at {ipam.daemon_socket}: {exc.msg}") from exc
+            if not healthy:
+                raise CniError(Code.NOT_AVAILABLE, f"ipamd at {ipam.daemon_socket} is not serving")
+        case DelegateBackend(plugin):
+            try:
+                d.delegate.run(plugin, "STATUS", args)
+            except CniError as exc:
+                if exc.code != Code.INCOMPATIBLE_VERSION:
+                    raise
+                _log.info("IPAM plugin %s does not implement STATUS (CNI < 1.1.0)", plugin)
 
 
 def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
@@ -423,20 +401,24 @@ def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
             _log.info("GC: removed stale attachment %s/%s (port %s)", cid, ifn, p.name)
             try:
                 d.netlink.delete_host_link(host_ifname(cid, ifn), host_alias(cid, ifn))
-            except (CniError, OSError) as exc:
+            except (CoreError, OSError) as exc:
                 errors.append(CniError(Code.INTERNAL, f"GC: delete veth of {cid}/{ifn}: {exc}"))
-    except CniError as exc:
-        errors.append(exc)
-    try:
-        if conf.ipam_mode == "ipamd":
-            released = d.ipam_client(conf).gc(network=conf.name, valid=sorted(valid))
-            _log.info("GC: ipamd released %d lease(s)", len(released))
-        elif conf.ipam_mode == "delegate":
-            d.delegate.run(conf.ipam_type, "GC", args)
-    except CniError as exc:
-        if conf.ipam_mode == "delegate" and exc.code == Code.INCOMPATIBLE_VERSION:
-            _log.info("IPAM plugin %s does not implement GC (CNI < 1.1.0)", conf.ipam_type)
-        else:
-            errors.append(exc)
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    match conf.ipam:
+        case IpamdBackend(ipam):
+            try:
+                released = d.ipam_client(ipam).gc(network=conf.name, valid=sorted(valid))
+                _log.info("GC: ipamd released %d lease(s)", len(released))
+            except (CniError, CoreError) as exc:
+                errors.append(as_cni(exc))
+        case DelegateBackend(plugin):
+            try:
+                d.delegate.run(plugin, "GC", args)
+            except CniError as exc:
+                if exc.code == Code.INCOMPATIBLE_VERSION:
+                    _log.info("IPAM plugin %s does not implement GC (CNI < 1.1.0)", plugin)
+                else:
+                    errors.append(exc)
     if errors:
         raise CniError(errors[0].code, "GC: " + "; ".join(e.msg for e in errors))

@@ -13,10 +13,12 @@ Order of checks (nothing has a side effect before all of them passed):
 3. env: CNI_CONTAINERID pattern and CNI_IFNAME rules (ADD/DEL/CHECK, code 4), CNI_NETNS
    (ADD/CHECK: required and absolute (4), a network namespace and not our own (8); DEL:
    optional, absolute if given; `CNI_NETNS_OVERRIDE` skips the own-netns check as in Go skel).
-4. the verb. A CniError becomes its error JSON; any other exception becomes code 999 with a
+4. the verb. A CniError becomes its error JSON, and so does a neutral core error (core.errors)
+   once cni.errors.as_cni has mapped it to its code; any other exception becomes code 999 with a
    one-line message on stdout and the traceback in the log (never on stdout).
 
-Start-up cost: at module level only the stdlib and cni.errors/cni.version/cni.log are imported;
+Start-up cost: at module level only the stdlib, core.errors/core.names and cni.errors/
+cni.version/cni.log are imported;
 verbs given as "module:function" strings are imported on first use, so VERSION imports none of
 pyroute2/ovs/grpc (nor netaddr).
 """
@@ -26,15 +28,16 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from cni import log
-from cni.errors import CniError, Code
+from cni.errors import CniError, Code, as_cni
 from cni.version import LATEST, SUPPORTED_VERSIONS, at_least
+from core.errors import CoreError
+from core.names import CONTAINER_ID_RE
 
 if TYPE_CHECKING:
     from cni.types import CmdArgs, Result
@@ -42,7 +45,6 @@ if TYPE_CHECKING:
 VerbFn = Callable[["CmdArgs"], "Result | None"]
 VerbRef = VerbFn | str  # a callable, or "package.module:function" imported lazily
 
-CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 IFNAMSIZ = 15
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 _MIN_VERSION = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
@@ -113,7 +115,8 @@ def main(verbs: Verbs, env: Mapping[str, str], stdin: IO[bytes], stdout: IO[str]
             _write(stdout, result.to_json(version))
         logger.info("%s succeeded", command)
         return 0
-    except CniError as exc:
+    except (CniError, CoreError) as exc:
+        exc = as_cni(exc)  # the core's neutral errors map to CNI codes here, at the edge
         if not logger.handlers:
             _setup_log(command, env, {}, stderr)
         logger.error("%s failed: code %d: %s%s", command or "-", exc.code, exc.msg,
@@ -199,7 +202,7 @@ def _cmd_args(command: str, env: Mapping[str, str], data: bytes, config: Mapping
 
 
 def _check_netns(netns: str, env: Mapping[str, str]) -> None:
-    from ipamd.netns_socket import NetnsError, check_netns, own_netns_inode
+    from core.netns import NetnsError, check_netns, own_netns_inode
 
     try:
         inode = check_netns(netns)

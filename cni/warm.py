@@ -89,8 +89,9 @@ MAX_REQUEST = 16 * 1024 * 1024
 KILL_GRACE_S = 0.5
 # What the server imports before it forks: the ADD/DEL/CHECK code and its heavy dependencies.
 PREIMPORT = (
-    "cni.types", "cni.netconf", "cni.drivers", "cni.plugin", "cni.netlink", "cni.ovsdb",
-    "cni.delegate", "ipamd.spec", "ipamd.client", "ipamd.convert", "ipamd.netns_socket",
+    "cni.types", "cni.netconf", "cni.drivers", "cni.plugin", "cni.ipam", "cni.delegate",
+    "core.netlink", "core.ovsdb", "core.vswitch", "core.spec", "core.ipamd_client", "core.wire",
+    "core.netns", "core.frames",
     "ovs.jsonrpc", "ovs.stream", "ovs.poller", "ovs.vlog", "ovs.json",
     # grpc imports these on the first channel: ~4 ms per worker if left to the worker.
     "grpc", "grpc._channel", "grpc._simple_stubs", "grpc.experimental",

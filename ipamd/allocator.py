@@ -41,6 +41,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from netaddr import IPAddress, IPNetwork
 
+from core.spec import PodRef, PoolDef, SubnetSpec, mac_from_ipv4
 from ipamd.errors import (
     AddressConflict,
     AddressOutOfPool,
@@ -53,7 +54,6 @@ from ipamd.errors import (
 )
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.occupancy import SubnetOccupancy
-from ipamd.spec import PodRef, PoolDef, SubnetSpec, mac_from_ipv4
 from ipamd.store import GroupCommit, Store, Write
 
 log = logging.getLogger("ipamd.allocator")

@@ -27,8 +27,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cni.errors import CniError
-from ipamd.spec import DEFAULT_DAEMON_SOCKET
+from core.errors import CoreError
+from core.spec import DEFAULT_DAEMON_SOCKET
 
 PROG = "ovs-underlay-ipamd"
 
@@ -77,12 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "serve":
         return _serve(args)
-    from ipamd.client import IpamClient  # grpc only for the admin commands
+    from core.ipamd_client import IpamClient  # grpc only for the admin commands
 
     try:
         with IpamClient(args.socket, timeout_ms=args.timeout_ms) as client:
             return int(_ADMIN[args.cmd](client, args))
-    except CniError as exc:
+    except CoreError as exc:
         sys.stderr.write(f"{PROG} {args.cmd}: {exc.msg}\n")
         return 1
 
@@ -171,7 +171,7 @@ def _leases(client: Any, args: argparse.Namespace) -> int:
 
 
 def _release(client: Any, args: argparse.Namespace) -> int:
-    rows = _lease_rows(client.release_leases(network=args.network, container_id=args.container,
+    rows = _lease_rows(client.release(network=args.network, container_id=args.container,
                                              ifname=args.ifname))
     _print(rows, _LEASE_COLS, args.output)
     return 0
@@ -185,7 +185,7 @@ def _gc(client: Any, args: argparse.Namespace) -> int:
             sys.stderr.write(f"{PROG} gc: --keep {item!r}: expected CONTAINERID/IFNAME\n")
             return 2
         keep.append((cid, ifname))
-    rows = _lease_rows(client.gc_leases(network=args.network, valid=keep))
+    rows = _lease_rows(client.gc(network=args.network, valid=keep))
     _print(rows, _LEASE_COLS, args.output)
     return 0
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ipamd.spec import DEFAULT_DAEMON_SOCKET
+from core.spec import DEFAULT_DAEMON_SOCKET
 
 DEFAULT_STATE_DIR = "/var/lib/ovs-underlay"
 

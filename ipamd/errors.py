@@ -1,81 +1,65 @@
-"""ipamd's domain errors: each one knows its gRPC status and the CNI code the plugin reports.
+"""ipamd's domain errors, and the one table that turns them into a gRPC status and a reason.
 
-Why: the allocator and the probes raise what went wrong in domain terms; exactly one translator
-(`server._rpc`) turns these into a status, a message and the trailing metadata
-`ovs-underlay-cni-code`. Messages name the network, subnet and address involved.
-No gRPC import here: the codes are names of `grpc.StatusCode` members.
+Why: the allocator, the stores and the probes raise what went wrong in domain terms; exactly one
+translator (`service._rpc`) turns these into a gRPC status, a message and the trailing metadata
+`core.wire.REASON_KEY` through `WIRE` below. The daemon knows nothing of CNI codes: each client
+maps the reason to its own (the plugins: cni/errors.py). Messages name the network, subnet and
+address involved. No gRPC import here: the statuses are names of `grpc.StatusCode` members.
 """
 
 from __future__ import annotations
 
-from cni.errors import Code
-
-# Trailing metadata key carrying the CNI code the plugin must report (see proto/ipam.proto).
-CNI_CODE_KEY = "ovs-underlay-cni-code"
+from core.wire import Reason
 
 
 class IpamError(Exception):
-    status = "INTERNAL"
-    cni_code: int = Code.INTERNAL
-
     def __init__(self, msg: str) -> None:
         super().__init__(msg)
         self.msg = msg
 
 
 class InvalidPool(IpamError):
-    """The pool definition or the request is malformed."""
-
-    status = "INVALID_ARGUMENT"
-    cni_code = Code.INVALID_NETWORK_CONFIG
+    """The pool definition is malformed."""
 
 
 class InvalidRequest(IpamError):
-    status = "INVALID_ARGUMENT"
-    cni_code = Code.INVALID_NETWORK_CONFIG
+    """A field of the request is malformed or missing."""
 
 
 class PoolDefinitionConflict(IpamError):
     """A network's definition changed in a way that could re-number or strand live leases."""
 
-    status = "FAILED_PRECONDITION"
-    cni_code = Code.INVALID_NETWORK_CONFIG
-
 
 class PoolExhausted(IpamError):
-    status = "RESOURCE_EXHAUSTED"
-    cni_code = Code.POOL_EXHAUSTED
+    pass
 
 
 class AddressTaken(IpamError):
     """A requested address is held by another attachment or quarantined."""
 
-    status = "ALREADY_EXISTS"
-    cni_code = Code.ADDRESS_UNAVAILABLE
-
 
 class AddressOutOfPool(IpamError):
     """A requested address is outside every subnet, outside the range, excluded or reserved."""
 
-    status = "OUT_OF_RANGE"
-    cni_code = Code.ADDRESS_UNAVAILABLE
-
 
 class GatewayUnreachable(IpamError):
-    status = "FAILED_PRECONDITION"
-    cni_code = Code.GATEWAY_UNREACHABLE
+    pass
 
 
 class AddressConflict(IpamError):
     """An address about to be granted was answered for on the wire."""
 
-    status = "ABORTED"
-    cni_code = Code.ADDRESS_CONFLICT
-
 
 class LeaseNotFound(IpamError):
-    status = "NOT_FOUND"
-    cni_code = Code.UNKNOWN_CONTAINER
+    pass
+
+
+class InvalidNetns(IpamError):
+    """The netns to probe from cannot be used (missing, not a netns, or ipamd's own)."""
+
+
+class CommitFailed(IpamError):
+    """The store could not make a batch durable: nothing of it was granted or released."""
 
 
 class StoreConflict(Exception):
@@ -88,8 +72,27 @@ class StoreConflict(Exception):
         self.ip = ip
 
 
-class CommitFailed(IpamError):
-    """The store could not make a batch durable: nothing of it was granted or released."""
+# The one table: domain error -> (gRPC status name, reason). Looked up along the MRO, so a
+# subclass maps like its parent unless listed; IpamError itself is an internal error.
+WIRE: dict[type[IpamError], tuple[str, str]] = {
+    InvalidPool: ("INVALID_ARGUMENT", Reason.INVALID_POOL),
+    InvalidRequest: ("INVALID_ARGUMENT", Reason.INVALID_REQUEST),
+    PoolDefinitionConflict: ("FAILED_PRECONDITION", Reason.POOL_CHANGED),
+    PoolExhausted: ("RESOURCE_EXHAUSTED", Reason.POOL_EXHAUSTED),
+    AddressTaken: ("ALREADY_EXISTS", Reason.ADDRESS_TAKEN),
+    AddressOutOfPool: ("OUT_OF_RANGE", Reason.ADDRESS_OUT_OF_POOL),
+    GatewayUnreachable: ("FAILED_PRECONDITION", Reason.GATEWAY_UNREACHABLE),
+    AddressConflict: ("ABORTED", Reason.ADDRESS_CONFLICT),
+    LeaseNotFound: ("NOT_FOUND", Reason.LEASE_NOT_FOUND),
+    InvalidNetns: ("FAILED_PRECONDITION", Reason.INVALID_NETNS),
+    CommitFailed: ("UNAVAILABLE", Reason.COMMIT_FAILED),
+    IpamError: ("INTERNAL", Reason.INTERNAL),
+}
 
-    status = "UNAVAILABLE"
-    cni_code = Code.TRY_AGAIN_LATER
+
+def wire_status(err: IpamError) -> tuple[str, str]:
+    """(gRPC status name, reason) of a domain error."""
+    for cls in type(err).__mro__:
+        if cls in WIRE:
+            return WIRE[cls]
+    return WIRE[IpamError]

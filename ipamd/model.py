@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from netaddr import IPAddress, IPNetwork
 
-from ipamd.spec import PodRef
+from core.spec import PodRef
 
 ACTIVE = "active"
 RELEASED = "released"  # cooling down before reuse

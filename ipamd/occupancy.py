@@ -16,7 +16,7 @@ from collections import deque
 
 from netaddr import IPAddress
 
-from ipamd.spec import SubnetSpec
+from core.spec import SubnetSpec
 
 DENSE_MAX = 1 << 22  # 4 MiB of bitmap at most per subnet entry
 FREE, HELD, BLOCKED = 0, 1, 2

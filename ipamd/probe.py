@@ -1,7 +1,7 @@
 """Gateway and conflict probes sent from the pod's interface, inside the pod's netns.
 
 Why here and like this: the daemon is multi-threaded, so it never switches its own netns; the
-AF_PACKET socket is created inside the pod's netns by `netns_socket.packet_socket` and used from
+AF_PACKET socket is created inside the pod's netns by `core.netns.packet_socket` and used from
 a normal thread. No arping. Probes for one pod (one netns) run one at a time: a gateway ARP and a
 conflict probe in parallel poison neighbour caches (Spiderpool #4475). Positive gateway answers
 are cached per (cache_key, gateway) for a short time so a burst of pods on one VLAN does not
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import queue
 import select
 import socket
 import struct
@@ -26,13 +25,12 @@ from collections.abc import Callable, Iterator
 
 from netaddr import IPAddress
 
-from cni.errors import Code
-from ipamd import frames
+from core import frames
+from core.netns import NetnsError, check_netns, close_later, own_netns_inode, packet_socket
+from core.spec import ProbeResult
 from ipamd.allocator import ConflictOutcome
-from ipamd.errors import IpamError
+from ipamd.errors import InvalidNetns
 from ipamd.metrics import Metrics
-from ipamd.netns_socket import NetnsError, check_netns, own_netns_inode, packet_socket
-from ipamd.spec import ProbeResult
 
 log = logging.getLogger("ipamd.probe")
 
@@ -45,13 +43,6 @@ MIN_SPACING_MS = 50
 
 # match(frame, own_mac) -> the answering MAC when the frame is the answer we wait for.
 Matcher = Callable[[bytes, bytes], bytes | None]
-
-
-class InvalidNetns(IpamError):
-    """The netns path is not a network namespace, or is the daemon's own."""
-
-    status = "FAILED_PRECONDITION"
-    cni_code = Code.INVALID_NETNS
 
 
 class _Unusable(Exception):
@@ -99,7 +90,7 @@ class Prober:
             with self._cache_lock:
                 hit = self._cache.get(key)
             if hit is not None and hit[1] > self.clock():
-                return ProbeResult(reachable=True, mac=hit[0], elapsed_ms=0.0, cached=True)
+                return ProbeResult(answered=True, mac=hit[0], elapsed_ms=0.0, cached=True)
         if gateway.version == 4:
             eth, frame_of = frames.ETH_P_ARP, _arp_builder(sender_ip, gateway)
             match = _arp_reply_from(gateway)
@@ -112,16 +103,16 @@ class Prober:
         except _Unusable as exc:
             log.info("netns=%s ifname=%s gateway=%s msg=%s", netns, ifname, gateway,
                      f"gateway probe skipped: {exc}")
-            return ProbeResult(reachable=False, mac=None, elapsed_ms=0.0, skipped=True)
+            return ProbeResult(answered=False, mac=None, elapsed_ms=0.0, skipped=True)
         elapsed = (time.monotonic() - start) * 1000
         self._observe("gateway", "reachable" if mac else "unreachable", elapsed)
         if mac and cache_key:
             with self._cache_lock:
                 self._cache[key] = (mac, self.clock() + self.cache_ttl_s)
-        return ProbeResult(reachable=mac is not None, mac=mac, elapsed_ms=elapsed)
+        return ProbeResult(answered=mac is not None, mac=mac, elapsed_ms=elapsed)
 
     def conflict(self, netns: str, ifname: str, address: IPAddress, wait_ms: int) -> ProbeResult:
-        """reachable=True: another host answered for `address`. skipped: interface unusable."""
+        """answered=True: another host answered for `address`. skipped: interface unusable."""
         if address.version == 4:
             eth, frame_of, match = frames.ETH_P_ARP, _arp_builder(None, address), _arp_conflict(address)
         else:
@@ -133,10 +124,10 @@ class Prober:
         except _Unusable as exc:
             log.info("netns=%s ifname=%s address=%s msg=%s", netns, ifname, address,
                      f"conflict probe skipped: {exc}")
-            return ProbeResult(reachable=False, mac=None, elapsed_ms=0.0, skipped=True)
+            return ProbeResult(answered=False, mac=None, elapsed_ms=0.0, skipped=True)
         elapsed = (time.monotonic() - start) * 1000
         self._observe("conflict", "conflict" if mac else "free", elapsed)
-        return ProbeResult(reachable=mac is not None, mac=mac, elapsed_ms=elapsed)
+        return ProbeResult(answered=mac is not None, mac=mac, elapsed_ms=elapsed)
 
     def detect(self, netns: str, ifname: str, address: IPAddress, wait_ms: int) -> ConflictOutcome | None:
         """The allocator's ConflictProber: None (skip) when the interface or the netns is unusable."""
@@ -147,7 +138,7 @@ class Prober:
             return None
         if res.skipped:
             return None
-        return ConflictOutcome(res.reachable, res.mac or "", res.elapsed_ms)
+        return ConflictOutcome(res.answered, res.mac or "", res.elapsed_ms)
 
     # ---- the exchange ------------------------------------------------------------------------
 
@@ -188,32 +179,6 @@ class Prober:
     def _observe(self, kind: str, result: str, elapsed_ms: float) -> None:
         if self.metrics is not None:
             self.metrics.observe("ipamd_probe_duration_ms", elapsed_ms, kind=kind, result=result)
-
-
-_closing: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
-_closer_lock = threading.Lock()
-_closer: threading.Thread | None = None
-
-
-def close_later(sock: socket.socket) -> None:
-    """Close a packet socket on the closer thread. Closing unregisters the socket's packet hook,
-    which waits for an RCU grace period (8-20 ms measured here); the probe's answer does not
-    depend on it, so the RPC need not wait. One long-lived thread, not one per socket."""
-    global _closer
-    with _closer_lock:
-        if _closer is None or not _closer.is_alive():
-            _closer = threading.Thread(target=_close_loop, name="probe-socket-closer", daemon=True)
-            _closer.start()
-    _closing.put(sock)
-
-
-def _close_loop() -> None:
-    while True:
-        sock = _closing.get()
-        try:
-            sock.close()
-        except OSError as exc:  # nothing to do about it but say so
-            log.warning("closing a probe socket failed: %s", exc)
 
 
 def _open(netns: str, ifname: str, ethertype: int) -> socket.socket:

@@ -30,9 +30,9 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ipamd._proto import ipam_pb2_grpc
+from core._proto import ipam_pb2_grpc
+from core.ipamd_client import IpamClient
 from ipamd.allocator import Allocator
-from ipamd.client import IpamClient
 from ipamd.config import DaemonConfig, listen_address
 from ipamd.metrics import Labels, Metrics, serve_metrics
 from ipamd.probe import Prober
@@ -73,7 +73,7 @@ def _take_socket(path: str) -> int:
         answering = True
         try:
             c.health()
-        except Exception:  # CniError (unreachable) is the expected case: a stale socket
+        except Exception:  # Unavailable is the expected case: a stale socket
             answering = False
     if answering:
         os.close(lock_fd)

@@ -2,8 +2,9 @@
 
 Why thin: the servicer holds no IPAM logic. Its one other job is the single error translator
 (`_rpc`): domain errors become their gRPC status, their message and the trailing metadata
-`ovs-underlay-cni-code`; spec.ConfigError becomes INVALID_ARGUMENT/7; anything unexpected becomes
-INTERNAL with the traceback in the daemon's log only.
+`core.wire.REASON_KEY`, through the table `ipamd.errors.WIRE`; spec.ConfigError becomes
+INVALID_ARGUMENT/INVALID_POOL; anything unexpected becomes INTERNAL with the traceback in the
+daemon's log only.
 
 Every Allocate carries the whole pool definition, nearly always the same one: it is validated
 (spec.parse_ipam) once per distinct wire form (the message's deterministic serialisation is the
@@ -15,19 +16,21 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
-from ipamd import convert
-from ipamd._proto import ipam_pb2 as pb
-from ipamd._proto import ipam_pb2_grpc
+from core import wire
+from core._proto import ipam_pb2 as pb
+from core._proto import ipam_pb2_grpc
+from core.spec import ConfigError, PoolDef
+from core.wire import REASON_KEY, Reason
 from ipamd.allocator import Allocator, Request
-from ipamd.errors import CNI_CODE_KEY, InvalidPool, InvalidRequest, IpamError, LeaseNotFound
+from ipamd.errors import InvalidPool, InvalidRequest, IpamError, LeaseNotFound, wire_status
 from ipamd.metrics import Metrics
+from ipamd.model import QUARANTINED, Entry
 from ipamd.probe import Prober
-from ipamd.spec import ConfigError, PoolDef
 
 log = logging.getLogger("ipamd.service")
 POOL_CACHE_MAX = 256  # distinct pool definitions kept parsed (cleared when full)
@@ -51,15 +54,15 @@ def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except Exception:
             log.exception("rpc=%s msg=%s", fn.__name__, "internal error")
             self.metrics.inc("ipamd_failures_total", rpc=fn.__name__, reason="INTERNAL")
-            context.set_trailing_metadata(((CNI_CODE_KEY, "999"),))
+            context.set_trailing_metadata(((REASON_KEY, Reason.INTERNAL),))
             context.abort(grpc.StatusCode.INTERNAL,
                           f"ipamd internal error in {fn.__name__} (see the ipamd log)")
-        self.metrics.inc("ipamd_failures_total", rpc=fn.__name__, reason=err.status)
-        level = logging.ERROR if err.status == "INTERNAL" else logging.INFO
-        log.log(level, "rpc=%s status=%s cni_code=%s msg=%s", fn.__name__, err.status, int(err.cni_code),
-                err.msg)
-        context.set_trailing_metadata(((CNI_CODE_KEY, str(int(err.cni_code))),))
-        context.abort(getattr(grpc.StatusCode, err.status), err.msg)
+        status, reason = wire_status(err)
+        self.metrics.inc("ipamd_failures_total", rpc=fn.__name__, reason=status)
+        level = logging.ERROR if status == "INTERNAL" else logging.INFO
+        log.log(level, "rpc=%s status=%s reason=%s msg=%s", fn.__name__, status, reason, err.msg)
+        context.set_trailing_metadata(((REASON_KEY, reason),))
+        context.abort(getattr(grpc.StatusCode, status), err.msg)
 
     return wrapper
 
@@ -94,9 +97,9 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         key = msg.SerializeToString(deterministic=True)
         hit = self._pools.get(key)
         if hit is None:
-            pool = convert.pool_from_pb(msg)  # raises ConfigError: never cached
-            hit = _ParsedPool(pool, convert.routes_to_pb(convert.resolve_routes(pool)),
-                              convert.dns_to_pb(pool.dns))
+            pool = wire.pool_from_pb(msg)  # raises ConfigError: never cached
+            hit = _ParsedPool(pool, wire.routes_to_pb(wire.resolve_routes(pool)),
+                              wire.dns_to_pb(pool.dns))
             if len(self._pools) >= POOL_CACHE_MAX:
                 self._pools.clear()
             self._pools[key] = hit
@@ -109,7 +112,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         pool = parsed.pool
         grant = self.allocator.allocate(Request(
             network=request.network, pool=pool, container_id=request.container_id, ifname=request.ifname,
-            pod=convert.pod_from_pb(request.pod), requested_ips=convert.ips_from_pb(request.requested_ips),
+            pod=wire.pod_from_pb(request.pod), requested_ips=wire.ips_from_pb(request.requested_ips),
             requested_mac=request.requested_mac, netns=_netns(request.netns),
             conflict_check=request.conflict_check,
             conflict_check_wait_ms=min(int(request.conflict_check_wait_ms or 100), 10_000),
@@ -120,7 +123,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
                  request.network, request.container_id, request.ifname,
                  ",".join(str(e.address) for e in grant.entries), grant.existing, grant.conflict_probed)
         return pb.AllocateResponse(
-            lease=convert.leases_to_pb(grant.entries)[0], routes=parsed.routes, dns=parsed.dns,
+            lease=leases_to_pb(grant.entries)[0], routes=parsed.routes, dns=parsed.dns,
             conflict_probed=grant.conflict_probed, quarantined=list(grant.quarantined))
 
     @_rpc
@@ -131,7 +134,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             self.metrics.inc("ipamd_releases_total", len(released), network=request.network or "*")
         log.info("rpc=Release network=%s container_id=%s ifname=%s released=%s", request.network or "*",
                  request.container_id, request.ifname, ",".join(str(e.ip) for e in released) or "-")
-        return pb.ReleaseResponse(released=convert.leases_to_pb(released))
+        return pb.ReleaseResponse(released=leases_to_pb(released))
 
     @_rpc
     def GetLease(self, request: pb.GetLeaseRequest, context: Any) -> pb.GetLeaseResponse:
@@ -144,8 +147,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             raise LeaseNotFound(f"network {request.network}: no lease for container {request.container_id} "
                                 f"ifname {request.ifname}")
         return pb.GetLeaseResponse(
-            lease=convert.leases_to_pb(entries)[0],
-            routes=convert.routes_to_pb(convert.resolve_routes(pool)), dns=convert.dns_to_pb(pool.dns))
+            lease=leases_to_pb(entries)[0],
+            routes=wire.routes_to_pb(wire.resolve_routes(pool)), dns=wire.dns_to_pb(pool.dns))
 
     @_rpc
     def GarbageCollect(self, request: pb.GcRequest, context: Any) -> pb.GcResponse:
@@ -155,7 +158,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             self.metrics.inc("ipamd_releases_total", len(released), network=request.network or "*")
         log.info("rpc=GarbageCollect network=%s kept=%d released=%s", request.network or "*",
                  len(request.valid), ",".join(f"{e.network}/{e.ip}" for e in released) or "-")
-        return pb.GcResponse(released=convert.leases_to_pb(released))
+        return pb.GcResponse(released=leases_to_pb(released))
 
     @_rpc
     def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
@@ -167,30 +170,42 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
     @_rpc
     def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
         return pb.ListLeasesResponse(
-            leases=convert.leases_to_pb(self.allocator.leases(request.network or None, request.all)))
+            leases=leases_to_pb(self.allocator.leases(request.network or None, request.all)))
 
     @_rpc
     def ProbeGateway(self, request: pb.ProbeGatewayRequest, context: Any) -> pb.ProbeGatewayResponse:
         _required(netns=request.netns, ifname=request.ifname, gateway=request.gateway)
-        gw = convert.ip_from_pb(request.gateway, "gateway")
-        sender = convert.ip_from_pb(request.sender_ip, "sender_ip") if request.sender_ip else None
+        gw = wire.ip_from_pb(request.gateway, "gateway")
+        sender = wire.ip_from_pb(request.sender_ip, "sender_ip") if request.sender_ip else None
         timeout_ms = min(max(int(request.timeout_ms or 1000), 1), 60_000)
         res = self.prober.gateway(_netns(request.netns), request.ifname, gw, sender, timeout_ms,
                                   request.cache_key)
         log.info("rpc=ProbeGateway netns=%s ifname=%s gateway=%s reachable=%s mac=%s elapsed_ms=%.1f "
-                 "cached=%s skipped=%s", request.netns, request.ifname, gw, res.reachable, res.mac,
+                 "cached=%s skipped=%s", request.netns, request.ifname, gw, res.answered, res.mac,
                  res.elapsed_ms, res.cached, res.skipped)
-        return pb.ProbeGatewayResponse(reachable=res.reachable, mac=res.mac or "",
+        return pb.ProbeGatewayResponse(reachable=res.answered, mac=res.mac or "",
                                        elapsed_us=int(res.elapsed_ms * 1000), cached=res.cached,
                                        skipped=res.skipped)
 
-    @_rpc
-    def DetectConflict(self, request: pb.DetectConflictRequest, context: Any) -> pb.DetectConflictResponse:
-        _required(netns=request.netns, ifname=request.ifname, address=request.address)
-        ip = convert.ip_from_pb(request.address, "address")
-        wait_ms = min(max(int(request.wait_ms or 100), 1), 10_000)
-        res = self.prober.conflict(_netns(request.netns), request.ifname, ip, wait_ms)
-        log.info("rpc=DetectConflict netns=%s ifname=%s address=%s conflict=%s mac=%s elapsed_ms=%.1f",
-                 request.netns, request.ifname, ip, res.reachable, res.mac, res.elapsed_ms)
-        return pb.DetectConflictResponse(conflict=res.reachable, mac=res.mac or "",
-                                         elapsed_us=int(res.elapsed_ms * 1000), skipped=res.skipped)
+
+def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
+    """Group address entries into one Lease per (network, attachment, state)."""
+    grouped: dict[tuple[str, str, str, str], list[Entry]] = {}
+    for e in entries:
+        # Quarantined addresses are listed one by one: each has its own answering MAC.
+        key = (e.network, e.container_id, e.ifname, e.state + (str(e.ip) if e.state == QUARANTINED else ""))
+        grouped.setdefault(key, []).append(e)
+    out = []
+    for group in grouped.values():
+        group.sort(key=lambda e: e.subnet_index)
+        first = group[0]
+        out.append(pb.Lease(
+            network=first.network, container_id=first.container_id, ifname=first.ifname,
+            pod=wire.pod_to_pb(first.pod),
+            ips=[pb.IpConfig(address=str(e.address), gateway=str(e.gateway) if e.gateway else "")
+                 for e in group],
+            mac=next((e.mac for e in group if e.mac), ""), state=first.state,
+            created_unix_ms=first.created_ms, netns=first.netns,
+            conflict_mac=first.conflict_mac,
+        ))
+    return out

@@ -30,10 +30,10 @@ from typing import Any
 
 from netaddr import IPAddress, IPNetwork
 
-from ipamd import convert
+from core import wire
+from core.spec import PodRef, PoolDef
 from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
-from ipamd.spec import PodRef, PoolDef
 
 SCHEMA_VERSION = 1
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default; measured best here (a larger WAL slows commits)
@@ -198,13 +198,13 @@ class SqliteStore:
 
     def get_pool(self, network: str) -> PoolDef | None:
         rows = self._read("SELECT definition FROM pools WHERE network = ?", (network,))
-        return convert.pool_from_json(rows[0][0]) if rows else None
+        return wire.pool_from_json(rows[0][0]) if rows else None
 
     def put_pool(self, network: str, pool: PoolDef) -> None:
         with self._tx() as cur:
             cur.execute("INSERT INTO pools (network, definition) VALUES (?, ?) "
                         "ON CONFLICT (network) DO UPDATE SET definition = excluded.definition",
-                        (network, convert.pool_to_json(pool)))
+                        (network, wire.pool_to_json(pool)))
 
     def networks(self) -> list[str]:
         return [r[0] for r in self._read("SELECT network FROM pools ORDER BY network")]

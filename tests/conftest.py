@@ -1,6 +1,6 @@
 """Shared fixtures and the end-of-session leftover check.
 
-Integration fixtures create uniquely named objects (see tests/netbed.py) and remove them in
+Integration fixtures create uniquely named objects (see testbed/netbed.py) and remove them in
 finalizers, even when the test fails. At the end of the session every netns, bridge, link, OVS
 port and daemon carrying this run's token is looked for; any that is left is removed and the run
 fails, naming it.
@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import netbed
+from testbed import netbed
 
 
 def pytest_configure(config: pytest.Config) -> None:

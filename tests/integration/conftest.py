@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import e2e_helpers as e2e
-import netbed
 import pytest
+
+from testbed import netbed
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import netbed
+from testbed import netbed
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist" / "ovs-underlay"

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import e2e_helpers as e2e
-import netbed
 import pytest
 import yaml
 from plugin_helpers import host_ifname
+
+from testbed import netbed
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller)
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import e2e_helpers as e2e
-import netbed
 import pytest
+
+from testbed import netbed
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller)
 

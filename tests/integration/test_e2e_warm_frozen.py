@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import e2e_helpers as e2e
-import netbed
 import plugin_helpers as ph
 import pytest
+
+from testbed import netbed
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (PyInstaller + gcc)
 

@@ -15,15 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import netbed
 import pytest
 from netaddr import IPAddress
 
-from cni.errors import CniError
-from ipamd._proto import ipam_pb2 as pb
-from ipamd._proto import ipam_pb2_grpc
-from ipamd.client import IpamClient
-from ipamd.spec import PoolDef, parse_ipam
+from core._proto import ipam_pb2 as pb
+from core._proto import ipam_pb2_grpc
+from core.errors import CoreError, IpamdRefused, Unavailable
+from core.ipamd_client import IpamClient
+from core.spec import PoolDef, parse_ipam
+from testbed import netbed
 
 POOL = parse_ipam({"subnets": [{"subnet": "10.20.0.0/22", "gateway": "10.20.0.1"},
                                {"subnet": "fd20::/64", "gateway": "fd20::1"}],
@@ -54,7 +54,7 @@ def test_16_concurrent_clients_no_duplicates(ipamd: netbed.Ipamd) -> None:
                     with lock:
                         held[(cid, "eth0")] = [str(x.address.ip) for x in a.ips]
                     if i % 3 == 0:
-                        assert c.release(network="conc", container_id=cid, ifname="eth0") == 2
+                        assert sum(len(x.ips) for x in c.release(network="conc", container_id=cid, ifname="eth0")) == 2
                         with lock:
                             del held[(cid, "eth0")]
         except BaseException as exc:  # reported below
@@ -93,7 +93,7 @@ def test_kill9_during_16_client_burst_loses_nothing(ipamd: netbed.Ipamd) -> None
                 i += 1
                 try:
                     a = c.allocate(network="crash", pool=BIG, container_id=cid, ifname="eth0")
-                except CniError:
+                except CoreError:
                     return  # the daemon died under us
                 with lock:
                     leases[cid] = granted[cid] = [str(x.address.ip) for x in a.ips]
@@ -105,7 +105,7 @@ def test_kill9_during_16_client_burst_loses_nothing(ipamd: netbed.Ipamd) -> None
                     del granted[cid]
                 try:
                     c.release(network="crash", container_id=cid, ifname="eth0")
-                except CniError:
+                except CoreError:
                     return
                 with lock:
                     releasing.discard(cid)
@@ -202,7 +202,7 @@ def test_gc_cli_keeps_only_listed(ipamd: netbed.Ipamd) -> None:
     with IpamClient(ipamd.socket) as c:
         for cid in (keep, drop):
             c.allocate(network="gcnet", pool=POOL, container_id=cid, ifname="eth0")
-        assert c.gc(network="gcnet", valid=[(keep, "eth0")]) == [(drop, "eth0")]
+        assert [(x.container_id, x.ifname) for x in c.gc(network="gcnet", valid=[(keep, "eth0")])] == [(drop, "eth0")]
     assert {r["containerID"] for r in ipamd.leases("gcnet")} == {keep}
     assert ipamd.cli("gc", "--network", "gcnet", check=False).returncode == 2  # needs --keep or --release-all
     ipamd.cli("gc", "--network", "gcnet", "--release-all")
@@ -215,7 +215,7 @@ def _raw(sock: str, method: str, req: object) -> tuple[grpc.StatusCode, str, str
         try:
             getattr(stub, method)(req, timeout=10)
         except grpc.RpcError as err:
-            code = dict(err.trailing_metadata() or ()).get("ovs-underlay-cni-code", "")  # type: ignore[attr-defined]
+            code = dict(err.trailing_metadata() or ()).get("ovs-underlay-reason", "")  # type: ignore[attr-defined]
             return err.code(), err.details(), code  # type: ignore[attr-defined]
     return grpc.StatusCode.OK, "", ""
 
@@ -236,46 +236,48 @@ def test_bad_requests_status_code_message_and_no_change(ipamd: netbed.Ipamd) -> 
 
     cases = [
         ("GetLease", pb.GetLeaseRequest(network="nosuchnet", container_id="x", ifname="eth0"),
-         grpc.StatusCode.NOT_FOUND, "3", "network nosuchnet is unknown"),
-        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/33")), grpc.StatusCode.INVALID_ARGUMENT, "7",
+         grpc.StatusCode.NOT_FOUND, "LEASE_NOT_FOUND", "network nosuchnet is unknown"),
+        ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/33")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POOL",
          "invalid CIDR '10.0.0.0/33'"),
         ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24", exclude=["10.0.0.9..10.0.0.2"])),
-         grpc.StatusCode.INVALID_ARGUMENT, "7", "ends before it starts"),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POOL", "ends before it starts"),
         ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24", exclude=["10.0.0.0/16"])),
-         grpc.StatusCode.INVALID_ARGUMENT, "7", "outside subnet 10.0.0.0/24"),
-        ("Allocate", alloc(pb.PoolSpec()), grpc.StatusCode.INVALID_ARGUMENT, "7", "no subnets defined"),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POOL", "outside subnet 10.0.0.0/24"),
+        ("Allocate", alloc(pb.PoolSpec()), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POOL", "no subnets defined"),
         ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24"), requested_ips=["10.1.0.5"]),
-         grpc.StatusCode.OUT_OF_RANGE, "102", "requested address 10.1.0.5 is outside every subnet"),
+         grpc.StatusCode.OUT_OF_RANGE, "ADDRESS_OUT_OF_POOL", "requested address 10.1.0.5 is outside every subnet"),
         ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/24", gateway="10.0.0.1"), requested_ips=["10.0.0.1"]),
-         grpc.StatusCode.OUT_OF_RANGE, "102", "subnet 10.0.0.0/24: requested address 10.0.0.1 is the subnet's gateway"),
+         grpc.StatusCode.OUT_OF_RANGE, "ADDRESS_OUT_OF_POOL",
+         "subnet 10.0.0.0/24: requested address 10.0.0.1 is the subnet's gateway"),
         ("Allocate", alloc(_pb_pool(subnet="10.0.0.0/30", gateway="10.0.0.1", exclude=["10.0.0.2"])),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "101", "network badnet: subnet 10.0.0.0/30 exhausted: 0 of 0"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED", "network badnet: subnet 10.0.0.0/30 exhausted: 0 of 0"),
         ("Allocate", alloc(_pb_pool(subnet="10.30.0.0/30", gateway="10.30.0.1"), network="small"),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "101", "network small: subnet 10.30.0.0/30 exhausted: 1 of 1 addresses in use"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED",
+         "network small: subnet 10.30.0.0/30 exhausted: 1 of 1 addresses in use"),
         ("Allocate", alloc(_pb_pool(subnet="10.31.0.0/24"), network="small"),
-         grpc.StatusCode.FAILED_PRECONDITION, "7", "network small: definition changed"),
+         grpc.StatusCode.FAILED_PRECONDITION, "POOL_CHANGED", "network small: definition changed"),
         ("Allocate", pb.AllocateRequest(network="x", pool=_pb_pool(subnet="10.0.0.0/24")),
-         grpc.StatusCode.INVALID_ARGUMENT, "7", "container_id, ifname"),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", "container_id, ifname"),
     ]
-    for method, req, status, cni, msg in cases:
+    for method, req, status, reason, msg in cases:
         got = _raw(ipamd.socket, method, req)
-        assert got[0] == status and got[2] == cni and msg in got[1], (method, got)
+        assert got[0] == status and got[2] == reason and msg in got[1], (method, got)
     with IpamClient(ipamd.socket) as c:
         assert c.get_lease(network="nosuchnet", container_id="x", ifname="eth0") is None
-        assert c.release(network="nosuchnet", container_id="x", ifname="eth0") == 0  # DEL is idempotent
-        with pytest.raises(CniError) as info:
+        assert c.release(network="nosuchnet", container_id="x", ifname="eth0") == []  # DEL is idempotent
+        with pytest.raises(IpamdRefused) as info:
             c.allocate(network="small", pool=small, container_id="y", ifname="eth0",
                        requested_ips=[IPAddress("10.30.0.9")])
-        assert info.value.code == 102 and "10.30.0.9" in info.value.msg
+        assert info.value.reason == "ADDRESS_OUT_OF_POOL" and "10.30.0.9" in info.value.msg
     # the store is unchanged: the refused requests left no pool, lease or quarantine behind
     assert (ipamd.leases(all=True), ipamd.pools()) == before
     assert "badnet" not in {p["network"] for p in ipamd.pools()}
 
 
-def test_unreachable_daemon_is_code_11_naming_socket(tmp_path: Path) -> None:
-    with IpamClient(str(tmp_path / "none.sock"), timeout_ms=500) as c, pytest.raises(CniError) as info:
+def test_unreachable_daemon_is_unavailable_naming_socket(tmp_path: Path) -> None:
+    with IpamClient(str(tmp_path / "none.sock"), timeout_ms=500) as c, pytest.raises(Unavailable) as info:
         c.allocate(network="n", pool=PoolDef(subnets=POOL.subnets), container_id="x", ifname="eth0")
-    assert info.value.code == 11 and str(tmp_path / "none.sock") in info.value.msg
+    assert str(tmp_path / "none.sock") in info.value.msg
 
 
 def test_metrics_endpoint_on_loopback(ipamd_factory: Callable[..., netbed.Ipamd]) -> None:

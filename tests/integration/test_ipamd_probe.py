@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-import netbed
 import pytest
 from netaddr import IPAddress
 
-from ipamd.client import IpamClient
-from ipamd.spec import parse_ipam
+from core.ipamd_client import IpamClient
+from core.spec import parse_ipam
+from testbed import netbed
 
 VLAN100 = parse_ipam({"subnets": [{"subnet": "192.168.100.0/24", "gateway": "192.168.100.1"}]}).pool
 
@@ -51,11 +51,11 @@ def test_gateway_answers_with_router_mac_then_cache(underlay: netbed.Underlay, h
     with IpamClient(ipamd.socket) as c:
         res = c.probe_gateway(netns=pod.path, ifname="eth0", gateway=IPAddress("192.168.100.1"),
                               sender_ip=IPAddress("192.168.100.50"), timeout_ms=3000, cache_key=key)
-        assert res.reachable and not res.cached and not res.skipped
+        assert res.answered and not res.cached and not res.skipped
         assert res.mac == mac_of(router.ifname, router.netns.name)
         again = c.probe_gateway(netns=pod.path, ifname="eth0", gateway=IPAddress("192.168.100.1"),
                                 sender_ip=IPAddress("192.168.100.50"), timeout_ms=3000, cache_key=key)
-        assert again.reachable and again.cached and again.mac == res.mac
+        assert again.answered and again.cached and again.mac == res.mac
 
 
 def test_ipv6_gateway_neighbour_solicitation(underlay: netbed.Underlay, hand_pod: Callable[..., netbed.Netns],
@@ -65,7 +65,7 @@ def test_ipv6_gateway_neighbour_solicitation(underlay: netbed.Underlay, hand_pod
     with IpamClient(ipamd.socket) as c:
         res = c.probe_gateway(netns=pod.path, ifname="eth0", gateway=IPAddress("fd00:100::1"),
                               sender_ip=IPAddress("fd00:100::50"), timeout_ms=3000, cache_key="")
-    assert res.reachable and res.mac == mac_of(router.ifname, router.netns.name)
+    assert res.answered and res.mac == mac_of(router.ifname, router.netns.name)
 
 
 def test_missing_gateway_times_out_within_budget(hand_pod: Callable[..., netbed.Netns], ipamd: netbed.Ipamd) -> None:
@@ -75,7 +75,7 @@ def test_missing_gateway_times_out_within_budget(hand_pod: Callable[..., netbed.
         res = c.probe_gateway(netns=pod.path, ifname="eth0", gateway=IPAddress("192.168.100.99"),
                               sender_ip=IPAddress("192.168.100.51"), timeout_ms=400, cache_key="k")
         wall_ms = (time.monotonic() - t0) * 1000
-    assert not res.reachable and res.mac is None
+    assert not res.answered and res.mac is None
     assert 380 <= res.elapsed_ms <= 600 and wall_ms < 400 + 1000, (res.elapsed_ms, wall_ms)
 
 
@@ -87,8 +87,6 @@ def test_conflict_detected_quarantined_next_granted(hand_pod: Callable[..., netb
         a = c.allocate(network="probe100", pool=VLAN100, container_id=cid, ifname="eth0", netns=pod.path,
                        conflict_check=True, conflict_check_wait_ms=300)
         assert a.conflict_probed and [str(i.address) for i in a.ips] == ["192.168.100.3/24"]
-        free = c.detect_conflict(netns=pod.path, ifname="eth0", address=IPAddress("192.168.100.3"), wait_ms=200)
-        assert not free.reachable
     rows = ipamd.leases("probe100", all=True)
     q = [r for r in rows if r["state"] == "quarantined"]
     assert [(r["ip"], r["conflictMAC"]) for r in q] == [("192.168.100.2", mac_of("eth0", squatter.name))]
@@ -104,5 +102,5 @@ def test_missing_interface_skips_probes(hand_pod: Callable[..., netbed.Netns], i
         assert not a.conflict_probed and [str(i.address) for i in a.ips] == ["192.168.100.2/24"]
         g = c.probe_gateway(netns=pod.path, ifname="net7", gateway=IPAddress("192.168.100.1"),
                             sender_ip=None, timeout_ms=200, cache_key="")
-        assert g.skipped and not g.reachable
+        assert g.skipped and not g.answered
     assert "conflict probing skipped" in ipamd.log() or "conflict probe skipped" in ipamd.log()

@@ -1,7 +1,7 @@
 """The plugin as a process on a real OVS underlay: connectivity, VLAN isolation, tags on the
 uplink, trunk ports, MTU/MAC/static IP, result shapes per CNI version.
 
-Oracles: ping, tcpdump -e on the uplink, `ip -j`, `ovs-vsctl --format=json` (tests/netbed.py).
+Oracles: ping, tcpdump -e on the uplink, `ip -j`, `ovs-vsctl --format=json` (testbed/netbed.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import netbed
 import plugin_helpers as ph
 import pytest
+
+from testbed import netbed
 
 
 @pytest.fixture

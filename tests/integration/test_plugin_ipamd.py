@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import netbed
 import plugin_helpers as ph
 import pytest
+
+from testbed import netbed
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import netbed
 import plugin_helpers as ph
 import pytest
+
+from testbed import netbed
 
 
 @pytest.fixture

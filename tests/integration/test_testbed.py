@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import netbed
 import pytest
+
+from testbed import netbed
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import netbed
 import plugin_helpers as ph
 import pytest
+
+from testbed import netbed
 
 
 def warm_server(path: str, log: Path) -> netbed.WarmServer:

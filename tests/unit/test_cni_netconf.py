@@ -8,7 +8,7 @@ import pytest
 from netaddr import IPAddress
 
 from cni.errors import CniError
-from cni.netconf import ALIASES, parse_netconf
+from cni.netconf import ALIASES, DelegateBackend, IpamdBackend, NoIpam, parse_netconf
 from cni.types import CmdArgs
 
 
@@ -22,7 +22,7 @@ def test_defaults_l2_only() -> None:
     c = parse_netconf(args({}))
     assert c.bridge == "br-int" and c.vlan is None and c.trunk == () and c.mtu is None
     assert c.ovsdb_socket == "unix:/run/openvswitch/db.sock" and c.datapath_type is None
-    assert c.ipam_mode == "none" and c.mac is None and c.requested_ips == ()
+    assert c.ipam == NoIpam() and c.mac is None and c.requested_ips == ()
 
 
 def test_ovs_cni_spellings_through_alias_table() -> None:
@@ -72,14 +72,15 @@ def test_invalid_configs_are_code_7(conf: dict[str, Any], text: str) -> None:
     assert e.value.code == 7 and text in e.value.msg + e.value.details, e.value.msg
 
 
-def test_ipam_modes() -> None:
-    assert parse_netconf(args({"ipam": {"type": "host-local", "subnet": "10.0.0.0/24"}})).ipam_mode == "delegate"
+def test_ipam_backend_is_chosen_once_and_typed() -> None:
+    c = parse_netconf(args({"ipam": {"type": "host-local", "subnet": "10.0.0.0/24"}}))
+    assert c.ipam == DelegateBackend("host-local")
     c = parse_netconf(args({"ipam": {"type": "ovs-underlay-ipam", "daemonSocket": "/tmp/s.sock",
                                      "subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}]}}))
-    assert c.ipam_mode == "ipamd" and c.ipam is not None and c.ipam.daemon_socket == "/tmp/s.sock"
+    assert isinstance(c.ipam, IpamdBackend) and c.ipam.conf.daemon_socket == "/tmp/s.sock"
     c = parse_netconf(args({"subnets": "10.22.0.0/16,fd00::/64", "excludeSubnets": "10.22.0.0/24"}))
-    assert c.ipam_mode == "ipamd" and c.ipam is not None and len(c.ipam.pool.subnets) == 2
-    assert parse_netconf(args({"ipam": {}})).ipam_mode == "none"
+    assert isinstance(c.ipam, IpamdBackend) and len(c.ipam.conf.pool.subnets) == 2
+    assert parse_netconf(args({"ipam": {}})).ipam == NoIpam()
 
 
 def test_mac_precedence() -> None:
@@ -103,7 +104,7 @@ def test_ip_precedence_and_pod_ref() -> None:
     assert c.requested_ips == (IPAddress("10.0.0.2"),)
     c = parse_netconf(args(base, cargs))
     assert c.requested_ips == (IPAddress("10.0.0.3"), IPAddress("fd00::3"))
-    assert (c.pod.namespace, c.pod.name, c.pod.uid, c.infra_container_id) == ("ns", "p", "u", "infra")
+    assert (c.pod.namespace, c.pod.name, c.pod.uid) == ("ns", "p", "u")
 
 
 def test_ovn_port_precedence() -> None:

@@ -4,6 +4,7 @@ idempotent and runs every step; the gateway check message; OVSDB row builders.""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -13,10 +14,12 @@ from cni import plugin
 from cni.drivers import Drivers
 from cni.errors import CniError
 from cni.netconf import NetConf, parse_netconf
-from cni.netlink import PodLink
-from cni.ovsdb import PortInfo, PortSpec, iface_columns, port_columns
 from cni.types import CmdArgs, Result
-from ipamd.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
+from core.errors import CoreError, Unavailable
+from core.names import host_ifname
+from core.netlink import PodLink
+from core.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
+from core.vswitch import PortInfo, PortSpec, iface_columns, port_columns
 
 
 class Fault(Exception):
@@ -33,12 +36,13 @@ class World:
         self.ports: dict[str, PortSpec] = {}
         self.leases: set[tuple[str, str]] = set()
         self.gateway_ok = True
+        self.gateway_skipped = False
         self.ipamd_up = True
 
     def step(self, name: str) -> None:
         self.journal.append(name)
         if name == self.fail_at:
-            raise CniError(999, f"injected fault at {name}")
+            raise CoreError(f"injected fault at {name}")
 
 
 class FakeNetlink:
@@ -64,16 +68,13 @@ class FakeNetlink:
     def host_link_alias(self, name: str) -> str | None:
         return self.w.links.get(name)
 
-    def list_host_aliases(self) -> dict[str, str]:
-        return dict(self.w.links)
-
-    def configure(self, *, netns: str, ifname: str, ips: Sequence[Any], routes: Sequence[Any]) -> None:
+    def configure(self, *, netns: str, ifname: str, addresses: Sequence[Any], routes: Sequence[Any]) -> None:
         self.w.step("configure")
 
     def pod_state(self, netns: str, ifname: str) -> Any:
         return None
 
-    def announce(self, *, netns: str, ifname: str, ips: Sequence[Any], mac: str) -> None:
+    def announce(self, *, netns: str, ifname: str, addresses: Sequence[Any], mac: str) -> None:
         self.w.step("announce")
 
 
@@ -113,6 +114,13 @@ class FakeOvsdb:
         pass
 
 
+@dataclass(frozen=True)
+class Lease:
+    container_id: str
+    ifname: str
+    ips: tuple[str, ...]
+
+
 class FakeIpam:
     def __init__(self, w: World) -> None:
         self.w = w
@@ -122,7 +130,7 @@ class FakeIpam:
 
     def _up(self) -> None:
         if not self.w.ipamd_up:
-            raise CniError(11, "ipamd unreachable at /x.sock")
+            raise Unavailable("ipamd at /x.sock is unreachable")
 
     def allocate(self, *, network: str, container_id: str, ifname: str, **kw: Any) -> Allocation:
         self._up()
@@ -132,23 +140,25 @@ class FakeIpam:
                           (IpAssignment(IPNetwork("10.0.0.5/24"), IPAddress("10.0.0.1")),),
                           (RouteSpec(IPNetwork("0.0.0.0/0"), IPAddress("10.0.0.1")),), mac="0a:58:0a:00:00:05")
 
-    def release(self, *, network: str, container_id: str, ifname: str) -> int:
+    def release(self, *, network: str, container_id: str, ifname: str) -> list[Lease]:
         self._up()
         self.w.journal.append("undo:lease")
         had = (container_id, ifname) in self.w.leases
         self.w.leases.discard((container_id, ifname))
-        return int(had)
+        return [Lease(container_id, ifname, ("10.0.0.5/24",))] if had else []
 
     def get_lease(self, **kw: Any) -> Allocation | None:
         return None
 
-    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[Lease]:
         gone = [k for k in self.w.leases if k not in set(valid)]
         self.w.leases -= set(gone)
-        return gone
+        return [Lease(c, i, ()) for c, i in gone]
 
     def probe_gateway(self, **kw: Any) -> ProbeResult:
         self.w.step("probe_gateway")
+        if self.w.gateway_skipped:
+            return ProbeResult(False, None, 0.0, skipped=True)
         return ProbeResult(self.w.gateway_ok, "0a:00:00:00:00:01" if self.w.gateway_ok else None, 3.0)
 
     def health(self) -> bool:
@@ -202,7 +212,7 @@ def test_add_happy_path_order(mode: str) -> None:
     res = plugin.cmd_add(a, c, drivers(w))
     assert [j for j in w.journal if not j.startswith("undo")] == STEPS[mode]
     assert not any(j.startswith("undo") for j in w.journal)
-    host = plugin.host_ifname("c1", "eth0")
+    host = host_ifname("c1", "eth0")
     assert list(w.links) == [host] and list(w.ports) == [host]
     assert res.interfaces[0].name == host and res.interfaces[1].sandbox == "/run/netns/p"
     if mode != "none":
@@ -213,7 +223,7 @@ def test_add_happy_path_order(mode: str) -> None:
 def test_add_failure_at_each_step_rolls_back_everything(mode: str, step: str) -> None:
     w = World(fail_at=step)
     a, c = mk(CONFS[mode])
-    with pytest.raises(CniError) as e:
+    with pytest.raises(CoreError) as e:  # the drivers' neutral error; skel maps it (cni.errors)
         plugin.cmd_add(a, c, drivers(w))
     assert "injected fault" in e.value.msg  # the original error, never a cleanup error
     assert w.links == {} and w.ports == {} and w.leases == set()
@@ -234,11 +244,11 @@ def test_cleanup_failure_does_not_mask_original_error() -> None:
     d = drivers(w)
 
     def broken_delete(names: Sequence[str]) -> None:
-        raise CniError(11, "OVSDB gone")
+        raise Unavailable("OVSDB gone")
 
     d.ovsdb.delete_ports = broken_delete  # type: ignore[method-assign]
     a, c = mk({})
-    with pytest.raises(CniError) as e:
+    with pytest.raises(CoreError) as e:
         plugin.cmd_add(a, c, d)
     assert "injected fault at configure" in e.value.msg
     assert w.links == {}  # later undos still ran
@@ -254,6 +264,18 @@ def test_gateway_unreachable_is_103_naming_gateway_vlan_bridge_iface() -> None:
     for part in ("10.0.0.1", "VLAN 100", "br0", "eth0"):
         assert part in e.value.msg
     assert w.links == {} and w.ports == {} and w.leases == set()
+
+
+def test_skipped_gateway_probe_is_not_103() -> None:
+    """ipamd reports a probe as skipped when it sent nothing (the interface is not in the netns,
+    or down). Both plugins now share one gateway check (cni.ipam): skipped is logged and ADD
+    goes on. The main plugin used to read it as 'unreachable' and fail with 103."""
+    w = World()
+    w.gateway_skipped = True
+    a, c = mk({"ipam": IPAMD})
+    res = plugin.cmd_add(a, c, drivers(w))
+    assert "probe_gateway" in w.journal and [str(ip.address) for ip in res.ips] == ["10.0.0.5/24"]
+    assert w.leases == {("c1", "eth0")}
 
 
 def test_gateway_check_switched_off() -> None:
@@ -283,7 +305,7 @@ def test_del_idempotent_and_after_failed_add() -> None:
     assert w.links == {} and w.ports == {} and w.leases == set()
     plugin.cmd_del(a, c, drivers(w))  # twice
     w2 = World(fail_at="configure")
-    with pytest.raises(CniError):
+    with pytest.raises(CoreError):
         plugin.cmd_add(a, c, drivers(w2))
     plugin.cmd_del(a, c, drivers(w2))
 
@@ -310,14 +332,14 @@ def test_gc_removes_only_stale_of_this_network() -> None:
     plugin.cmd_add(a, c, d)
     gc_a, gc_c = mk({"ipam": IPAMD, "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]})
     plugin.cmd_gc(gc_a, gc_c, d)
-    assert sorted(w.ports) == sorted(plugin.host_ifname(x, "eth0") for x in ("keep", "other"))
+    assert sorted(w.ports) == sorted(host_ifname(x, "eth0") for x in ("keep", "other"))
     assert sorted(w.links) == sorted(w.ports)
     assert ("stale", "eth0") not in w.leases and ("keep", "eth0") in w.leases
 
 
 def test_host_name_is_deterministic_and_short() -> None:
-    n = plugin.host_ifname("abc", "eth0")
-    assert n == plugin.host_ifname("abc", "eth0") != plugin.host_ifname("abc", "net1")
+    n = host_ifname("abc", "eth0")
+    assert n == host_ifname("abc", "eth0") != host_ifname("abc", "net1")
     assert len(n) == 15 and n.startswith("ovu")
 
 
@@ -329,16 +351,5 @@ def test_port_row_builders() -> None:
     native = port_columns(PortSpec("p", "br", tag=100, trunks=(5,)))
     assert native["vlan_mode"] == ["native-untagged"] and native["tag"] == [100]
     assert port_columns(PortSpec("p", "br"))["vlan_mode"] == []
-    i = iface_columns(PortSpec("p", "br", iface_ids={"owner": "ovs-underlay"}, ofport_request=9, mtu_request=1400))
-    assert i == {"name": "p", "type": "", "external_ids": {"owner": "ovs-underlay"}, "ofport_request": [9],
-                 "mtu_request": [1400]}
-
-
-def test_garp_and_na_frames() -> None:
-    from cni.netlink import garp_frame, na_message
-
-    f = garp_frame(IPAddress("10.0.0.5"), "0a:58:0a:00:00:05")
-    assert f[:6] == b"\xff" * 6 and f[12:14] == b"\x08\x06" and len(f) == 42
-    assert f[28:32] == f[38:42] == bytes([10, 0, 0, 5])
-    m = na_message(IPAddress("fd00::5"), "0a:58:0a:00:00:05")
-    assert m[0] == 136 and len(m) == 32 and m[-6:] == bytes.fromhex("0a580a000005")
+    i = iface_columns(PortSpec("p", "br", iface_ids={"owner": "ovs-underlay"}, ofport_request=9))
+    assert i == {"name": "p", "type": "", "external_ids": {"owner": "ovs-underlay"}, "ofport_request": [9]}

@@ -2,7 +2,7 @@
 
 CNI configs: valid JSON, the keys libcni requires, plugin types we or the reference plugins
 provide, and every IPAM section (or ovn-kubernetes top-level subnets) accepted by the same
-parser the plugin and ipamd use (`ipamd.spec.parse_ipam`). Kubernetes manifests: the DaemonSet
+parser the plugin and ipamd use (`core.spec.parse_ipam`). Kubernetes manifests: the DaemonSet
 is checked against the Kubernetes OpenAPI schemas shipped in the `kubernetes-validate` wheel
 (offline, strict: unknown fields fail); the NetworkAttachmentDefinition (a CRD, no schema
 there) is checked by hand.
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ipamd.spec import IpamConf, parse_ipam
+from core.spec import IpamConf, parse_ipam
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "conf-examples"
 OURS = {"ovs-underlay"}

@@ -21,9 +21,11 @@ import pytest
 from netaddr import IPAddress, IPNetwork
 
 from cni import ipam_main, ipam_plugin, skel
-from cni.errors import CniError, Code
+from cni.errors import Code
 from cni.types import CmdArgs, Result
-from ipamd.spec import Allocation, DnsSpec, IpAssignment, PodRef, PoolDef, ProbeResult, RouteSpec
+from core.errors import CoreError, IpamdRefused, Unavailable
+from core.spec import Allocation, DnsSpec, IpAssignment, PodRef, PoolDef, ProbeResult, RouteSpec
+from core.wire import Reason
 
 ROOT = Path(__file__).resolve().parents[2]
 SOCK = "/run/ovs-underlay-test/does-not-matter.sock"
@@ -47,6 +49,13 @@ class Pool:
     quarantined: int = 0
 
 
+@dataclass(frozen=True)
+class Lease:
+    container_id: str
+    ifname: str
+    ips: tuple[str, ...]
+
+
 @dataclass
 class FakeClient:
     allocation: Allocation = field(default_factory=lambda: alloc(("10.1.0.10/24", "10.1.0.1")))
@@ -54,7 +63,7 @@ class FakeClient:
     lease: Allocation | None = None
     healthy: bool = True
     pools: list[Pool] = field(default_factory=list)
-    fail: dict[str, CniError] = field(default_factory=dict)
+    fail: dict[str, Exception] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     released: int = 0
     closed: bool = False
@@ -84,17 +93,17 @@ class FakeClient:
                                     conflict_check=conflict_check, wait=conflict_check_wait_ms))
         return self.allocation
 
-    def release(self, *, network: str, container_id: str, ifname: str) -> int:
+    def release(self, *, network: str, container_id: str, ifname: str) -> list[Lease]:
         self._call("release", dict(network=network, container_id=container_id, ifname=ifname))
-        return self.released
+        return [Lease(container_id, ifname, ("10.1.0.10/24",))] * self.released
 
     def get_lease(self, *, network: str, container_id: str, ifname: str) -> Allocation | None:
         self._call("get_lease", dict(network=network, container_id=container_id, ifname=ifname))
         return self.lease
 
-    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[Lease]:
         self._call("gc", dict(network=network, valid=list(valid)))
-        return [("stale", "eth0")]
+        return [Lease("stale", "eth0", ())]
 
     def probe_gateway(self, *, netns: str, ifname: str, gateway: IPAddress, sender_ip: IPAddress | None,
                       timeout_ms: int, cache_key: str) -> ProbeResult:
@@ -129,7 +138,7 @@ class FakeLinks:
     def set_down(self, netns: str, ifname: str) -> None:
         self.calls.append(f"down {ifname}")
         if self.fail_down:
-            raise CniError(Code.INTERNAL, "netlink says no")
+            raise CoreError("netlink says no")
         self.state = "down"
 
 
@@ -281,8 +290,7 @@ def test_add_gateway_unreachable_releases_and_fails_103(tmp_path: Path) -> None:
 
 
 def test_add_probe_error_releases_and_keeps_the_error(tmp_path: Path) -> None:
-    c = FakeClient(fail={"probe_gateway": CniError(Code.TRY_AGAIN_LATER, "ipamd at /x is unreachable")},
-                   )
+    c = FakeClient(fail={"probe_gateway": Unavailable("ipamd at /x is unreachable")})
     rc, out = run("ADD", conf(), c, tmp_path)
     assert rc == 1 and out["code"] == 11
     assert c.names()[-1] == "release"
@@ -290,7 +298,7 @@ def test_add_probe_error_releases_and_keeps_the_error(tmp_path: Path) -> None:
 
 def test_add_release_failure_during_rollback_does_not_hide_103(tmp_path: Path) -> None:
     c = FakeClient(probe=ProbeResult(False, None, 1000.0),
-                   fail={"release": CniError(Code.TRY_AGAIN_LATER, "gone")})
+                   fail={"release": Unavailable("gone")})
     rc, out = run("ADD", conf(), c, tmp_path)
     assert rc == 1 and out["code"] == 103
 
@@ -303,10 +311,13 @@ def test_add_without_gateway_check_does_not_probe(tmp_path: Path) -> None:
 
 
 def test_add_allocation_errors_pass_through(tmp_path: Path) -> None:
-    for code in (Code.POOL_EXHAUSTED, Code.ADDRESS_UNAVAILABLE, Code.ADDRESS_CONFLICT):
-        c = FakeClient(fail={"allocate": CniError(code, f"boom {code}")})
+    for reason, code in ((Reason.POOL_EXHAUSTED, Code.POOL_EXHAUSTED), (Reason.ADDRESS_TAKEN, Code.ADDRESS_UNAVAILABLE),
+                         (Reason.ADDRESS_OUT_OF_POOL, Code.ADDRESS_UNAVAILABLE),
+                         (Reason.ADDRESS_CONFLICT, Code.ADDRESS_CONFLICT), (Reason.POOL_CHANGED, 7),
+                         ("SOMETHING_NEWER", Code.INTERNAL)):
+        c = FakeClient(fail={"allocate": IpamdRefused(reason, f"boom {reason}")})
         rc, out = run("ADD", conf(), c, tmp_path)
-        assert rc == 1 and out["code"] == code and out["msg"] == f"boom {code}"
+        assert rc == 1 and out["code"] == code and out["msg"] == f"boom {reason}"
         assert c.names() == ["allocate"]
 
 
@@ -422,7 +433,7 @@ def test_status(tmp_path: Path) -> None:
     rc, out = run("STATUS", conf(), FakeClient(healthy=False), tmp_path)
     assert rc == 1 and out["code"] == 50 and SOCK in out["msg"]
 
-    c = FakeClient(fail={"health": CniError(Code.TRY_AGAIN_LATER, f"ipamd at {SOCK} is unreachable")})
+    c = FakeClient(fail={"health": Unavailable(f"ipamd at {SOCK} is unreachable")})
     rc, out = run("STATUS", conf(), c, tmp_path)
     assert rc == 1 and out["code"] == 50 and SOCK in out["msg"]
 
@@ -446,7 +457,7 @@ def test_version_and_lean_import() -> None:
     rc = skel.main(ipam_main.VERBS, env={"CNI_COMMAND": "VERSION"}, stdin=io.BytesIO(b""), stdout=out_io)
     assert rc == 0
     assert json.loads(out_io.getvalue())["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
-    code = ("import sys, cni.ipam_main; heavy = [m for m in ('grpc', 'netaddr', 'pyroute2', 'ipamd.client', "
+    code = ("import sys, cni.ipam_main; heavy = [m for m in ('grpc', 'netaddr', 'pyroute2', 'core.ipamd_client', "
             "'cni.ipam_plugin') if m in sys.modules]; print(heavy)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert res.stdout.strip() == "[]"

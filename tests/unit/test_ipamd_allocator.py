@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
+from core.spec import PoolDef, parse_ipam
 from ipamd.allocator import Allocator, ConflictOutcome, Request
 from ipamd.errors import (
     AddressConflict,
@@ -21,7 +22,6 @@ from ipamd.errors import (
     PoolExhausted,
 )
 from ipamd.model import ACTIVE, QUARANTINED, Entry
-from ipamd.spec import PoolDef, parse_ipam
 from ipamd.store import MemoryStore
 
 

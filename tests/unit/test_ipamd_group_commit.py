@@ -16,11 +16,10 @@ from typing import Any
 import pytest
 from netaddr import IPNetwork
 
-from cni.errors import Code
+from core.spec import PoolDef, parse_ipam
 from ipamd.allocator import Allocator, Request
-from ipamd.errors import CommitFailed
+from ipamd.errors import CommitFailed, wire_status
 from ipamd.model import ACTIVE, Entry
-from ipamd.spec import PoolDef, parse_ipam
 from ipamd.store import MemoryStore, Store
 from ipamd.store_sqlite import SqliteStore
 
@@ -152,7 +151,7 @@ def test_failed_commit_fails_the_batch_and_rolls_back_memory(inner: Store) -> No
     store.fail_next = True
     with pytest.raises(CommitFailed) as info:
         a.allocate(req("b"))
-    assert info.value.cni_code == Code.TRY_AGAIN_LATER and "nothing was granted" in info.value.msg
+    assert wire_status(info.value) == ("UNAVAILABLE", "COMMIT_FAILED") and "nothing was granted" in info.value.msg
     assert inner.get_by_owner("n1", "b", "eth0") == [] and inner.get_entry("n1", "10.0.0.3") is None
     # the address "b" was given in memory (and the round-robin cursor) went back with the batch
     assert ips(a.allocate(req("c")).entries) == ["10.0.0.3"]

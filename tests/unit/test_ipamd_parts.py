@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from netaddr import IPAddress
 
-from ipamd import frames
+from core import frames
 from ipamd.config import DaemonConfigError, listen_address, load
 from ipamd.metrics import Metrics
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from netaddr import IPNetwork
 
+from core.spec import PodRef, parse_ipam
 from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
-from ipamd.spec import PodRef, parse_ipam
 from ipamd.store import MemoryStore, Store
 from ipamd.store_sqlite import SchemaError, SqliteStore
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork, IPRange
 
-from ipamd import convert
-from ipamd.spec import ConfigError, mac_from_ipv4, parse_ipam, parse_requested_ips
+from core import wire
+from core.spec import ConfigError, mac_from_ipv4, parse_ipam, parse_requested_ips
 
 
 def R(a: str, b: str) -> IPRange:
@@ -182,8 +182,8 @@ def pools(draw: st.DrawFn) -> dict[str, object]:
 def test_canonical_form_round_trips(ipam: dict[str, object]) -> None:
     """What the plugin sends (canonical) parses back to the very same pool, over JSON and proto."""
     pool = parse_ipam(ipam).pool
-    assert convert.pool_from_json(convert.pool_to_json(pool)) == pool
-    assert convert.pool_from_pb(convert.pool_to_pb(pool)) == pool
+    assert wire.pool_from_json(wire.pool_to_json(pool)) == pool
+    assert wire.pool_from_pb(wire.pool_to_pb(pool)) == pool
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,4 +1,4 @@
-"""cni/netlink.py without a pod: the lean pyroute2 import, socket bookkeeping, missing-netns
+"""core/netlink.py without a pod: the lean pyroute2 import, socket bookkeeping, missing-netns
 semantics and the announcement frames. No root needed (netlink dumps and opening a missing
 path are unprivileged); the kernel-facing behaviour is in tests/integration/test_plugin_netlink.py.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from cni.errors import CniError, Code
-from cni.netlink import Netlink, garp_frame, na_message
-from cni.types import IPConfig
+from core.errors import NetnsUnusable
+from core.frames import arp_announcement, unsolicited_na
+from core.netlink import Netlink
 
 ROOT = Path(__file__).resolve().parents[2]
 MISSING = "/run/netns/ovs-underlay-unit-test-no-such-netns"
@@ -34,17 +34,17 @@ def _fresh(code: str) -> dict[str, object]:
 def test_import_loads_only_the_pyroute2_modules_it_uses_and_the_full_package_still_works() -> None:
     out = _fresh(
         "import json, sys\n"
-        "import cni.netlink\n"
+        "import core.netlink\n"
         "heavy = [m for m in ('pyroute2.ndb', 'pyroute2.ipdb', 'pyroute2.conntrack', 'pyroute2.nl80211',\n"
         "                     'pyroute2.ipset', 'pyroute2.plan9') if m in sys.modules]\n"
         "from pyroute2 import config  # a submodule: must not run the real __init__\n"
         "heavy_after_submodule = 'pyroute2.ndb' in sys.modules\n"
-        "with cni.netlink.IPRoute() as ipr:\n"
+        "with core.netlink.IPRoute() as ipr:\n"
         "    lo = ipr.link_lookup(ifname='lo')\n"
         "from pyroute2 import IPRoute, NDB\n"
         "import pyroute2\n"
         "print(json.dumps({'heavy': heavy, 'heavy_after_submodule': heavy_after_submodule, 'lo': lo,\n"
-        "                  'same': IPRoute is cni.netlink.IPRoute, 'ndb': NDB.__name__,\n"
+        "                  'same': IPRoute is core.netlink.IPRoute, 'ndb': NDB.__name__,\n"
         "                  'version': pyroute2.__version__, 'nope': hasattr(pyroute2, 'no_such_name'),\n"
         "                  'handler': [type(h).__name__ for h in __import__('logging').getLogger('pyroute2').handlers]}))\n"
     )
@@ -60,8 +60,8 @@ def test_import_after_a_regular_pyroute2_import_uses_the_real_package() -> None:
     out = _fresh(
         "import json, sys\n"
         "import pyroute2\n"
-        "import cni.netlink\n"
-        "print(json.dumps({'same': cni.netlink.IPRoute is pyroute2.IPRoute,\n"
+        "import core.netlink\n"
+        "print(json.dumps({'same': core.netlink.IPRoute is pyroute2.IPRoute,\n"
         "                  'file': sys.modules['pyroute2'].__file__.endswith('__init__.py')}))\n"
     )
     assert out == {"same": True, "file": True}
@@ -70,7 +70,7 @@ def test_import_after_a_regular_pyroute2_import_uses_the_real_package() -> None:
 def test_close_is_idempotent_and_the_object_reusable() -> None:
     nl = Netlink()
     nl.close()
-    assert nl.list_host_aliases() is not None  # opens the cached host socket
+    assert nl.host_link_alias("lo") == ""  # opens the cached host socket
     nl.close()
     nl.close()
     with Netlink() as n2:
@@ -80,15 +80,14 @@ def test_close_is_idempotent_and_the_object_reusable() -> None:
 
 def test_missing_netns_is_a_clear_error_on_add_and_gone_elsewhere() -> None:
     nl = Netlink()
-    with pytest.raises(CniError) as ei:
+    with pytest.raises(NetnsUnusable) as ei:
         nl.create_veth(host="ovunotcreated0", netns=MISSING, ifname="eth0", alias="ovs-underlay x eth0",
                        mtu=None, mac=None)
-    assert ei.value.code == Code.INVALID_NETNS and MISSING in ei.value.msg
-    for call in (lambda: nl.configure(netns=MISSING, ifname="eth0", ips=(), routes=()),
+    assert MISSING in ei.value.msg
+    for call in (lambda: nl.configure(netns=MISSING, ifname="eth0", addresses=(), routes=()),
                  lambda: nl.set_pod_mac(netns=MISSING, ifname="eth0", mac="02:00:00:00:00:01")):
-        with pytest.raises(CniError) as ei:
+        with pytest.raises(NetnsUnusable):
             call()
-        assert ei.value.code == Code.INVALID_NETNS
     assert nl.pod_state(MISSING, "eth0") is None
     assert nl.raise_pod_link_if_down(MISSING, "eth0") is False
     nl.set_pod_link_down(MISSING, "eth0")  # no error
@@ -97,15 +96,15 @@ def test_missing_netns_is_a_clear_error_on_add_and_gone_elsewhere() -> None:
 
 
 def test_announce_never_fails_add_and_warns_not_errors(caplog: pytest.LogCaptureFixture) -> None:
-    ips = (IPConfig(IPNetwork("192.0.2.5/24"), None, 1), IPConfig(IPNetwork("2001:db8::5/64"), None, 1))
+    ips = (IPNetwork("192.0.2.5/24").ip, IPNetwork("2001:db8::5/64").ip)
     with caplog.at_level(logging.DEBUG, logger="ovs-underlay"):
-        Netlink().announce(netns=MISSING, ifname="eth0", ips=ips, mac="02:00:00:00:00:05")
+        Netlink().announce(netns=MISSING, ifname="eth0", addresses=ips, mac="02:00:00:00:00:05")
     warned = [r for r in caplog.records if "announcing" in r.getMessage()]
     assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)
 
 
 def test_garp_frame_is_an_rfc5227_announcement() -> None:
-    f = garp_frame(IPAddress("192.0.2.5"), "02:00:00:00:00:05")
+    f = arp_announcement("02:00:00:00:00:05", IPAddress("192.0.2.5"))
     assert len(f) == 42
     assert f[:6] == b"\xff" * 6 and f[6:12] == bytes.fromhex("020000000005") and f[12:14] == b"\x08\x06"
     arp = f[14:]
@@ -115,7 +114,7 @@ def test_garp_frame_is_an_rfc5227_announcement() -> None:
 
 
 def test_na_message_is_an_unsolicited_override_advertisement() -> None:
-    m = na_message(IPAddress("2001:db8::5"), "02:00:00:00:00:05")
+    m = unsolicited_na(IPAddress("2001:db8::5"), "02:00:00:00:00:05")
     assert m[0] == 136 and m[1] == 0
     assert m[4] == 0x20  # O set, R and S clear
     assert m[8:24] == IPAddress("2001:db8::5").packed

@@ -1,4 +1,4 @@
-"""cni/ovsdb.py against the real ovsdb-server + ovs-vswitchd (netdev datapath).
+"""core/vswitch.py (over core/ovsdb.py) against the real ovsdb-server + ovs-vswitchd (netdev datapath).
 
 Every effect is checked through `ovs-vsctl --format=json` (netbed.ovs_rows/port/interface), not
 through the client under test. The last test measures per-call cost at 10 and at 1000 ports and
@@ -14,16 +14,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import netbed
 import pytest
 
-from cni.errors import CniError, Code
-from cni.ovsdb import OWNER, OvsdbClient, PortSpec
+from core.errors import CoreError, Missing, NotOwned, Unavailable
+from core.names import OWNER
+from core.vswitch import PortSpec, Vswitch
+from testbed import netbed
 
 
 @pytest.fixture
-def client() -> Iterator[OvsdbClient]:
-    c = OvsdbClient()
+def client() -> Iterator[Vswitch]:
+    c = Vswitch()
     yield c
     c.close()
 
@@ -61,7 +62,7 @@ def uuid_of(table: str, name: str) -> str | None:
 
 @pytest.mark.parametrize(("tag", "trunks", "mode"), [(100, (), "access"), (None, (10, 20), "trunk"),
                                                      (100, (200,), "native-untagged")])
-def test_round_trip(client: OvsdbClient, ovs_bridge: str, veth: Callable[[], str],
+def test_round_trip(client: Vswitch, ovs_bridge: str, veth: Callable[[], str],
                     tag: int | None, trunks: tuple[int, ...], mode: str) -> None:
     name, cid = veth(), netbed.container_id()
     assert client.bridge_datapath(ovs_bridge) == "netdev"
@@ -96,7 +97,7 @@ def test_round_trip(client: OvsdbClient, ovs_bridge: str, veth: Callable[[], str
     assert client.get_port(name) is None and client.find_ports({"container_id": cid}) == []
 
 
-def test_stale_port_of_ours_is_replaced_even_on_another_bridge(client: OvsdbClient, veth: Callable[[], str]) -> None:
+def test_stale_port_of_ours_is_replaced_even_on_another_bridge(client: Vswitch, veth: Callable[[], str]) -> None:
     old_br, new_br = netbed.make_bridge("ob"), netbed.make_bridge("nb")
     try:
         name, old_cid, new_cid = veth(), netbed.container_id("old"), netbed.container_id("new")
@@ -119,18 +120,17 @@ def test_stale_port_of_ours_is_replaced_even_on_another_bridge(client: OvsdbClie
 
 @pytest.mark.parametrize("foreign_ids", [{"owner": "someone-else"}, {}])
 def test_foreign_port_with_the_same_name_is_refused_and_untouched(
-        client: OvsdbClient, ovs_bridge: str, veth: Callable[[], str], foreign_ids: dict[str, str]) -> None:
+        client: Vswitch, ovs_bridge: str, veth: Callable[[], str], foreign_ids: dict[str, str]) -> None:
     name = veth()
     extra = [f"external_ids:{k}={v}" for k, v in foreign_ids.items()]
     netbed.vsctl("add-port", ovs_bridge, name, "tag=7", *(["--", "set", "Interface", name, *extra] if extra else []))
     before = netbed.ovs_rows("Port", "_uuid", "tag", "external_ids", where=[f"name={name}"])
     iface_before = netbed.ovs_rows("Interface", "_uuid", "external_ids", where=[f"name={name}"])
-    with pytest.raises(CniError) as e:
+    with pytest.raises(NotOwned) as e:
         client.add_port(spec(name, ovs_bridge, netbed.container_id()))
-    assert e.value.code == Code.INVALID_NETWORK_CONFIG
     assert f"OVS port {name} exists and is not owned by ovs-underlay" in e.value.msg
     client.delete_ports([name])  # DEL/GC never delete a row we do not own
-    with pytest.raises(CniError, match="not owned"):
+    with pytest.raises(NotOwned, match="not owned"):
         client.set_iface_ids(name, {"attached_mac": "x"})
     assert all(p.name != name for p in client.find_ports({}))
     assert netbed.ovs_rows("Port", "_uuid", "tag", "external_ids", where=[f"name={name}"]) == before
@@ -138,31 +138,30 @@ def test_foreign_port_with_the_same_name_is_refused_and_untouched(
     assert netbed.bridge_ports(ovs_bridge) == [name]
 
 
-def test_missing_bridge_is_a_clear_error_and_leaves_nothing(client: OvsdbClient, veth: Callable[[], str]) -> None:
+def test_missing_bridge_is_a_clear_error_and_leaves_nothing(client: Vswitch, veth: Callable[[], str]) -> None:
     name, missing = veth(), netbed.uniq("gone")
     assert client.bridge_datapath(missing) is None
-    with pytest.raises(CniError) as e:
+    with pytest.raises(Missing) as e:
         client.add_port(spec(name, missing, netbed.container_id()))
-    assert e.value.code == Code.INVALID_NETWORK_CONFIG and e.value.msg == f"OVS bridge {missing!r} does not exist"
+    assert e.value.msg == f"OVS bridge {missing!r} does not exist"
     assert netbed.port(name) is None and netbed.interface(name) is None
 
 
 def test_device_ovs_cannot_open_fails_with_interface_error_and_is_removed(
-        client: OvsdbClient, ovs_bridge: str) -> None:
+        client: Vswitch, ovs_bridge: str) -> None:
     name = netbed.uniq("nodev")  # no such network device
-    with pytest.raises(CniError) as e:
+    with pytest.raises(CoreError) as e:
         client.add_port(spec(name, ovs_bridge, netbed.container_id()))
-    assert e.value.code == Code.INTERNAL and f"OVS could not attach port {name} (ofport -1)" in e.value.msg
+    assert type(e.value) is CoreError and f"OVS could not attach port {name} (ofport -1)" in e.value.msg
     assert "No such device" in e.value.msg or "could not open" in e.value.msg, e.value.msg
     assert netbed.port(name) is None and netbed.interface(name) is None
 
 
 def test_unreachable_ovsdb_is_try_again_later() -> None:
-    c = OvsdbClient("unix:/run/openvswitch/no-such-db.sock", timeout_s=2)
-    with pytest.raises(CniError) as e:
+    c = Vswitch("unix:/run/openvswitch/no-such-db.sock", timeout_s=2)
+    with pytest.raises(Unavailable) as e:
         c.bridge_datapath("br0")
     c.close()
-    assert e.value.code == Code.TRY_AGAIN_LATER
     assert "OVSDB at unix:/run/openvswitch/no-such-db.sock is unreachable" in e.value.msg
 
 
@@ -214,7 +213,7 @@ def _cycle(br: str, host: str) -> dict[str, float]:
     t: dict[str, float] = {}
     waits: list[float] = []
     cpu0 = time.process_time()
-    c = OvsdbClient()
+    c = Vswitch()
     orig = c._await_ofport
 
     def timed_wait(name: str, deadline: float) -> int:
@@ -233,7 +232,7 @@ def _cycle(br: str, host: str) -> dict[str, float]:
     finally:
         c.close()
     t["  ofport wait (in add_port)"] = waits[-1]
-    c = OvsdbClient()
+    c = Vswitch()
     try:
         _timed(t, "find_ports", lambda: c.find_ports({"container_id": cid, "ifname": "eth0"}))
         _timed(t, "get_port", lambda: c.get_port(host))

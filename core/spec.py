@@ -1,9 +1,11 @@
 """The canonical IPAM definition: one alias table, one parser, one canonical form.
 
-Why here: the plugin parses the CNI `ipam` section (or an ovn-kubernetes style top level) into
-`IpamConf` and sends the pool part to ipamd; ipamd validates the same way when it stores a
-definition. Both import this module, so the rules cannot drift. Pure: netaddr and stdlib only,
-no gRPC, no I/O (the plugin imports it on the ADD path).
+Why in the core: this is the contract between the plugins and ipamd. The plugin parses the CNI
+`ipam` section (or an ovn-kubernetes style top level) into `IpamConf` and sends the pool part to
+ipamd; ipamd validates the same way when it stores a definition. Both import this module, so the
+rules cannot drift. Pure: netaddr and stdlib only, no gRPC, no I/O (the plugin imports it on the
+ADD path). Errors are `ConfigError` (a ValueError naming the key and value): each program maps
+it (the plugins to CNI code 7, ipamd to INVALID_ARGUMENT).
 
 Spellings accepted (each maps to one canonical key, see ALIASES):
 - ours:            subnets: [{subnet, gateway, rangeStart, rangeEnd, exclude: [...]}]
@@ -153,7 +155,10 @@ class Allocation:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    reachable: bool
+    """What one ARP/NDP probe saw. `answered`: someone answered for the probed address (for a
+    gateway probe, the gateway is reachable; for a conflict probe, the address is in use)."""
+
+    answered: bool
     mac: str | None
     elapsed_ms: float
     cached: bool = False

@@ -3,17 +3,20 @@
 Why: kernel link/address/route changes for one attachment, reached through netns-bound sockets.
 The process never switches its own netns. Dumps are retried on NetlinkDumpInterrupted (as Go's
 `netlinksafe` does); only named errnos are tolerated (ENODEV/ENOENT on delete, EEXIST on
-re-adding an identical address), everything else propagates.
+re-adding an identical address), everything else propagates as a neutral `core.errors` error
+(each program maps it at its edge): a pod netns that cannot be opened is `NetnsUnusable`, a pod
+interface that exists already is `AlreadyExists`, a host link of our name without our alias is
+`NotOwned`, anything else `CoreError` naming the operation and the errno.
 
 Pod-netns sockets (issue 6; numbers measured on the 2-core CI box, pyroute2 0.9.7):
 `IPRoute(netns=path, flags=0)` forks a child per socket in pyroute2 0.9 (netns.create_socket ->
 ChildProcess), ~4-9 ms per open, and a dual-stack ADD opened 4 of them. Instead the
-NETLINK_ROUTE socket is made by `ipamd.netns_socket.socket_in_netns` (a short-lived thread
+NETLINK_ROUTE socket is made by `core.netns.socket_in_netns` (a short-lived thread
 setns()es, creates the socket, exits: ~0.1 ms, no fork) and handed to `IPRoute(use_socket=...)`.
 It opens the path read-only, so a missing path fails exactly as `flags=0` does (no netns is ever
 created). A `Netlink` keeps ONE host IPRoute and ONE IPRoute per pod netns for the life of a
 verb and `close()` (called by `Drivers.close()`) releases them: one object = one invocation.
-Missing netns: ADD steps raise CniError(INVALID_NETNS); `pod_state` returns None (gone).
+Missing netns: ADD steps raise NetnsUnusable; `pod_state` returns None (gone).
 
 Import cost: `from pyroute2 import IPRoute` costs 100-145 ms, because pyroute2/__init__.py is a
 re-export aggregator importing ~40 modules we never use (ipdb, ndb, conntrack, nl80211, plan9,
@@ -26,39 +29,37 @@ submodule, so any later `from pyroute2 import X` (NDB, IPRoute, ...) still works
 works with PyInstaller's importer, and packaging/ovs-underlay.spec collects every pyroute2
 submodule.
 
-Announcements (gratuitous ARP / unsolicited NA), made inside the pod netns by
-ipamd.netns_socket: one GARP per IPv4 address and one NA per IPv6 address, sent at once (as
+Announcements (gratuitous ARP / unsolicited NA, frames from core.frames), sent inside the pod
+netns through core.netns: one GARP per IPv4 address and one NA per IPv6 address, sent at once (as
 ovs-cni does: no repeats, no sleeps). The old sender cost ~30 ms per IPv4 address, all in the
 kernel's RCU grace period (synchronize_net, ~13 ms here): AF_PACKET bound to ETH_P_ARP paid it
 twice, on bind() (re-hooking the protocol) and on close() (packet_release). The socket now has
 protocol 0 (no receive hook, so no bind) and sendto()s to (ifname, ETH_P_ARP); sendto transmits
 synchronously, so the frame is on the wire when it returns, and the unavoidable close() runs on
-a daemon thread that overlaps the rest of ADD. The NA no longer opens a (forking) IPRoute just
-to learn the ifindex: SIOCGIFINDEX on its own socket answers in the pod netns.
+the closer thread (core.netns.close_later). The NA does not open a (forking) IPRoute just to
+learn the ifindex: SIOCGIFINDEX on its own socket answers in the pod netns.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import importlib
 import importlib.util
 import logging
 import os
 import socket
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from netaddr import IPAddress, IPNetwork
 
-from cni.errors import CniError, Code
-from cni.types import IPConfig, Route
-from ipamd.netns_socket import socket_in_netns
+from core.errors import AlreadyExists, CoreError, NetnsUnusable, NotOwned
+from core.frames import ETH_P_ARP, arp_announcement, unsolicited_na
+from core.netns import close_later, ifindex, socket_in_netns
 
 _log = logging.getLogger("ovs-underlay.netlink")
 
@@ -104,15 +105,36 @@ from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError  # 
 
 T = TypeVar("T")
 IFA_F_NODAD = 0x02
-ALIAS_PREFIX = "ovs-underlay "
 RT_PROTO_STATIC = 4
 RT_PROTO_BOOT = 3
 IFF_UP = 1
 NETLINK_ROUTE = 0
 NL_BUFSIZE = 1 << 20  # what pyroute2 sets on the sockets it creates itself
-ETH_P_ARP = 0x0806
-SIOCGIFINDEX = 0x8933
 _GONE = (errno.ENOENT, errno.EINVAL)  # no such path / the path is not a netns (any more)
+
+
+class RouteLike(Protocol):
+    """A route to install (the CNI result's route type satisfies it)."""
+
+    @property
+    def dst(self) -> IPNetwork: ...
+    @property
+    def gw(self) -> IPAddress | None: ...
+    @property
+    def mtu(self) -> int: ...
+    @property
+    def advmss(self) -> int: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def table(self) -> int | None: ...
+    @property
+    def scope(self) -> int | None: ...
+
+
+class PodRoute(NamedTuple):
+    dst: IPNetwork
+    gw: IPAddress | None
 
 
 @dataclass(frozen=True)
@@ -129,7 +151,7 @@ class PodLink:
 class PodState:
     link: PodLink
     addresses: tuple[IPNetwork, ...]  # global-scope addresses
-    routes: tuple[Route, ...]  # main-table unicast routes with a gateway or non-kernel proto
+    routes: tuple[PodRoute, ...]  # main-table unicast routes with a gateway or non-kernel proto
 
 
 def _retry(fn: Callable[[], T], what: str) -> T:
@@ -142,8 +164,8 @@ def _retry(fn: Callable[[], T], what: str) -> T:
     return fn()
 
 
-def _nl_error(what: str, exc: NetlinkError, code: int = Code.INTERNAL) -> CniError:
-    return CniError(code, f"{what}: {os.strerror(exc.code)} (errno {exc.code})")
+def _nl_error(what: str, exc: NetlinkError) -> CoreError:
+    return CoreError(f"{what}: {os.strerror(exc.code)} (errno {exc.code})")
 
 
 def open_pod_iproute(netns: str) -> Any:
@@ -161,9 +183,10 @@ def open_pod_iproute(netns: str) -> Any:
 
 
 class Netlink:
-    """Link/address/route operations for the plugin. Create one per invocation and `close()` it
-    at the end (Drivers.close does): it keeps one host socket and one socket per pod netns open
-    in between. Not thread-safe (pyroute2 sockets are bound to their creating thread)."""
+    """Link/address/route operations on the host and in pod netns. Create one per invocation and
+    `close()` it at the end (the plugin's Drivers.close does): it keeps one host socket and one
+    socket per pod netns open in between. Not thread-safe (pyroute2 sockets are bound to their
+    creating thread)."""
 
     def __init__(self) -> None:
         self._host: Any = None
@@ -192,14 +215,14 @@ class Netlink:
         return self._host
 
     def _pod(self, netns: str) -> Any:
-        """The cached pod-netns IPRoute; a netns that cannot be opened is a CniError (ADD)."""
+        """The cached pod-netns IPRoute; a netns that cannot be opened raises NetnsUnusable."""
         ipr = self._pods.get(netns)
         if ipr is None:
             try:
                 ipr = open_pod_iproute(netns)
             except OSError as exc:
-                code = Code.INVALID_NETNS if exc.errno in _GONE else Code.INTERNAL
-                raise CniError(code, f"cannot open netlink in netns {netns}: {exc.strerror or exc}") from exc
+                kind = NetnsUnusable if exc.errno in _GONE else CoreError
+                raise kind(f"cannot open netlink in netns {netns}: {exc.strerror or exc}") from exc
             self._pods[netns] = ipr
         return ipr
 
@@ -215,16 +238,6 @@ class Netlink:
                 return None
             raise
         return str(msg.get("ifalias") or "")
-
-    def list_host_aliases(self) -> dict[str, str]:
-        """{name: alias} of host links whose alias starts with "ovs-underlay "."""
-        ipr = self._host_ipr()
-        out = {}
-        for msg in _retry(lambda: list(ipr.link("dump")), "dump links"):
-            alias = msg.get("ifalias") or ""
-            if alias.startswith(ALIAS_PREFIX):
-                out[str(msg.get("ifname"))] = str(alias)
-        return out
 
     def delete_host_link(self, name: str, alias: str) -> bool:
         """Delete host link `name` only if its alias is exactly `alias`. True if deleted."""
@@ -250,16 +263,16 @@ class Netlink:
     def create_veth(self, *, host: str, netns: str, ifname: str, alias: str, mtu: int | None,
                     mac: str | None) -> PodLink:
         """Create the pair with the pod end directly in `netns` named `ifname`; set the host
-        end's alias, MTU and up; the pod end's MTU, MAC and up. Raises CniError when `ifname`
-        already exists in the netns or `host` exists and is not ours."""
+        end's alias, MTU and up; the pod end's MTU, MAC and up. Raises AlreadyExists when
+        `ifname` already exists in the netns, NotOwned when `host` exists without our alias."""
         pod = self._pod(netns)
         if _retry(lambda: pod.link_lookup(ifname=ifname), "lookup"):
-            raise CniError(Code.INVALID_ENV, f"interface {ifname} already exists in netns {netns}",
-                           "CNI_IFNAME must not exist in the container before ADD")
+            raise AlreadyExists(f"interface {ifname} already exists in netns {netns}",
+                                "CNI_IFNAME must not exist in the container before ADD")
         have = self.host_link_alias(host)
         if have is not None:
             if have != alias:
-                raise CniError(Code.INTERNAL, f"host link {host} exists and is not ours (alias {have!r})")
+                raise NotOwned(f"host link {host} exists and is not ours (alias {have!r})")
             _log.info("removing stale host link %s left by an earlier attempt", host)
             self.delete_host_link(host, alias)
         peer: dict[str, Any] = {"ifname": ifname}
@@ -276,14 +289,13 @@ class Netlink:
                 ipr.link("add", ifname=host, kind="veth", peer=peer, **kw)
             except NetlinkError as exc:
                 if exc.code == errno.EEXIST:
-                    raise CniError(Code.INVALID_ENV,
-                                   f"cannot create veth {host}/{ifname}: {ifname} exists in {netns} "
-                                   f"or {host} exists on the host") from exc
+                    raise AlreadyExists(f"cannot create veth {host}/{ifname}: {ifname} exists in {netns} "
+                                        f"or {host} exists on the host") from exc
                 raise _nl_error(f"create veth {host} (peer {ifname} in {netns})", exc) from exc
             try:
                 made = ipr.link("get", ifname=host)[0]
             except NetlinkError as exc:
-                raise CniError(Code.INTERNAL, f"veth {host} vanished after creation: {exc}") from exc
+                raise CoreError(f"veth {host} vanished after creation: {exc}") from exc
             ipr.link("set", index=made["index"], ifalias=alias, state="up")
             host_mac = str(made.get("address"))  # alias and state do not change the MAC
         finally:
@@ -299,25 +311,25 @@ class Netlink:
         pod = self._pod(netns)
         idx = _retry(lambda: pod.link_lookup(ifname=ifname), "lookup")
         if not idx:
-            raise CniError(Code.INTERNAL, f"interface {ifname} is missing in {netns}")
+            raise CoreError(f"interface {ifname} is missing in {netns}")
         try:
             pod.link("set", index=idx[0], address=mac)
         except NetlinkError as exc:
             raise _nl_error(f"set MAC {mac} on {ifname}", exc) from exc
 
-    def configure(self, *, netns: str, ifname: str, ips: Sequence[IPConfig], routes: Sequence[Route]) -> None:
+    def configure(self, *, netns: str, ifname: str, addresses: Sequence[IPNetwork],
+                  routes: Sequence[RouteLike]) -> None:
         """Add addresses (IPv6 without DAD: conflicts were probed by ipamd) and routes."""
         pod = self._pod(netns)
         idx = _retry(lambda: pod.link_lookup(ifname=ifname), "lookup")
         if not idx:
-            raise CniError(Code.INTERNAL, f"interface {ifname} is missing in {netns}")
-        for ip in ips:
-            kw: dict[str, Any] = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
+            raise CoreError(f"interface {ifname} is missing in {netns}")
+        for address in addresses:
+            kw: dict[str, Any] = {"flags": IFA_F_NODAD} if address.version == 6 else {}
             try:
-                pod.addr("add", index=idx[0], address=str(ip.address.ip),
-                         prefixlen=ip.address.prefixlen, **kw)
+                pod.addr("add", index=idx[0], address=str(address.ip), prefixlen=address.prefixlen, **kw)
             except NetlinkError as exc:
-                raise _nl_error(f"add address {ip.address} to {ifname}", exc) from exc
+                raise _nl_error(f"add address {address} to {ifname}", exc) from exc
         for r in routes:
             kw = {"dst": str(r.dst), "oif": idx[0]}
             if r.gw is not None:
@@ -351,7 +363,7 @@ class Netlink:
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENODEV):
                 return False
-            raise CniError(Code.INTERNAL, f"open netlink in {netns}: {exc}") from exc
+            raise CoreError(f"open netlink in {netns}: {exc}") from exc
         with pod:
             try:
                 msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
@@ -375,16 +387,14 @@ class Netlink:
                 raise _nl_error(f"set {ifname} down in {netns}", exc) from exc
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                raise CniError(Code.INTERNAL, f"open netlink in {netns}: {exc}") from exc
+                raise CoreError(f"open netlink in {netns}: {exc}") from exc
 
     def pod_state(self, netns: str, ifname: str) -> PodState | None:
         """The pod interface as the kernel sees it, or None when the netns or link is gone."""
         try:
             pod = self._pod(netns)
-        except CniError as exc:
-            if exc.code == Code.INVALID_NETNS:  # ENOENT / EINVAL: the netns is gone
-                return None
-            raise
+        except NetnsUnusable:  # ENOENT / EINVAL: the netns is gone
+            return None
         try:
             msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
         except NetlinkError as exc:
@@ -406,45 +416,27 @@ class Netlink:
             fam = "0.0.0.0/0" if r["family"] == socket.AF_INET else "::/0"
             dst = IPNetwork(f"{r.get('dst')}/{r['dst_len']}") if r.get("dst") else IPNetwork(fam)
             gw = r.get("gateway")
-            routes.append(Route(dst=dst.cidr, gw=IPAddress(gw) if gw else None))
+            routes.append(PodRoute(dst=dst.cidr, gw=IPAddress(gw) if gw else None))
         return PodState(link, tuple(addrs), tuple(routes))
 
-    def announce(self, *, netns: str, ifname: str, ips: Sequence[IPConfig], mac: str) -> None:
+    def announce(self, *, netns: str, ifname: str, addresses: Sequence[IPAddress], mac: str) -> None:
         """Gratuitous ARP (IPv4) / unsolicited neighbour advertisement (IPv6) so the switch
         fabric and neighbours learn the new address and MAC at once: one of each per address,
         sent now, nothing repeated or awaited. Failures are logged: announcing is an
         optimisation, never a reason to fail ADD."""
-        v4 = [ip.address.ip for ip in ips if ip.version == 4]
+        v4 = [ip for ip in addresses if ip.version == 4]
         if v4:
             try:
                 _garp(netns, ifname, v4, mac)
             except OSError as exc:
                 _log.warning("announcing %s on %s failed: %s", ",".join(map(str, v4)), ifname, exc)
-        for ip in ips:
+        for ip in addresses:
             if ip.version != 6:
                 continue
             try:
-                _unsolicited_na(netns, ifname, ip.address.ip, mac)
+                _unsolicited_na(netns, ifname, ip, mac)
             except OSError as exc:
-                _log.warning("announcing %s on %s failed: %s", ip.address.ip, ifname, exc)
-
-
-def _mac_bytes(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
-
-
-def garp_frame(ip: IPAddress, mac: str) -> bytes:
-    """Broadcast ARP request with sender = target = ip (RFC 5227 'ARP announcement')."""
-    m = _mac_bytes(mac)
-    eth = b"\xff" * 6 + m + struct.pack("!H", ETH_P_ARP)
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + m + bytes(ip.packed) + b"\x00" * 6 + bytes(ip.packed)
-    return eth + arp
-
-
-def _close_in_background(sock: socket.socket) -> None:
-    """close() an AF_PACKET socket without waiting for it: packet_release() always waits for an
-    RCU grace period (synchronize_net, ~13 ms on a busy box). What was sent is already sent."""
-    threading.Thread(target=sock.close, name="packet-socket-close", daemon=True).start()
+                _log.warning("announcing %s on %s failed: %s", ip, ifname, exc)
 
 
 def _garp(netns: str, ifname: str, ips: Sequence[IPAddress], mac: str) -> None:
@@ -453,31 +445,18 @@ def _garp(netns: str, ifname: str, ips: Sequence[IPAddress], mac: str) -> None:
     sock = socket_in_netns(netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         for ip in ips:
-            sock.sendto(garp_frame(ip, mac), (ifname, ETH_P_ARP))
+            sock.sendto(arp_announcement(mac, ip), (ifname, ETH_P_ARP))
     finally:
-        _close_in_background(sock)
-
-
-def na_message(ip: IPAddress, mac: str) -> bytes:
-    """ICMPv6 neighbour advertisement (override flag) with the target link-layer address
-    option; the kernel fills in the checksum on raw ICMPv6 sockets."""
-    flags = 0x20000000  # O (override); not a router, not solicited
-    return struct.pack("!BBHI", 136, 0, 0, flags) + bytes(ip.packed) + bytes([2, 1]) + _mac_bytes(mac)
-
-
-def _ifindex(sock: socket.socket, ifname: str) -> int:
-    """The index of `ifname` in the netns `sock` lives in (SIOCGIFINDEX; ENODEV if missing)."""
-    res = fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, struct.pack("16si12x", ifname.encode(), 0))
-    return int(struct.unpack("16si12x", res)[1])
+        close_later(sock)
 
 
 def _unsolicited_na(netns: str, ifname: str, ip: IPAddress, mac: str) -> None:
     sock = socket_in_netns(netns, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
     with sock:
-        idx = _ifindex(sock, ifname)
+        idx = ifindex(sock, ifname)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
         sock.bind((str(ip), 0, 0, 0))
-        sock.sendto(na_message(ip, mac), ("ff02::1", 0, 0, idx))
+        sock.sendto(unsolicited_na(ip, mac), ("ff02::1", 0, 0, idx))

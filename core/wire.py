@@ -1,9 +1,14 @@
-"""Proto <-> domain conversion, in one place for the client, the server and the stores.
+"""The ipamd wire contract: proto <-> spec conversion and the error reasons, in one place.
 
-Why one module: the wire format (ipamd/_proto) and the domain types (ipamd.spec, ipamd.model)
-must agree in exactly one spot. A pool definition crosses the wire in its canonical form and is
-re-validated on arrival through `spec.parse_ipam`, the same parser the plugin used, so a
-hand-made or corrupted request is refused with the parser's precise message.
+Why one module: the wire format (core/_proto) and the IPAM contract (core.spec) must agree in
+exactly one spot, for the client (core.ipamd_client), the daemon (ipamd/service.py) and the
+stores. A pool definition crosses the wire in its canonical form and is re-validated on arrival
+through `spec.parse_ipam`, the same parser the plugin used, so a hand-made or corrupted request
+is refused with the parser's precise message.
+
+Errors travel as a gRPC status plus the trailing metadata REASON_KEY holding one of `Reason`:
+machine-readable, so each client maps it to its own codes (the CNI plugins: cni/errors.py) and
+the daemon never needs to know what a CNI code is.
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
-from ipamd._proto import ipam_pb2 as pb
-from ipamd.model import QUARANTINED, Entry
-from ipamd.spec import (
+from core._proto import ipam_pb2 as pb
+from core.spec import (
     Allocation,
     ConfigError,
     DnsSpec,
@@ -26,6 +30,27 @@ from ipamd.spec import (
     RouteSpec,
     parse_ipam,
 )
+
+# Trailing metadata key of a failed call: the machine-readable reason (see proto/ipam.proto).
+REASON_KEY = "ovs-underlay-reason"
+
+
+class Reason:
+    """Why ipamd refused a request. The strings are the wire contract: add, never rename."""
+
+    INVALID_POOL = "INVALID_POOL"  # the pool definition does not validate
+    INVALID_REQUEST = "INVALID_REQUEST"  # a field of the request is malformed or missing
+    POOL_CHANGED = "POOL_CHANGED"  # the network's definition changed unsafely
+    POOL_EXHAUSTED = "POOL_EXHAUSTED"
+    ADDRESS_TAKEN = "ADDRESS_TAKEN"  # a requested address is held or quarantined
+    ADDRESS_OUT_OF_POOL = "ADDRESS_OUT_OF_POOL"  # outside the subnets/range, excluded, reserved
+    GATEWAY_UNREACHABLE = "GATEWAY_UNREACHABLE"
+    ADDRESS_CONFLICT = "ADDRESS_CONFLICT"  # answered for on the wire
+    LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
+    INVALID_NETNS = "INVALID_NETNS"  # the netns to probe from is not usable
+    COMMIT_FAILED = "COMMIT_FAILED"  # the store could not make the change durable
+    INTERNAL = "INTERNAL"
+
 
 # ---------------------------------------------------------------------------------------------
 # pool definitions
@@ -153,29 +178,6 @@ def ip_from_pb(value: str, what: str) -> IPAddress:
 
 # ---------------------------------------------------------------------------------------------
 # leases
-
-
-def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
-    """Group address entries into one Lease per (network, attachment, state)."""
-    grouped: dict[tuple[str, str, str, str], list[Entry]] = {}
-    for e in entries:
-        # Quarantined addresses are listed one by one: each has its own answering MAC.
-        key = (e.network, e.container_id, e.ifname, e.state + (str(e.ip) if e.state == QUARANTINED else ""))
-        grouped.setdefault(key, []).append(e)
-    out = []
-    for group in grouped.values():
-        group.sort(key=lambda e: e.subnet_index)
-        first = group[0]
-        out.append(pb.Lease(
-            network=first.network, container_id=first.container_id, ifname=first.ifname,
-            pod=pod_to_pb(first.pod),
-            ips=[pb.IpConfig(address=str(e.address), gateway=str(e.gateway) if e.gateway else "")
-                 for e in group],
-            mac=next((e.mac for e in group if e.mac), ""), state=first.state,
-            created_unix_ms=first.created_ms, netns=first.netns,
-            conflict_mac=first.conflict_mac,
-        ))
-    return out
 
 
 def ips_of_lease(msg: pb.Lease) -> tuple[IpAssignment, ...]:

@@ -1,8 +1,9 @@
-"""ARP and IPv6 neighbour-discovery frames: pure builders and parsers (no sockets).
+"""ARP and IPv6 neighbour-discovery frames: pure builders and parsers (no sockets). One copy.
 
-Why by hand: the probes send from an AF_PACKET socket in the pod's netns, so they work before
-the pod's addresses are configured (RFC 5227 probes, DAD-style NS with source ::) and never
-depend on the pod's kernel choosing a source address. Pure bytes in, bytes out: unit-tested.
+Why by hand: ipamd's probes send from an AF_PACKET socket in the pod's netns, so they work
+before the pod's addresses are configured (RFC 5227 probes, DAD-style NS with source ::) and
+never depend on the pod's kernel choosing a source address; the plugin announces a new address
+(gratuitous ARP, unsolicited NA) the same way. Pure bytes in, bytes out: unit-tested.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def arp_request(src_mac: bytes, sender_ip: IPAddress | None, target: IPAddress) 
     spa = sender_ip.packed if sender_ip is not None else b"\x00" * 4
     return _ETH.pack(BROADCAST, src_mac, ETH_P_ARP) + _ARP.pack(
         1, 0x0800, 6, 4, 1, src_mac, spa, ZERO_MAC, target.packed)
+
+
+def arp_announcement(mac: str, ip: IPAddress) -> bytes:
+    """Broadcast ARP request with sender = target = ip: an RFC 5227 'ARP announcement'
+    (gratuitous ARP), so neighbours and the switch fabric learn ip -> mac at once."""
+    m = mac_bytes(mac)
+    return _ETH.pack(BROADCAST, m, ETH_P_ARP) + _ARP.pack(1, 0x0800, 6, 4, 1, m, ip.packed, ZERO_MAC,
+                                                          ip.packed)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,14 @@ def _checksum(data: bytes) -> int:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return int(~total & 0xFFFF)
+
+
+def unsolicited_na(ip: IPAddress, mac: str) -> bytes:
+    """ICMPv6 neighbour advertisement body (override flag, not a router, not solicited) with the
+    target link-layer address option, for a raw ICMPv6 socket: the kernel fills in the checksum
+    and the IPv6 header (RFC 4861 7.2.6)."""
+    flags = 0x20000000  # O (override)
+    return struct.pack("!BBHI", ICMPV6_NA, 0, 0, flags) + bytes(ip.packed) + bytes([2, 1]) + mac_bytes(mac)
 
 
 def neighbor_solicitation(src_mac: bytes, sender_ip: IPAddress | None, target: IPAddress) -> bytes:

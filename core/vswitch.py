@@ -1,27 +1,14 @@
-"""OVSDB boundary: the only module that imports `ovs` (its JSON-RPC layer, not the IDL).
+"""Open_vSwitch operations: our ports on a bridge, as RFC 7047 transactions (core/ovsdb.py).
 
-Why JSON-RPC with hand-built RFC 7047 `transact` requests, and not the IDL (issue 6): the IDL
-fetches and parses the whole schema and then a monitor reply holding EVERY Port and Interface
-row, with ovs's pure-Python JSON parser (the PyPI wheel has no C extension). Measured per plugin
-exec on a netdev bridge (2 busy cores, medians): the IDL client's ADD calls took 29 ms at 10
-ports and 198 ms at 1000, its DEL calls 28 / 285 ms, nearly all of it the initial sync (the
-bench's cProfile phase view showed ~89 ms per ADD). Here every call is one to three
-`transact`s whose `where` clauses name the rows (by name, by _uuid, by `external_ids
-includes`), so no request or reply grows with the bridge: each call is 0.2-1.2 ms at 10 AND at
-1000 ports, ADD 1.6 ms + the ofport wait, DEL 2.3 ms; our CPU per ADD+DEL ~3 ms at both sizes.
-No schema fetch, no monitor, no replica. (ovsdb-server still scans the Interface table for an
-`external_ids includes` where, in C, and rewrites Bridge.ports on attach/detach: ~0.3 ms more
-per write at 1000 ports.) The column names used are stable in the Open_vSwitch schema.
-
-Why not `ovs-vsctl`: one process fork per pod is what overloads nodes in pod bursts
-(kube-ovn #3210). Why the `ovs` library at all: its stream/JSON-RPC layer handles unix/tcp/ssl
-remotes and framing; only the message parsing is ours to keep small.
-
-Shape: pure builders turn intent into `Step`s (one RFC 7047 operation + what it means + the
-count it must return + the error to raise when it fails); `check_reply` checks EVERY element
-of a transact reply (an op's "error", the trailing commit error, counts, a short result) and
-raises `CniError`s that name the operation. `OvsdbClient` only looks rows up, calls the
-builders and sends. All of that is unit-tested without OVS.
+What: pure builders that turn intent into `Step`s (add a port: `add_port_steps`; delete our
+ports: `delete_steps`; wait for ovs-vswitchd to attach a port: `ofport_steps`; merge ids:
+`set_ids_steps`) and `Vswitch`, which only looks rows up, calls the builders and sends, over one
+`OvsdbClient(remote, "Open_vSwitch")`. Every call is one to three `transact`s whose `where`
+clauses name the rows (by name, by _uuid, by `external_ids includes`), so no request or reply
+grows with the bridge: ADD 1.6 ms + the ofport wait, DEL 2.3 ms, at 10 and at 1000 ports
+(ovsdb-server still scans the Interface table for an `external_ids includes` where, in C, and
+rewrites Bridge.ports on attach/detach: ~0.3 ms more per write at 1000 ports). The column names
+used are stable in the Open_vSwitch schema.
 
 Ownership: our Port and Interface rows carry external_ids `owner=ovs-underlay`, `container_id`,
 `ifname` (Interface also netns, network, pod, attached MAC, IPs). We never delete a row whose
@@ -38,28 +25,43 @@ reconfiguring the bridge, O(ports) inside OVS. ofport -1 means OVS could not ope
 ADD fails with Interface.error and removes the port it just added (the caller's rollback only
 covers an add_port that returned).
 
-vlog: the ovs library logs through its own `Vlog`; we initialise it once with syslog off and
-route its console destination into our "ovs-underlay.ovsdb" logger.
+Errors (core.errors): a same-named row that is not ours is `NotOwned`, a missing bridge
+`Missing`, an attach that does not come within OFPORT_WAIT_MS `Unavailable` (back-pressure, try
+again), anything else from core/ovsdb.py.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ovs.jsonrpc
-import ovs.poller
-import ovs.stream
-import ovs.vlog
+from core.errors import CoreError, Missing, NotOwned, Unavailable
+from core.names import OWNER
+from core.ovsdb import (
+    Changed,
+    NamedUuid,
+    OvsdbClient,
+    Step,
+    Uuid,
+    eq,
+    from_atom,
+    includes,
+    map_of,
+    op_comment,
+    op_delete,
+    op_insert,
+    op_mutate,
+    op_select,
+    op_wait,
+    optional,
+    rows_of,
+    set_of,
+    to_datum,
+)
 
-from cni.errors import CniError, Code
-
-OWNER = "ovs-underlay"
 DEFAULT_REMOTE = "unix:/run/openvswitch/db.sock"
 DB = "Open_vSwitch"
 # Upper bound for ovs-vswitchd to attach a new port (ofport set). It reconfigures the bridge on
@@ -71,8 +73,6 @@ _ATTEMPTS = 3  # a lookup-then-write raced with another writer: redo it this oft
 PORT_COLUMNS = ["_uuid", "name", "interfaces", "tag", "trunks", "vlan_mode", "external_ids"]
 IFACE_COLUMNS = ["_uuid", "external_ids", "ofport"]
 _log = logging.getLogger("ovs-underlay.ovsdb")
-
-Op = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +90,6 @@ class PortSpec:
     trunks: tuple[int, ...] = ()
     iface_ids: Mapping[str, str] = field(default_factory=dict)
     port_ids: Mapping[str, str] = field(default_factory=dict)
-    mtu_request: int | None = None
     ofport_request: int | None = None
 
 
@@ -151,8 +150,6 @@ def port_columns(spec: PortSpec) -> dict[str, Any]:
 
 def iface_columns(spec: PortSpec) -> dict[str, Any]:
     cols: dict[str, Any] = {"name": spec.name, "type": "", "external_ids": dict(spec.iface_ids)}
-    if spec.mtu_request is not None:
-        cols["mtu_request"] = [spec.mtu_request]
     if spec.ofport_request is not None:
         cols["ofport_request"] = [spec.ofport_request]
     return cols
@@ -163,178 +160,7 @@ def matches(ids: Mapping[str, str], want: Mapping[str, str]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# RFC 7047 values: python -> OVSDB JSON and back (pure)
-
-
-class Uuid(str):
-    """A row reference (`["uuid", u]` on the wire)."""
-
-
-class NamedUuid(str):
-    """A reference to a row inserted earlier in the same transaction (`["named-uuid", n]`)."""
-
-
-def _atom(v: Any) -> Any:
-    if isinstance(v, NamedUuid):
-        return ["named-uuid", str(v)]
-    if isinstance(v, Uuid):
-        return ["uuid", str(v)]
-    return v
-
-
-def to_datum(value: Any) -> Any:
-    """Python value -> OVSDB datum: Mapping -> map, list/tuple -> set, else an atom."""
-    if isinstance(value, Mapping):
-        return ["map", [[_atom(k), _atom(v)] for k, v in sorted(value.items())]]
-    if isinstance(value, (list, tuple)):
-        return ["set", [_atom(v) for v in value]]
-    return _atom(value)
-
-
-class MalformedReply(CniError):
-    def __init__(self, what: str, value: Any) -> None:
-        super().__init__(Code.INTERNAL, f"OVSDB reply: malformed {what}: {str(value)[:200]}")
-
-
-def from_atom(v: Any) -> Any:
-    if isinstance(v, list):
-        if len(v) == 2 and v[0] == "uuid" and isinstance(v[1], str):
-            return Uuid(v[1])
-        raise MalformedReply("atom", v)
-    return v
-
-
-def set_of(v: Any) -> list[Any]:
-    """A set datum as a list (RFC 7047 sends a one-element set as the bare atom)."""
-    if isinstance(v, list) and len(v) == 2 and v[0] == "set" and isinstance(v[1], list):
-        return [from_atom(x) for x in v[1]]
-    return [from_atom(v)]
-
-
-def optional(v: Any) -> Any:
-    s = set_of(v)
-    return s[0] if s else None
-
-
-def map_of(v: Any) -> dict[str, str]:
-    if not (isinstance(v, list) and len(v) == 2 and v[0] == "map" and isinstance(v[1], list)):
-        raise MalformedReply("map", v)
-    out: dict[str, str] = {}
-    for pair in v[1]:
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise MalformedReply("map pair", pair)
-        out[str(pair[0])] = str(pair[1])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Operations and steps (pure)
-
-
-def eq(column: str, value: Any) -> list[Any]:
-    return [column, "==", to_datum(value)]
-
-
-def includes(column: str, value: Any) -> list[Any]:
-    return [column, "includes", to_datum(value)]
-
-
-def op_select(table: str, where: list[list[Any]], columns: Sequence[str]) -> Op:
-    return {"op": "select", "table": table, "where": where, "columns": list(columns)}
-
-
-def op_insert(table: str, row: Mapping[str, Any], uuid_name: str) -> Op:
-    return {"op": "insert", "table": table, "row": {k: to_datum(v) for k, v in row.items()},
-            "uuid-name": uuid_name}
-
-
-def op_mutate(table: str, where: list[list[Any]], mutations: list[list[Any]]) -> Op:
-    return {"op": "mutate", "table": table, "where": where, "mutations": mutations}
-
-
-def op_delete(table: str, where: list[list[Any]]) -> Op:
-    return {"op": "delete", "table": table, "where": where}
-
-
-def op_wait(table: str, where: list[list[Any]], columns: Sequence[str], until: str,
-            rows: list[dict[str, Any]], timeout_ms: int) -> Op:
-    return {"op": "wait", "table": table, "where": where, "columns": list(columns), "until": until,
-            "rows": rows, "timeout": timeout_ms}
-
-
-def op_comment(text: str) -> Op:
-    return {"op": "comment", "comment": text}
-
-
-class TxnFailed(CniError):
-    """One operation of a transaction (or its commit) failed; `index` is the op's position
-    (len(steps) for a commit-time error)."""
-
-    def __init__(self, code: int, msg: str, index: int, error: str, details: str = "") -> None:
-        super().__init__(code, msg, details)
-        self.index = index
-        self.error = error
-
-
-class Changed(CniError):
-    """The rows changed between our lookup and our write (a guard `wait` failed): redo both."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(Code.TRY_AGAIN_LATER, f"OVSDB rows changed concurrently: {what}")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One operation of a transaction, what it means (for error messages), the "count" it must
-    return (None: not checked) and the error to raise instead of the generic one if it fails."""
-
-    op: Op
-    what: str
-    count: int | None = None
-    error: CniError | None = None
-
-
-def check_reply(steps: Sequence[Step], result: Any) -> list[dict[str, Any]]:
-    """Check EVERY element of a transact reply's "result" (RFC 7047 §4.1.3) and return the
-    per-operation results. Raises on: a non-array result; an operation's {"error"} (its
-    `Step.error` if given); a trailing commit error (e.g. "constraint violation",
-    "referential integrity violation"); a missing or non-object result; a wrong "count"."""
-    if not isinstance(result, list):
-        raise MalformedReply("transact result", result)
-    for i, r in enumerate(result):
-        if isinstance(r, dict) and "error" in r:
-            error, details = str(r.get("error")), str(r.get("details") or "")
-            if i < len(steps):
-                step = steps[i]
-                if step.error is not None:
-                    raise step.error
-                raise TxnFailed(Code.INTERNAL, f"OVSDB {step.op['op']} {step.op.get('table', '')} "
-                                f"({step.what}) failed: {error}" + (f": {details}" if details else ""),
-                                i, error, details)
-            what = "; ".join(s.what for s in steps if s.op["op"] not in ("select", "comment"))
-            raise TxnFailed(Code.INTERNAL, f"OVSDB transaction ({what}) failed at commit: {error}"
-                            + (f": {details}" if details else ""), i, error, details)
-    if len(result) < len(steps):
-        raise MalformedReply(f"transact result ({len(result)} results for {len(steps)} operations)",
-                             result)
-    out: list[dict[str, Any]] = []
-    for i, step in enumerate(steps):
-        r = result[i]
-        if not isinstance(r, dict):
-            raise MalformedReply(f"result of {step.what}", r)
-        if step.count is not None and r.get("count") != step.count:
-            raise TxnFailed(Code.INTERNAL, f"OVSDB {step.op['op']} {step.op.get('table', '')} "
-                            f"({step.what}) changed {r.get('count')} row(s), expected {step.count}",
-                            i, "unexpected count")
-        out.append(r)
-    return out
-
-
-def rows_of(r: Mapping[str, Any]) -> list[dict[str, Any]]:
-    rows = r.get("rows")
-    if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
-        raise MalformedReply("select rows", rows)
-    return rows
+# Steps (pure)
 
 
 def bridge_steps(bridge: str) -> list[Step]:
@@ -405,16 +231,15 @@ def _remove(found: Found) -> list[Step]:
 def add_port_steps(spec: PortSpec, found: Found) -> list[Step]:
     """ONE transaction: the bridge must exist, the name's rows must be as looked up, a stale
     port of ours is removed, and the new Interface + Port are inserted and attached. Raises
-    CniError (and builds nothing) when the name is held by a row that is not ours."""
+    NotOwned (and builds nothing) when the name is held by a row that is not ours; the bridge
+    guard fails with Missing."""
     if found.port is not None and not found.ours:
-        raise CniError(Code.INVALID_NETWORK_CONFIG,
-                       f"OVS port {spec.name} exists and is not owned by {OWNER} (owner {found.owner!r}); "
+        raise NotOwned(f"OVS port {spec.name} exists and is not owned by {OWNER} (owner {found.owner!r}); "
                        "not replacing it")
     if found.stray_iface:
-        raise CniError(Code.INVALID_NETWORK_CONFIG,
-                       f"OVS interface {spec.name} exists in another port (owner "
+        raise NotOwned(f"OVS interface {spec.name} exists in another port (owner "
                        f"{found.iface_ids.get('owner')!r}); not replacing it")
-    no_bridge = CniError(Code.INVALID_NETWORK_CONFIG, f"OVS bridge {spec.bridge!r} does not exist")
+    no_bridge = Missing(f"OVS bridge {spec.bridge!r} does not exist")
     steps = [Step(op_comment(f"ovs-underlay: add port {spec.name} to {spec.bridge}"), "comment"),
              Step(op_wait("Bridge", [eq("name", spec.bridge)], ["name"], "==", [{"name": spec.bridge}], 0),
                   f"bridge {spec.bridge} exists", error=no_bridge),
@@ -432,9 +257,8 @@ def add_port_steps(spec: PortSpec, found: Found) -> list[Step]:
 
 def ofport_steps(name: str, timeout_ms: int) -> list[Step]:
     """Hold the reply until ovs-vswitchd has set Interface.ofport (or `timeout_ms`), then read it."""
-    late = CniError(Code.TRY_AGAIN_LATER,
-                    f"ovs-vswitchd did not attach OVS port {name} within {timeout_ms} ms",
-                    "is ovs-vswitchd running and keeping up?")
+    late = Unavailable(f"ovs-vswitchd did not attach OVS port {name} within {timeout_ms} ms",
+                       "is ovs-vswitchd running and keeping up?")
     return [Step(op_wait("Interface", [eq("name", name)], ["ofport"], "!=", [{"ofport": to_datum([])}],
                          timeout_ms), f"wait for ofport of {name}", error=late),
             Step(op_select("Interface", [eq("name", name)], ["ofport", "error"]), f"read ofport of {name}")]
@@ -470,128 +294,34 @@ def port_info(port: Mapping[str, Any], bridge: str | None, iface: Mapping[str, A
 
 
 # ---------------------------------------------------------------------------------------------
-# vlog routing
-
-
-class _ToOurLogger(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        _log.log(record.levelno, "%s", record.getMessage())
-
-
-_vlog_routed = False
-
-
-def _route_vlog() -> None:
-    global _vlog_routed
-    if _vlog_routed:
-        return
-    _vlog_routed = True
-    ovs.vlog.Vlog.init(None)
-    ovs.vlog.Vlog.set_levels_from_string("syslog:off")
-    ovs.vlog.Vlog.set_levels_from_string("file:off")
-    console = logging.getLogger("console")
-    for h in list(console.handlers):
-        console.removeHandler(h)
-    console.addHandler(_ToOurLogger())
-    console.propagate = False
-    logging.getLogger("syslog").disabled = True
-
-
-# ---------------------------------------------------------------------------------------------
 # Client
 
 
-class OvsdbClient:
-    """One JSON-RPC connection to ovsdb-server (opened on first use, closed by close()). Every
-    public call has a deadline of `timeout_s` seconds."""
+class Vswitch:
+    """Our ports in the Open_vSwitch database, over one OVSDB connection (opened on first use,
+    closed by close()). Every public call has a deadline of `timeout_s` seconds."""
 
     def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0) -> None:
-        _route_vlog()
-        self.remote = remote
-        self.timeout_s = timeout_s
-        self._conn: Any = None  # ovs.jsonrpc.Connection
+        self.db = OvsdbClient(remote, DB, timeout_s)
 
-    # -- connection ------------------------------------------------------------------------
-
-    def _unreachable(self, detail: str) -> CniError:
-        return CniError(Code.TRY_AGAIN_LATER, f"OVSDB at {self.remote} is unreachable: {detail}",
-                        "is ovsdb-server running? (ovsdbSocket in the network config)")
-
-    def _deadline(self) -> float:
-        return time.monotonic() + self.timeout_s
-
-    def _connect(self, deadline: float) -> Any:
-        if self._conn is None:
-            ms = max(0, int((deadline - time.monotonic()) * 1000))
-            err, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(self.remote), ms)
-            if err:
-                raise self._unreachable(os.strerror(err))
-            self._conn = ovs.jsonrpc.Connection(stream)
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
+    @property
+    def remote(self) -> str:
+        return self.db.remote
 
     def close(self) -> None:
-        self._drop()
+        self.db.close()
 
-    def __enter__(self) -> OvsdbClient:
+    def __enter__(self) -> Vswitch:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, params: list[Any], what: str, deadline: float) -> Any:
-        """Send one request and return its reply's "result" (answering echo requests meanwhile).
-        A lost connection or a passed deadline drops the connection (a late reply must not be
-        read as the answer to a later request)."""
-        conn = self._connect(deadline)
-        request = ovs.jsonrpc.Message.create_request(method, params)
-        err = conn.send(request)
-        while not err:
-            err, msg = conn.recv()
-            if err == errno.EAGAIN:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
-                    self._drop()
-                    raise CniError(Code.TRY_AGAIN_LATER,
-                                   f"OVSDB at {self.remote}: {what}: no reply within {self.timeout_s:g} s")
-                conn.run()
-                poller = ovs.poller.Poller()
-                conn.wait(poller)
-                conn.recv_wait(poller)
-                poller.timer_wait(left_ms)
-                poller.block()
-                err = 0
-            elif msg is None:
-                continue
-            elif msg.type == ovs.jsonrpc.Message.T_REQUEST and msg.method == "echo":
-                err = conn.send(ovs.jsonrpc.Message.create_reply(msg.params, msg.id))
-            elif msg.id == request.id and msg.type in (ovs.jsonrpc.Message.T_REPLY,
-                                                       ovs.jsonrpc.Message.T_ERROR):
-                if msg.error is not None:
-                    raise CniError(Code.INTERNAL, f"OVSDB at {self.remote}: {what}: {msg.error}")
-                return msg.result
-        self._drop()
-        raise self._unreachable(f"{what}: " + ("connection closed" if err == ovs.jsonrpc.EOF
-                                               else os.strerror(err)))
-
-    def transact(self, steps: Sequence[Step], deadline: float | None = None) -> list[dict[str, Any]]:
-        """Run `steps` as ONE transaction and return their checked results."""
-        what = "; ".join(s.what for s in steps if s.op["op"] != "comment")
-        t0 = time.monotonic()
-        result = self._request("transact", [DB, *(s.op for s in steps)], what,
-                               deadline if deadline is not None else self._deadline())
-        _log.debug("OVSDB %s: %.1f ms", what, (time.monotonic() - t0) * 1000)
-        return check_reply(steps, result)
-
     # -- reads -----------------------------------------------------------------------------
 
     def bridge_datapath(self, bridge: str) -> str | None:
         """The bridge's datapath type ("system" when empty), or None when it does not exist."""
-        rows = rows_of(self.transact(bridge_steps(bridge))[0])
+        rows = rows_of(self.db.transact(bridge_steps(bridge))[0])
         return (str(rows[0]["datapath_type"]) or "system") if rows else None
 
     def _infos(self, ports: list[dict[str, Any]], ifaces: Mapping[str, dict[str, Any]],
@@ -611,7 +341,7 @@ class OvsdbClient:
                                   f"read interface of port {p['name']}"))
         if not steps:
             return []
-        results = iter(self.transact(steps, deadline))
+        results = iter(self.db.transact(steps, deadline))
         out = []
         for p, pick in zip(ports, chosen, strict=True):
             bridges = rows_of(next(results))
@@ -625,22 +355,22 @@ class OvsdbClient:
         return out
 
     def get_port(self, name: str) -> PortInfo | None:
-        deadline = self._deadline()
-        rows = rows_of(self.transact([Step(op_select("Port", [eq("name", name)], PORT_COLUMNS),
+        deadline = self.db.deadline()
+        rows = rows_of(self.db.transact([Step(op_select("Port", [eq("name", name)], PORT_COLUMNS),
                                            f"read port {name}")], deadline)[0])
         return self._infos(rows, {}, deadline)[0] if rows else None
 
     def find_ports(self, want: Mapping[str, str]) -> list[PortInfo]:
         """Ports whose Interface external_ids contain all of `want` (plus owner=ovs-underlay)."""
-        deadline = self._deadline()
+        deadline = self.db.deadline()
         want = {"owner": OWNER, **want}
-        ifaces = rows_of(self.transact([Step(
+        ifaces = rows_of(self.db.transact([Step(
             op_select("Interface", [includes("external_ids", want)], IFACE_COLUMNS),
             "find interfaces by external_ids")], deadline)[0])
         if not ifaces:
             return []
         by_uuid = {from_atom(i["_uuid"]): i for i in ifaces}
-        results = self.transact([Step(op_select("Port", [includes("interfaces", [u])], PORT_COLUMNS),
+        results = self.db.transact([Step(op_select("Port", [includes("interfaces", [u])], PORT_COLUMNS),
                                       "find port of interface") for u in by_uuid], deadline)
         ports: dict[str, dict[str, Any]] = {}
         for r in results:
@@ -651,18 +381,18 @@ class OvsdbClient:
     # -- writes ----------------------------------------------------------------------------
 
     def _lookup(self, names: Sequence[str], deadline: float) -> list[Found]:
-        return parse_lookup(names, self.transact(lookup_steps(names), deadline))
+        return parse_lookup(names, self.db.transact(lookup_steps(names), deadline))
 
     def add_port(self, spec: PortSpec) -> None:
         """Delete a port of this name if it exists and is ours, then add `spec`, in ONE
         transaction; then wait until ovs-vswitchd has attached it (ofport set). A same-named
         port we do not own is an error (never touched). If OVS cannot attach the port, it is
         removed again and ADD fails with Interface.error."""
-        deadline = self._deadline()
+        deadline = self.db.deadline()
         for attempt in range(1, _ATTEMPTS + 1):
             (found,) = self._lookup([spec.name], deadline)
             try:
-                self.transact(add_port_steps(spec, found), deadline)
+                self.db.transact(add_port_steps(spec, found), deadline)
                 break
             except Changed:
                 if attempt == _ATTEMPTS:
@@ -673,23 +403,23 @@ class OvsdbClient:
                       found.iface_ids.get("container_id") or found.port_ids.get("container_id"))
         try:
             self._await_ofport(spec.name, deadline)
-        except CniError:
+        except CoreError:
             try:
                 self.delete_ports([spec.name])
-            except CniError as exc:
+            except CoreError as exc:
                 _log.warning("could not remove OVS port %s after the failed attach: %s", spec.name, exc.msg)
             raise
 
     def _await_ofport(self, name: str, deadline: float) -> int:
         t0 = time.monotonic()
         budget = min(OFPORT_WAIT_MS, int((deadline - t0) * 1000) - 200)
-        rows = rows_of(self.transact(ofport_steps(name, max(0, budget)), deadline)[1])
+        rows = rows_of(self.db.transact(ofport_steps(name, max(0, budget)), deadline)[1])
         if not rows:
-            raise CniError(Code.INTERNAL, f"OVS interface {name} vanished while waiting for its ofport")
+            raise CoreError(f"OVS interface {name} vanished while waiting for its ofport")
         ofport, error = optional(rows[0]["ofport"]), optional(rows[0]["error"])
         if not isinstance(ofport, int) or ofport <= 0:
-            raise CniError(Code.INTERNAL, f"OVS could not attach port {name} (ofport {ofport}): "
-                                          f"{error or 'no error given'}")
+            raise CoreError(f"OVS could not attach port {name} (ofport {ofport}): "
+                            f"{error or 'no error given'}")
         _log.debug("OVS port %s ready: ofport %d after %.1f ms", name, ofport, (time.monotonic() - t0) * 1000)
         return ofport
 
@@ -698,7 +428,7 @@ class OvsdbClient:
         same-named port we do not own is left alone (logged)."""
         if not names:
             return
-        deadline = self._deadline()
+        deadline = self.db.deadline()
         for attempt in range(1, _ATTEMPTS + 1):
             found = self._lookup(list(dict.fromkeys(names)), deadline)
             for f in found:
@@ -708,7 +438,7 @@ class OvsdbClient:
             if not steps:
                 return
             try:
-                self.transact(steps, deadline)
+                self.db.transact(steps, deadline)
                 return
             except Changed:
                 if attempt == _ATTEMPTS:
@@ -717,14 +447,14 @@ class OvsdbClient:
 
     def set_iface_ids(self, name: str, ids: Mapping[str, str]) -> None:
         """Set (merge) external_ids keys on our Interface `name` in one transaction."""
-        deadline = self._deadline()
-        (r,) = self.transact(set_ids_steps(name, ids), deadline)
+        deadline = self.db.deadline()
+        (r,) = self.db.transact(set_ids_steps(name, ids), deadline)
         if r.get("count") == 1:
             return
-        rows = rows_of(self.transact([Step(op_select("Interface", [eq("name", name)], ["external_ids"]),
+        rows = rows_of(self.db.transact([Step(op_select("Interface", [eq("name", name)], ["external_ids"]),
                                            f"read interface {name}")], deadline)[0])
         if not rows:
-            raise CniError(Code.INTERNAL, f"OVS interface {name} vanished")
+            raise CoreError(f"OVS interface {name} vanished")
         owner = map_of(rows[0]["external_ids"]).get("owner")
-        raise CniError(Code.INTERNAL, f"OVS interface {name} is not owned by {OWNER} (owner {owner!r})")
+        raise NotOwned(f"OVS interface {name} is not owned by {OWNER} (owner {owner!r})")
 

@@ -1,6 +1,7 @@
-"""cni/ovsdb.py without OVS: RFC 7047 value codecs, the transaction builders (intent -> ops),
-reply checking (every error shape raises), and the JSON-RPC client against a scripted unix
-socket (echo, deadline, unreachable)."""
+"""core/ovsdb.py and core/vswitch.py without OVS: RFC 7047 value codecs, the transaction builders
+(intent -> ops), reply checking (every error shape raises a neutral core error), and the
+JSON-RPC client against a scripted unix socket (echo, deadline, unreachable, the database as a
+parameter)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,33 @@ from typing import Any
 
 import pytest
 
-from cni.errors import CniError, Code
-from cni.ovsdb import (
-    OWNER,
+from core.errors import CoreError, Missing, NotOwned, Unavailable
+from core.names import OWNER
+from core.ovsdb import (
     Changed,
-    Found,
     MalformedReply,
     NamedUuid,
     OvsdbClient,
-    PortSpec,
     Step,
     TxnFailed,
     Uuid,
-    add_port_steps,
     check_reply,
-    delete_steps,
     map_of,
-    ofport_steps,
     op_select,
     optional,
+    set_of,
+    to_datum,
+)
+from core.vswitch import (
+    Found,
+    PortSpec,
+    Vswitch,
+    add_port_steps,
+    delete_steps,
+    ofport_steps,
     parse_lookup,
     port_info,
     set_ids_steps,
-    set_of,
-    to_datum,
 )
 
 P1, I1, B1 = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222", "b"
@@ -93,20 +97,20 @@ def test_set_of_rejects_unknown_atom() -> None:
 
 
 def test_add_port_fresh_is_one_guarded_transaction() -> None:
-    steps = add_port_steps(spec(ofport_request=9, mtu_request=1400), Found("ovu1"))
+    steps = add_port_steps(spec(ofport_request=9), Found("ovu1"))
     kinds = [(o["op"], o.get("table")) for o in ops(steps)]
     assert kinds == [("comment", None), ("wait", "Bridge"), ("wait", "Port"), ("wait", "Interface"),
                      ("insert", "Interface"), ("insert", "Port"), ("mutate", "Bridge")]
     bridge_guard = steps[1]
     assert bridge_guard.op["where"] == [["name", "==", "br0"]] and bridge_guard.op["until"] == "=="
     assert bridge_guard.op["rows"] == [{"name": "br0"}] and bridge_guard.op["timeout"] == 0
-    assert bridge_guard.error is not None and bridge_guard.error.code == Code.INVALID_NETWORK_CONFIG
+    assert isinstance(bridge_guard.error, Missing) and "br0" in bridge_guard.error.msg
     for g in steps[2:4]:  # nothing of that name may appear meanwhile
         assert g.op["rows"] == [] and g.op["where"] == [["name", "==", "ovu1"]] and isinstance(g.error, Changed)
     iface, port, attach = steps[4], steps[5], steps[6]
     assert iface.op["uuid-name"] == "iface" and iface.op["row"] == {
         "name": "ovu1", "type": "", "external_ids": to_datum(OURS),
-        "mtu_request": ["set", [1400]], "ofport_request": ["set", [9]]}
+        "ofport_request": ["set", [9]]}
     assert port.op["uuid-name"] == "port" and port.op["row"] == {
         "name": "ovu1", "external_ids": to_datum(OURS), "tag": ["set", [100]], "trunks": ["set", []],
         "vlan_mode": ["set", ["access"]], "interfaces": ["set", [["named-uuid", "iface"]]]}
@@ -149,20 +153,20 @@ def test_add_port_stale_owned_through_interface_only() -> None:
 @pytest.mark.parametrize("owner", [{"owner": "someone-else"}, {}])
 def test_add_port_refuses_a_port_it_does_not_own(owner: dict[str, str]) -> None:
     foreign = Found("ovu1", port=P1, port_ids=owner, port_ifaces=(I1,), iface=I1, iface_ids=owner)
-    with pytest.raises(CniError) as e:
+    with pytest.raises(NotOwned) as e:
         add_port_steps(spec(), foreign)
-    assert e.value.code == Code.INVALID_NETWORK_CONFIG and "not owned by ovs-underlay" in e.value.msg
+    assert "not owned by ovs-underlay" in e.value.msg
 
 
 def test_add_port_refuses_an_interface_of_that_name_in_another_port() -> None:
     # our ids on an Interface that sits in some other Port do not make the name ours
     stray = Found("ovu1", port=None, iface=I1, iface_ids=OURS)
-    with pytest.raises(CniError, match="exists in another port"):
+    with pytest.raises(NotOwned, match="exists in another port"):
         add_port_steps(spec(), stray)
     other = Found("ovu1", port=P1, port_ids={}, port_ifaces=("33333333-3333-3333-3333-333333333333",),
                   iface=I1, iface_ids=OURS)
     assert not other.ours
-    with pytest.raises(CniError, match="not owned"):
+    with pytest.raises(NotOwned, match="not owned"):
         add_port_steps(spec(), other)
 
 
@@ -170,7 +174,7 @@ def test_ofport_wait_holds_until_ofport_is_set() -> None:
     wait, read = ofport_steps("ovu1", 1500)
     assert wait.op == {"op": "wait", "table": "Interface", "where": [["name", "==", "ovu1"]], "columns": ["ofport"],
                        "until": "!=", "rows": [{"ofport": ["set", []]}], "timeout": 1500}
-    assert wait.error is not None and wait.error.code == Code.TRY_AGAIN_LATER and "1500 ms" in wait.error.msg
+    assert isinstance(wait.error, Unavailable) and "1500 ms" in wait.error.msg
     assert read.op["op"] == "select" and read.op["columns"] == ["ofport", "error"]
 
 
@@ -242,14 +246,14 @@ def test_check_reply_returns_results() -> None:
 def test_check_reply_op_error_names_the_op() -> None:
     with pytest.raises(TxnFailed) as e:
         check_reply(STEPS, [{"rows": []}, {"error": "constraint violation", "details": "bad tag"}])
-    assert e.value.index == 1 and e.value.error == "constraint violation" and e.value.code == Code.INTERNAL
+    assert e.value.index == 1 and e.value.error == "constraint violation" and type(e.value) is TxnFailed
     assert "mutate Bridge (attach port) failed: constraint violation: bad tag" in e.value.msg
 
 
 def test_check_reply_op_error_after_nulls_and_step_error() -> None:
-    mine = CniError(Code.INVALID_NETWORK_CONFIG, "OVS bridge 'x' does not exist")
+    mine = Missing("OVS bridge 'x' does not exist")
     steps = [Step({"op": "wait", "table": "Bridge"}, "bridge exists", error=mine), *STEPS]
-    with pytest.raises(CniError) as e:
+    with pytest.raises(Missing) as e:
         check_reply(steps, [{"error": "timed out"}, None, None])
     assert e.value is mine
 
@@ -331,7 +335,7 @@ def test_client_answers_echo_and_checks_the_reply(fake_server: Any) -> None:
             _send(conn, {"id": req["id"], "error": None,
                          "result": [{"rows": [{"datapath_type": "netdev"}]}]})
 
-    c = OvsdbClient(fake_server(handler), timeout_s=5)
+    c = Vswitch(fake_server(handler), timeout_s=5)
     try:
         assert c.bridge_datapath("br0") == "netdev"
         assert c.bridge_datapath("br1") == "netdev"  # same connection
@@ -344,11 +348,11 @@ def test_client_answers_echo_and_checks_the_reply(fake_server: Any) -> None:
 
 
 def test_client_deadline_is_try_again_later(fake_server: Any) -> None:
-    c = OvsdbClient(fake_server(lambda conn, req: None), timeout_s=0.3)
-    with pytest.raises(CniError) as e:
+    c = Vswitch(fake_server(lambda conn, req: None), timeout_s=0.3)
+    with pytest.raises(Unavailable) as e:
         c.bridge_datapath("br0")
     c.close()
-    assert e.value.code == Code.TRY_AGAIN_LATER and "no reply within 0.3 s" in e.value.msg
+    assert "no reply within 0.3 s" in e.value.msg
 
 
 def test_client_jsonrpc_error_and_closed_connection(fake_server: Any) -> None:
@@ -358,18 +362,37 @@ def test_client_jsonrpc_error_and_closed_connection(fake_server: Any) -> None:
         else:
             conn.shutdown(socket.SHUT_RDWR)
 
-    c = OvsdbClient(fake_server(handler), timeout_s=5)
-    with pytest.raises(CniError, match="unknown database"):
+    c = Vswitch(fake_server(handler), timeout_s=5)
+    with pytest.raises(CoreError, match="unknown database") as err:
         c.bridge_datapath("err")
-    with pytest.raises(CniError) as e:
+    assert type(err.value) is CoreError  # not retryable
+    with pytest.raises(Unavailable) as e:
         c.bridge_datapath("eof")
     c.close()
-    assert e.value.code == Code.TRY_AGAIN_LATER and "unreachable" in e.value.msg
+    assert "unreachable" in e.value.msg
 
 
-def test_client_unreachable_is_code_11(tmp_path: Path) -> None:
-    c = OvsdbClient(f"unix:{tmp_path}/nothing.sock", timeout_s=1)
-    with pytest.raises(CniError) as e:
+def test_client_unreachable_is_unavailable(tmp_path: Path) -> None:
+    c = Vswitch(f"unix:{tmp_path}/nothing.sock", timeout_s=1)
+    with pytest.raises(Unavailable) as e:
         c.get_port("x")
-    assert e.value.code == Code.TRY_AGAIN_LATER
     assert e.value.msg.startswith(f"OVSDB at unix:{tmp_path}/nothing.sock is unreachable")
+
+
+def test_client_database_is_a_parameter(fake_server: Any) -> None:
+    """The same client speaks to OVN_Northbound (or any database): the name goes in every
+    transact, and nothing Open_vSwitch-specific is sent."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(conn: socket.socket, req: dict[str, Any]) -> None:
+        seen.append(req)
+        _send(conn, {"id": req["id"], "error": None, "result": [{"rows": [{"name": "ls1"}]}]})
+
+    c = OvsdbClient(fake_server(handler), "OVN_Northbound", timeout_s=5)
+    try:
+        (r,) = c.transact([Step(op_select("Logical_Switch", [["name", "==", "ls1"]], ["name"]), "read switch")])
+    finally:
+        c.close()
+    assert r == {"rows": [{"name": "ls1"}]}
+    assert seen[0]["method"] == "transact" and seen[0]["params"][0] == "OVN_Northbound"
+    assert seen[0]["params"][1]["table"] == "Logical_Switch"

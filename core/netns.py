@@ -17,13 +17,18 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
+import queue
 import socket
 import struct
 import threading
 
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs fd: the namespace type (linux/nsfs.h)
+SIOCGIFINDEX = 0x8933
+
+log = logging.getLogger("ovs-underlay.netns")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -91,7 +96,7 @@ def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.
     packet hook registered already, and bind() must unregister it first, which waits for an RCU
     grace period (synchronize_net: 8-15 ms measured here). With protocol 0 there is nothing to
     unregister and bind() is immediate. close() still pays one grace period: callers on a
-    latency-critical path should close on another thread (see probe.close_later)."""
+    latency-critical path should close on another thread (`close_later`)."""
     sock = socket_in_netns(netns_path, socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.bind((ifname, ethertype))
@@ -105,8 +110,41 @@ def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.
 def _ifindex_of(sock: socket.socket) -> int:
     # getsockname() on a bound AF_PACKET socket gives (ifname, proto, pkttype, hatype, addr);
     # the index is not exposed, so resolve it via SIOCGIFINDEX on this (namespaced) socket.
+    return ifindex(sock, sock.getsockname()[0])
 
-    name = sock.getsockname()[0]
-    req = struct.pack("16si12x", name.encode(), 0)
-    res = fcntl.ioctl(sock.fileno(), 0x8933, req)  # SIOCGIFINDEX
+
+def ifindex(sock: socket.socket, ifname: str) -> int:
+    """The index of `ifname` in the netns `sock` lives in (SIOCGIFINDEX; OSError ENODEV if it is
+    missing). Answers without a netlink socket, which in a pod netns would cost a setns thread."""
+    res = fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, struct.pack("16si12x", ifname.encode(), 0))
     return int(struct.unpack("16si12x", res)[1])
+
+
+# ---- closing packet sockets off the request path ---------------------------------------------
+
+_closing: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: threading.Thread | None = None
+
+
+def close_later(sock: socket.socket) -> None:
+    """Close a packet socket on the closer thread. Closing an AF_PACKET socket unregisters its
+    packet hook (packet_release), which waits for an RCU grace period (synchronize_net: 8-20 ms
+    measured here); what was sent is sent and what was read is read, so no caller needs to wait
+    for it. One long-lived daemon thread, not one per socket. The one copy for the probes
+    (ipamd) and the announcements (the plugin)."""
+    global _closer
+    with _closer_lock:
+        if _closer is None or not _closer.is_alive():
+            _closer = threading.Thread(target=_close_loop, name="packet-socket-closer", daemon=True)
+            _closer.start()
+    _closing.put(sock)
+
+
+def _close_loop() -> None:
+    while True:
+        sock = _closing.get()
+        try:
+            sock.close()
+        except OSError as exc:  # nothing to do about it but say so
+            log.warning("closing a packet socket failed: %s", exc)

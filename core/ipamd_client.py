@@ -1,11 +1,12 @@
 """The typed client of ipamd: what the CNI plugins and the admin CLI use to reach the daemon.
 
 Why a wrapper around the generated stub: every call gets a deadline (never "no deadline"), and
-every failure comes out as exactly one exception type, `cni.errors.CniError`, through one
-translator (`_translate`):
-- the daemon's trailing metadata `ovs-underlay-cni-code` carries the CNI code it chose;
-- UNAVAILABLE / DEADLINE_EXCEEDED -> 11 (try again later), naming the socket;
-- INVALID_ARGUMENT -> 7; anything else -> 999.
+every failure comes out as a neutral core error through one translator (`_translate`):
+- UNAVAILABLE / DEADLINE_EXCEEDED -> `Unavailable`, naming the socket (try again later);
+- any other status -> `IpamdRefused` with the daemon's machine-readable reason (trailing metadata
+  `core.wire.REASON_KEY`); without one, INVALID_ARGUMENT reads as INVALID_REQUEST and anything
+  else as INTERNAL.
+Each program maps those at its edge (the plugins: cni/errors.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from netaddr import IPAddress
 
-from cni.errors import CniError, Code
-from ipamd import convert
-from ipamd._proto import ipam_pb2 as pb
-from ipamd._proto import ipam_pb2_grpc
-from ipamd.errors import CNI_CODE_KEY
-from ipamd.spec import Allocation, PodRef, PoolDef, ProbeResult
+from core import wire
+from core._proto import ipam_pb2 as pb
+from core._proto import ipam_pb2_grpc
+from core.errors import CoreError, IpamdRefused, Unavailable
+from core.spec import Allocation, PodRef, PoolDef, ProbeResult
+from core.wire import REASON_KEY, Reason
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,23 +41,19 @@ class _IpamStub(Protocol):
     ListPools: Callable[..., pb.ListPoolsResponse]
     ListLeases: Callable[..., pb.ListLeasesResponse]
     ProbeGateway: Callable[..., pb.ProbeGatewayResponse]
-    DetectConflict: Callable[..., pb.DetectConflictResponse]
 
 
-def cni_code_of(err: grpc.RpcError) -> int | None:
-    """The CNI code the daemon attached to a failed call, if any."""
+def reason_of(err: grpc.RpcError) -> str | None:
+    """The reason the daemon attached to a failed call, if any."""
     meta: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for key, value in meta or ():
-        if key == CNI_CODE_KEY:
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
+        if key == REASON_KEY and isinstance(value, str) and value:
+            return value
     return None
 
 
 def _translate(fn: Callable[P, R]) -> Callable[P, R]:
-    """The one place where grpc.RpcError becomes CniError."""
+    """The one place where grpc.RpcError becomes a core error."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -92,18 +89,17 @@ class IpamClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def error_from(self, err: grpc.RpcError) -> CniError:
+    def error_from(self, err: grpc.RpcError) -> CoreError:
         status: Any = err.code() if hasattr(err, "code") else None
         details = str(err.details() if hasattr(err, "details") else "") or str(status)
-        code = cni_code_of(err)
-        if code is not None:
-            return CniError(code, details)
+        reason = reason_of(err)
+        if reason is not None:
+            return IpamdRefused(reason, details)
         if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return CniError(Code.TRY_AGAIN_LATER,
-                            f"ipamd at {self.socket_path} is unreachable: {details}")
+            return Unavailable(f"ipamd at {self.socket_path} is unreachable: {details}")
         if status == grpc.StatusCode.INVALID_ARGUMENT:
-            return CniError(Code.INVALID_NETWORK_CONFIG, details)
-        return CniError(Code.INTERNAL, f"ipamd at {self.socket_path}: {details}")
+            return IpamdRefused(Reason.INVALID_REQUEST, details)
+        return IpamdRefused(Reason.INTERNAL, f"ipamd at {self.socket_path}: {details}")
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -113,21 +109,20 @@ class IpamClient:
                  requested_mac: str | None = None, netns: str | None = None,
                  conflict_check: bool = False, conflict_check_wait_ms: int = 100) -> Allocation:
         req = pb.AllocateRequest(
-            network=network, pool=convert.pool_to_pb(pool), container_id=container_id, ifname=ifname,
-            pod=convert.pod_to_pb(pod), requested_ips=[str(ip) for ip in requested_ips],
+            network=network, pool=wire.pool_to_pb(pool), container_id=container_id, ifname=ifname,
+            pod=wire.pod_to_pb(pod), requested_ips=[str(ip) for ip in requested_ips],
             requested_mac=requested_mac or "", netns=netns or "", conflict_check=conflict_check,
             conflict_check_wait_ms=conflict_check_wait_ms,
         )
         resp = self._stub.Allocate(req, timeout=self.timeout_s)
-        return convert.allocation_from_pb(resp.lease, resp.routes, resp.dns, resp.conflict_probed)
+        return wire.allocation_from_pb(resp.lease, resp.routes, resp.dns, resp.conflict_probed)
 
     @_translate
-    def release(self, *, network: str, container_id: str, ifname: str) -> int:
-        """Release every address of the attachment; returns how many; 0 is fine (idempotent).
-        network "" releases the attachment in every network."""
+    def release(self, *, network: str, container_id: str, ifname: str) -> list[pb.Lease]:
+        """Release every address of the attachment; returns the released leases; none is fine
+        (idempotent). network "" releases the attachment in every network."""
         req = pb.ReleaseRequest(network=network, container_id=container_id, ifname=ifname)
-        resp = self._stub.Release(req, timeout=self.timeout_s)
-        return sum(len(lease.ips) for lease in resp.released)
+        return list(self._stub.Release(req, timeout=self.timeout_s).released)
 
     @_translate
     def get_lease(self, *, network: str, container_id: str, ifname: str) -> Allocation | None:
@@ -138,16 +133,15 @@ class IpamClient:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
-        return convert.allocation_from_pb(resp.lease, resp.routes, resp.dns)
+        return wire.allocation_from_pb(resp.lease, resp.routes, resp.dns)
 
     @_translate
-    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[pb.Lease]:
         """Release every live lease of `network` ("" = all) whose (container id, ifname) is not
-        in `valid`. Returns the released attachments."""
+        in `valid`. Returns the released leases."""
         req = pb.GcRequest(network=network,
                            valid=[pb.Attachment(container_id=c, ifname=i) for c, i in valid])
-        resp = self._stub.GarbageCollect(req, timeout=self.timeout_s)
-        return [(lease.container_id, lease.ifname) for lease in resp.released]
+        return list(self._stub.GarbageCollect(req, timeout=self.timeout_s).released)
 
     # ---- probes ----------------------------------------------------------------------------
 
@@ -159,22 +153,14 @@ class IpamClient:
                                      timeout_ms=timeout_ms, cache_key=cache_key)
         # The probe's own budget plus headroom for the call itself.
         resp = self._stub.ProbeGateway(req, timeout=max(self.timeout_s, timeout_ms / 1000.0 + 2.0))
-        return ProbeResult(reachable=resp.reachable, mac=resp.mac or None,
+        return ProbeResult(answered=resp.reachable, mac=resp.mac or None,
                            elapsed_ms=resp.elapsed_us / 1000.0, cached=resp.cached, skipped=resp.skipped)
-
-    @_translate
-    def detect_conflict(self, *, netns: str, ifname: str, address: IPAddress, wait_ms: int) -> ProbeResult:
-        """reachable=True means someone else answered for `address` (a conflict)."""
-        req = pb.DetectConflictRequest(netns=netns, ifname=ifname, address=str(address), wait_ms=wait_ms)
-        resp = self._stub.DetectConflict(req, timeout=max(self.timeout_s, wait_ms / 1000.0 + 2.0))
-        return ProbeResult(reachable=resp.conflict, mac=resp.mac or None,
-                           elapsed_ms=resp.elapsed_us / 1000.0, skipped=resp.skipped)
 
     # ---- admin -----------------------------------------------------------------------------
 
     @_translate
     def health(self) -> bool:
-        """True iff the daemon reports SERVING. Unreachable -> CniError 11 like every call."""
+        """True iff the daemon reports SERVING. Unreachable -> Unavailable like every call."""
         resp = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -187,15 +173,3 @@ class IpamClient:
     def list_pools(self, *, network: str = "") -> list[pb.PoolUsage]:
         resp = self._stub.ListPools(pb.ListPoolsRequest(network=network), timeout=self.timeout_s)
         return list(resp.pools)
-
-    @_translate
-    def release_leases(self, *, network: str, container_id: str, ifname: str) -> list[pb.Lease]:
-        """Like release() but returns the released leases (for the admin CLI)."""
-        req = pb.ReleaseRequest(network=network, container_id=container_id, ifname=ifname)
-        return list(self._stub.Release(req, timeout=self.timeout_s).released)
-
-    @_translate
-    def gc_leases(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[pb.Lease]:
-        req = pb.GcRequest(network=network,
-                           valid=[pb.Attachment(container_id=c, ifname=i) for c, i in valid])
-        return list(self._stub.GarbageCollect(req, timeout=self.timeout_s).released)

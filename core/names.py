@@ -1,0 +1,33 @@
+"""The names and marks by which ovs-underlay recognises what it owns, and the name rules of the
+CNI spec. One copy, for the plugins, ipamd's reconciler and the node agent.
+
+Why identity without state: the host veth is `ovu` + sha256(container id/ifname)[:12] with the
+alias "ovs-underlay <container id> <ifname>", and our OVS Port and Interface rows carry
+external_ids `owner=ovs-underlay`, `container_id`, `ifname`. So DEL, GC, CHECK and a reconciler
+find everything from (container id, ifname) alone, with no cache that a reboot could lose, and
+never touch a row or link without our marks. stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+OWNER = "ovs-underlay"  # external_ids:owner of our OVS rows
+ALIAS_PREFIX = "ovs-underlay "  # IFLA_IFALIAS of our host veths: "<prefix><container id> <ifname>"
+HOST_IF_PREFIX = "ovu"
+
+# CNI spec: container ids and network names (alphanumerics, then also _ . -).
+CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+NAME_RE = CONTAINER_ID_RE
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """The host end of an attachment's veth (and its OVS port): 15 characters at most."""
+    return HOST_IF_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:12]
+
+
+def host_alias(container_id: str, ifname: str) -> str:
+    return f"{ALIAS_PREFIX}{container_id} {ifname}"
+

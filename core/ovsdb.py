@@ -1,0 +1,349 @@
+"""OVSDB boundary: the only module that imports `ovs` (its JSON-RPC layer, not the IDL).
+
+What: an RFC 7047 client for any database (`OvsdbClient(remote, db)`: Open_vSwitch for the
+ports and bridges, see core/vswitch.py; OVN_Northbound for logical switch ports), and the pure
+builders of its messages: operations (`op_select`, `op_insert`, ...), values (`to_datum`,
+`map_of`, ...) and `Step`s (one operation + what it means + the count it must return + the error
+to raise when it fails). `check_reply` checks EVERY element of a transact reply (an op's
+"error", the trailing commit error, counts, a short result) and raises neutral errors that name
+the operation. All of that is unit-tested without OVS.
+
+Why JSON-RPC with hand-built RFC 7047 `transact` requests, and not the IDL (issue 6): the IDL
+fetches and parses the whole schema and then a monitor reply holding EVERY row of the tables it
+registers, with ovs's pure-Python JSON parser (the PyPI wheel has no C extension). Measured per
+plugin exec on a netdev bridge (2 busy cores, medians): the IDL client's ADD calls took 29 ms at
+10 ports and 198 ms at 1000, its DEL calls 28 / 285 ms, nearly all of it the initial sync. Here
+every call is one to three `transact`s whose `where` clauses name the rows, so no request or
+reply grows with the database: 0.2-1.2 ms per call at 10 AND at 1000 ports. No schema fetch, no
+monitor, no replica.
+
+Why not `ovs-vsctl`/`ovn-nbctl`: one process fork per pod is what overloads nodes in pod bursts
+(kube-ovn #3210). Why the `ovs` library at all: its stream/JSON-RPC layer handles unix/tcp/ssl
+remotes and framing; only the message parsing is ours to keep small.
+
+Errors (core.errors): no answer, a closed connection or a passed deadline is `Unavailable`; a
+failed guard `wait` is `Changed` (a ChangedConcurrently: look up again and retry); any other
+failed operation or commit is `TxnFailed`, a malformed reply `MalformedReply`.
+
+vlog: the ovs library logs through its own `Vlog`; we initialise it once with syslog off and
+route its console destination into our "ovs-underlay.ovsdb" logger.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ovs.jsonrpc
+import ovs.poller
+import ovs.stream
+import ovs.vlog
+
+from core.errors import ChangedConcurrently, CoreError, Unavailable
+
+_log = logging.getLogger("ovs-underlay.ovsdb")
+
+Op = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# RFC 7047 values: python -> OVSDB JSON and back (pure)
+
+
+class Uuid(str):
+    """A row reference (`["uuid", u]` on the wire)."""
+
+
+class NamedUuid(str):
+    """A reference to a row inserted earlier in the same transaction (`["named-uuid", n]`)."""
+
+
+def _atom(v: Any) -> Any:
+    if isinstance(v, NamedUuid):
+        return ["named-uuid", str(v)]
+    if isinstance(v, Uuid):
+        return ["uuid", str(v)]
+    return v
+
+
+def to_datum(value: Any) -> Any:
+    """Python value -> OVSDB datum: Mapping -> map, list/tuple -> set, else an atom."""
+    if isinstance(value, Mapping):
+        return ["map", [[_atom(k), _atom(v)] for k, v in sorted(value.items())]]
+    if isinstance(value, (list, tuple)):
+        return ["set", [_atom(v) for v in value]]
+    return _atom(value)
+
+
+class MalformedReply(CoreError):
+    def __init__(self, what: str, value: Any) -> None:
+        super().__init__(f"OVSDB reply: malformed {what}: {str(value)[:200]}")
+
+
+def from_atom(v: Any) -> Any:
+    if isinstance(v, list):
+        if len(v) == 2 and v[0] == "uuid" and isinstance(v[1], str):
+            return Uuid(v[1])
+        raise MalformedReply("atom", v)
+    return v
+
+
+def set_of(v: Any) -> list[Any]:
+    """A set datum as a list (RFC 7047 sends a one-element set as the bare atom)."""
+    if isinstance(v, list) and len(v) == 2 and v[0] == "set" and isinstance(v[1], list):
+        return [from_atom(x) for x in v[1]]
+    return [from_atom(v)]
+
+
+def optional(v: Any) -> Any:
+    s = set_of(v)
+    return s[0] if s else None
+
+
+def map_of(v: Any) -> dict[str, str]:
+    if not (isinstance(v, list) and len(v) == 2 and v[0] == "map" and isinstance(v[1], list)):
+        raise MalformedReply("map", v)
+    out: dict[str, str] = {}
+    for pair in v[1]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise MalformedReply("map pair", pair)
+        out[str(pair[0])] = str(pair[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations and steps (pure)
+
+
+def eq(column: str, value: Any) -> list[Any]:
+    return [column, "==", to_datum(value)]
+
+
+def includes(column: str, value: Any) -> list[Any]:
+    return [column, "includes", to_datum(value)]
+
+
+def op_select(table: str, where: list[list[Any]], columns: Sequence[str]) -> Op:
+    return {"op": "select", "table": table, "where": where, "columns": list(columns)}
+
+
+def op_insert(table: str, row: Mapping[str, Any], uuid_name: str) -> Op:
+    return {"op": "insert", "table": table, "row": {k: to_datum(v) for k, v in row.items()},
+            "uuid-name": uuid_name}
+
+
+def op_mutate(table: str, where: list[list[Any]], mutations: list[list[Any]]) -> Op:
+    return {"op": "mutate", "table": table, "where": where, "mutations": mutations}
+
+
+def op_delete(table: str, where: list[list[Any]]) -> Op:
+    return {"op": "delete", "table": table, "where": where}
+
+
+def op_wait(table: str, where: list[list[Any]], columns: Sequence[str], until: str,
+            rows: list[dict[str, Any]], timeout_ms: int) -> Op:
+    return {"op": "wait", "table": table, "where": where, "columns": list(columns), "until": until,
+            "rows": rows, "timeout": timeout_ms}
+
+
+def op_comment(text: str) -> Op:
+    return {"op": "comment", "comment": text}
+
+
+class TxnFailed(CoreError):
+    """One operation of a transaction (or its commit) failed; `index` is the op's position
+    (len(steps) for a commit-time error), `error` the RFC 7047 error string."""
+
+    def __init__(self, msg: str, index: int, error: str, details: str = "") -> None:
+        super().__init__(msg, details)
+        self.index = index
+        self.error = error
+
+
+class Changed(ChangedConcurrently):
+    """The rows changed between our lookup and our write (a guard `wait` failed): redo both."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"OVSDB rows changed concurrently: {what}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of a transaction, what it means (for error messages), the "count" it must
+    return (None: not checked) and the error to raise instead of the generic one if it fails."""
+
+    op: Op
+    what: str
+    count: int | None = None
+    error: CoreError | None = None
+
+
+def check_reply(steps: Sequence[Step], result: Any) -> list[dict[str, Any]]:
+    """Check EVERY element of a transact reply's "result" (RFC 7047 §4.1.3) and return the
+    per-operation results. Raises on: a non-array result; an operation's {"error"} (its
+    `Step.error` if given); a trailing commit error (e.g. "constraint violation",
+    "referential integrity violation"); a missing or non-object result; a wrong "count"."""
+    if not isinstance(result, list):
+        raise MalformedReply("transact result", result)
+    for i, r in enumerate(result):
+        if isinstance(r, dict) and "error" in r:
+            error, details = str(r.get("error")), str(r.get("details") or "")
+            if i < len(steps):
+                step = steps[i]
+                if step.error is not None:
+                    raise step.error
+                raise TxnFailed(f"OVSDB {step.op['op']} {step.op.get('table', '')} "
+                                f"({step.what}) failed: {error}" + (f": {details}" if details else ""),
+                                i, error, details)
+            what = "; ".join(s.what for s in steps if s.op["op"] not in ("select", "comment"))
+            raise TxnFailed(f"OVSDB transaction ({what}) failed at commit: {error}"
+                            + (f": {details}" if details else ""), i, error, details)
+    if len(result) < len(steps):
+        raise MalformedReply(f"transact result ({len(result)} results for {len(steps)} operations)",
+                             result)
+    out: list[dict[str, Any]] = []
+    for i, step in enumerate(steps):
+        r = result[i]
+        if not isinstance(r, dict):
+            raise MalformedReply(f"result of {step.what}", r)
+        if step.count is not None and r.get("count") != step.count:
+            raise TxnFailed(f"OVSDB {step.op['op']} {step.op.get('table', '')} "
+                            f"({step.what}) changed {r.get('count')} row(s), expected {step.count}",
+                            i, "unexpected count")
+        out.append(r)
+    return out
+
+
+def rows_of(r: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = r.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
+        raise MalformedReply("select rows", rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# vlog routing
+
+
+class _ToOurLogger(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _log.log(record.levelno, "%s", record.getMessage())
+
+
+_vlog_routed = False
+
+
+def _route_vlog() -> None:
+    global _vlog_routed
+    if _vlog_routed:
+        return
+    _vlog_routed = True
+    ovs.vlog.Vlog.init(None)
+    ovs.vlog.Vlog.set_levels_from_string("syslog:off")
+    ovs.vlog.Vlog.set_levels_from_string("file:off")
+    console = logging.getLogger("console")
+    for h in list(console.handlers):
+        console.removeHandler(h)
+    console.addHandler(_ToOurLogger())
+    console.propagate = False
+    logging.getLogger("syslog").disabled = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+
+
+class OvsdbClient:
+    """One JSON-RPC connection to ovsdb-server (opened on first use, closed by close()) for one
+    database (`db`: Open_vSwitch, OVN_Northbound, ...). Every public call has a deadline of
+    `timeout_s` seconds."""
+
+    def __init__(self, remote: str, db: str, timeout_s: float = 10.0) -> None:
+        _route_vlog()
+        self.remote = remote
+        self.db = db
+        self.timeout_s = timeout_s
+        self._conn: Any = None  # ovs.jsonrpc.Connection
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _unreachable(self, detail: str) -> Unavailable:
+        return Unavailable(f"OVSDB at {self.remote} is unreachable: {detail}", "is ovsdb-server running?")
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout_s
+
+    def _connect(self, deadline: float) -> Any:
+        if self._conn is None:
+            ms = max(0, int((deadline - time.monotonic()) * 1000))
+            err, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(self.remote), ms)
+            if err:
+                raise self._unreachable(os.strerror(err))
+            self._conn = ovs.jsonrpc.Connection(stream)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> OvsdbClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, params: list[Any], what: str, deadline: float) -> Any:
+        """Send one request and return its reply's "result" (answering echo requests meanwhile).
+        A lost connection or a passed deadline drops the connection (a late reply must not be
+        read as the answer to a later request)."""
+        conn = self._connect(deadline)
+        request = ovs.jsonrpc.Message.create_request(method, params)
+        err = conn.send(request)
+        while not err:
+            err, msg = conn.recv()
+            if err == errno.EAGAIN:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    self._drop()
+                    raise Unavailable(f"OVSDB at {self.remote}: {what}: no reply within {self.timeout_s:g} s")
+                conn.run()
+                poller = ovs.poller.Poller()
+                conn.wait(poller)
+                conn.recv_wait(poller)
+                poller.timer_wait(left_ms)
+                poller.block()
+                err = 0
+            elif msg is None:
+                continue
+            elif msg.type == ovs.jsonrpc.Message.T_REQUEST and msg.method == "echo":
+                err = conn.send(ovs.jsonrpc.Message.create_reply(msg.params, msg.id))
+            elif msg.id == request.id and msg.type in (ovs.jsonrpc.Message.T_REPLY,
+                                                       ovs.jsonrpc.Message.T_ERROR):
+                if msg.error is not None:
+                    raise CoreError(f"OVSDB at {self.remote}: {what}: {msg.error}")
+                return msg.result
+        self._drop()
+        raise self._unreachable(f"{what}: " + ("connection closed" if err == ovs.jsonrpc.EOF
+                                               else os.strerror(err)))
+
+    def transact(self, steps: Sequence[Step], deadline: float | None = None) -> list[dict[str, Any]]:
+        """Run `steps` as ONE transaction and return their checked results."""
+        what = "; ".join(s.what for s in steps if s.op["op"] != "comment")
+        t0 = time.monotonic()
+        result = self._request("transact", [self.db, *(s.op for s in steps)], what,
+                               deadline if deadline is not None else self._deadline())
+        _log.debug("OVSDB %s: %.1f ms", what, (time.monotonic() - t0) * 1000)
+        return check_reply(steps, result)
+
+    def deadline(self) -> float:
+        """A deadline `timeout_s` from now, for a call made of several transactions."""
+        return self._deadline()

@@ -1,1 +1,0 @@
-"""Generated gRPC code (make proto). Private: import only through ipamd.client / ipamd.server."""
