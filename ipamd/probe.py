@@ -28,7 +28,7 @@ from netaddr import IPAddress
 
 from cni.errors import Code
 from ipamd import frames
-from ipamd.allocator import ConflictOutcome
+from ipamd.conflicts import ConflictOutcome
 from ipamd.errors import IpamError
 from ipamd.metrics import Metrics
 from ipamd.netns_socket import NetnsError, check_netns, own_netns_inode, packet_socket

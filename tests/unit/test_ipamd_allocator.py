@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
-from ipamd.allocator import Allocator, ConflictOutcome, Request
+from ipamd.allocator import Allocator, Request
+from ipamd.conflicts import ConflictOutcome
 from ipamd.errors import (
     AddressConflict,
     AddressOutOfPool,
