@@ -28,7 +28,7 @@ from netaddr import IPAddress
 from core import frames
 from core.netns import NetnsError, check_netns, close_later, own_netns_inode, packet_socket
 from core.spec import ProbeResult
-from ipamd.allocator import ConflictOutcome
+from ipamd.conflicts import ConflictOutcome
 from ipamd.errors import InvalidNetns
 from ipamd.metrics import Metrics
 

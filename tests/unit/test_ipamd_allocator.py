@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
 from core.spec import PoolDef, parse_ipam
-from ipamd.allocator import Allocator, ConflictOutcome, Request
+from ipamd.allocator import Allocator, Request
+from ipamd.conflicts import ConflictOutcome
 from ipamd.errors import (
     AddressConflict,
     AddressOutOfPool,

@@ -10,7 +10,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,7 @@ from core.spec import PoolDef, parse_ipam
 from ipamd.allocator import Allocator, Request
 from ipamd.errors import CommitFailed, wire_status
 from ipamd.model import ACTIVE, Entry
-from ipamd.store import MemoryStore, Store
-from ipamd.store_sqlite import SqliteStore
+from ipamd.store import Store
 
 POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}]}).pool
 DUAL = parse_ipam({"subnets": [{"subnet": "10.1.0.0/16", "gateway": "10.1.0.1"},
@@ -78,11 +76,10 @@ def ips(entries: Any) -> list[str]:
     return [str(e.ip) for e in entries]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def inner(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "ipam.db"))
-    yield s
-    s.close()
+@pytest.fixture
+def inner(store: Store) -> Store:
+    """The real store under the gate: every store in conftest.STORES."""
+    return store
 
 
 def run_threads(fns: list[Callable[[], None]]) -> list[BaseException]:

@@ -1,9 +1,10 @@
-"""One contract, every store: MemoryStore and SqliteStore (etcd joins the parametrisation later)."""
+"""One contract, every store: each test runs over every store in conftest.STORES (MemoryStore and
+SqliteStore today; etcd joins with one row there)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from netaddr import IPNetwork
 from core.spec import PodRef, parse_ipam
 from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
-from ipamd.store import MemoryStore, Store
+from ipamd.store import Store
 from ipamd.store_sqlite import SchemaError, SqliteStore
 
 POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}, "fd00::/64"],
@@ -24,25 +25,6 @@ def entry(ip: str, cid: str = "c1", ifname: str = "eth0", net: str = "n1", k: in
     return Entry(network=net, address=IPNetwork(ip), subnet_index=k, container_id=cid, ifname=ifname,
                  pod=PodRef("ns", "pod", "uid-1"), mac="0a:58:0a:00:00:05", netns="/run/netns/x",
                  created_ms=1000, changed_ms=1000)
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    opened: list[Store] = []
-
-    def make() -> Store:
-        s: Store = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "ipam.db"))
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        s.close()
-
-
-@pytest.fixture
-def store(make_store: Callable[[], Store]) -> Store:
-    return make_store()
 
 
 def test_pool_round_trip(store: Store) -> None:
@@ -111,15 +93,26 @@ def test_list_and_cursor(store: Store) -> None:
     assert store.list_entries(None, ()) == []
 
 
-def test_sqlite_durable_across_reopen(tmp_path: Path) -> None:
-    s = SqliteStore(str(tmp_path / "x.db"))
+def test_durable_across_reopen(make_durable_store: Callable[[], Store]) -> None:
+    s = make_durable_store()
     s.put_pool("n1", POOL)
     s.reserve([entry("10.0.0.5/24")])
+    with s.batch():
+        s.reserve([entry("10.0.0.6/24", cid="c2")])
+        s.release_by_owner("n1", "c1", "eth0", now_ms=5000)
     s.close()
-    s2 = SqliteStore(str(tmp_path / "x.db"))
+    s2 = make_durable_store()
+    assert s2.get_pool("n1") == POOL and s2.networks() == ["n1"]
+    assert [str(e.ip) for e in s2.get_by_owner("n1", "c2", "eth0")] == ["10.0.0.6"]
+    assert s2.get_by_owner("n1", "c1", "eth0") == []
+    assert [(str(e.ip), e.state) for e in s2.list_entries("n1", (RELEASED,))] == [("10.0.0.5", RELEASED)]
+    assert s2.get_cursor("n1", 0) == "10.0.0.6"
+
+
+def test_sqlite_file_is_root_only(tmp_path: Path) -> None:
+    s = SqliteStore(str(tmp_path / "x.db"))
+    s.close()
     assert (tmp_path / "x.db").stat().st_mode & 0o777 == 0o600
-    assert s2.get_pool("n1") == POOL and [str(e.ip) for e in s2.get_by_owner("n1", "c1", "eth0")] == ["10.0.0.5"]
-    s2.close()
 
 
 def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
