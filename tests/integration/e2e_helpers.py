@@ -59,11 +59,16 @@ def _lock(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# In packaging/ but not in the bundle: the image's files (their own freshness: ensure_image).
+_NOT_BUNDLE_INPUTS = (ROOT / "packaging" / "image", ROOT / "packaging" / "install-bundle.sh")
+
+
 def _newest_source() -> float:
     newest = 0.0
     for entry in _SOURCES:
         p = ROOT / entry
-        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts
+                                          and not any(f == x or x in f.parents for x in _NOT_BUNDLE_INPUTS)]
         newest = max([newest, *(f.stat().st_mtime for f in files)])
     return newest
 
@@ -335,6 +340,18 @@ runroot = "{base}/runroot"
     return env
 
 
+def podman_load(env: Mapping[str, str], archive: Path) -> subprocess.CompletedProcess[str]:
+    """`podman load --input ARCHIVE` into the storage of `env`. podman 4.3 records blob digests in
+    /var/lib/containers/cache whatever the storage config says (libimage only moved that cache
+    into the graph root in 4.4), so the load runs in a private mount namespace with a throwaway
+    tmpfs over that directory (or its nearest existing parent): the machine's cache is not
+    touched."""
+    target = next(p for p in ("/var/lib/containers/cache", "/var/lib/containers", "/var/lib") if os.path.isdir(p))
+    script = f'mount -t tmpfs -o size=64m,mode=0700 ou-blob-cache {target} && exec podman load --input "$1"'
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(archive)],
+                          env=dict(env), capture_output=True, text=True, timeout=300)
+
+
 def podman_host_state() -> dict[str, int]:
     """mtime of every entry of the host's podman config and storage, three levels deep."""
     state = {}
@@ -362,6 +379,8 @@ def mounts_under(base: Path) -> list[str]:
 def remove_cgroup_tree(parent: str) -> list[str]:
     """Remove the cgroup `parent` (a --cgroup-parent) from every hierarchy; returns the child
     cgroups that were still there (runc removes a container's own cgroup, not our parent)."""
+    if not parent.strip("/") or ".." in parent:
+        raise ValueError(f"refusing to remove the cgroup tree {parent!r}: not a cgroup parent of ours")
     left: list[str] = []
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         cg = hierarchy / parent.lstrip("/")
