@@ -41,7 +41,7 @@ SHIM_SOURCE = ROOT / "packaging" / "shim" / "ovs-underlay-shim.c"
 PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipamd", "ovs-underlay-py")
 LIBCNI_CACHE = Path("/var/lib/cni")
 # Inputs of the bundle: a newer file means dist/ is stale (packaging/ holds the shim's .c).
-_SOURCES = ("cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")
+_SOURCES = ("core", "cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")
 
 
 # ---------------------------------------------------------------------------------------------

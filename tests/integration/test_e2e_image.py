@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import e2e_helpers as e2e
-import netbed
 import pytest
 import yaml
+
+from testbed import netbed
 
 pytestmark = pytest.mark.timeout(900)  # may build the bundle (PyInstaller) and the image
 

@@ -29,7 +29,7 @@ from cni import warm
 from cni.netconf import parse_netconf
 from cni.types import CmdArgs
 from cni.usage import PRODUCT_VERSION
-from ipamd.spec import DEFAULT_DAEMON_SOCKET, IpamConf, parse_ipam
+from core.spec import DEFAULT_DAEMON_SOCKET, IpamConf, parse_ipam
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "conf-examples" / "kubernetes"
