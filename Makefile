@@ -11,24 +11,29 @@ PREFIX ?= /opt/ovs-underlay
 CNI_BIN_DIR ?= /opt/cni/bin
 DESTDIR ?=
 PYTEST_ARGS ?=
+# One progress line per set-up step; the full output goes to build/logs/setup.log and is shown
+# when a step fails. `make V=1 ...` shows everything as it happens.
+STEP := scripts/step.sh
 
-.PHONY: setup sysdeps venv proto lint test unit integration binary cnitool install demo bench bench-quick clean
+.PHONY: setup sysdeps venv proto lint test unit integration binary image cnitool install demo bench bench-quick clean
 
 setup: sysdeps venv proto
 
 sysdeps:
-	@if [ "$$(id -u)" = 0 ]; then scripts/setup-system.sh; else echo "make: not root, skipping system packages" >&2; fi
+	@if [ "$$(id -u)" = 0 ]; then $(STEP) "system packages (apt-get, Open vSwitch)" scripts/setup-system.sh; \
+	else echo "make: not root, skipping system packages" >&2; fi
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
-	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@$(STEP) "python venv $(VENV) (pip install -e .[dev])" sh -c '\
+	  { $(PYTHON) -m venv $(VENV) || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }; } && \
+	  $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e ".[dev]"'
 	@touch $@
 
 proto: $(PROTO_OUT)
 $(PROTO_OUT): proto/ipam.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -Icore/_proto=proto --python_out=. --grpc_python_out=. --pyi_out=. core/_proto/ipam.proto
+	@$(STEP) "gRPC code (protoc)" $(PY) -m grpc_tools.protoc -Icore/_proto=proto --python_out=. \
+	  --grpc_python_out=. --pyi_out=. core/_proto/ipam.proto
 
 lint: setup
 	$(BIN)/ruff check core cni ipamd tests scripts bench testbed
@@ -46,10 +51,15 @@ test: setup
 
 # PyInstaller bundle (ovs-underlay-py, -ipam, -ipamd) + the native client ovs-underlay (gcc).
 binary: setup
-	PYTHON_BIN=$(abspath $(BIN)) scripts/build-bundle.sh
+	@$(STEP) "bundle dist/ovs-underlay (PyInstaller, gcc)" env PYTHON_BIN=$(abspath $(BIN)) scripts/build-bundle.sh
+
+# The OCI image of the bundle, built offline: dist/ovs-underlay-<version>.oci.tar, named
+# localhost/ovs-underlay:<version> (scripts/build_image.py; README "Install on Kubernetes").
+image: binary
+	@$(PY) scripts/build_image.py
 
 cnitool:
-	scripts/build-cnitool.sh build/cnitool
+	@$(STEP) "cnitool (Debian source, go build)" scripts/build-cnitool.sh build/cnitool
 
 install: binary
 	scripts/install.sh "$(DESTDIR)" "$(PREFIX)" "$(CNI_BIN_DIR)" "$(EXAMPLES)"

@@ -5,9 +5,10 @@ The e2e tests drive the product the way a node does: the FROZEN binaries from
 from Debian's golang-github-appc-cni source, libcni 1.1.2) with NETCONFPATH/CNI_PATH, and
 assert through the test bed's oracles (`ip -j`, `ovs-vsctl`), never through our own code.
 
-Both artefacts are built on demand, once: the bundle when dist/ is missing or older than any
+The artefacts are built on demand, once: the bundle when dist/ is missing or older than any
 source file (under a file lock, so concurrent sessions in one tree do not build over each
-other), cnitool when build/cnitool/cnitool is missing.
+other), the image archive when it is older than the bundle or its own inputs, cnitool when
+build/cnitool/cnitool is missing. podman runs confined to a temp dir (`podman_env`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ SHIM_SOURCE = ROOT / "packaging" / "shim" / "ovs-underlay-shim.c"
 PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipamd", "ovs-underlay-py")
 LIBCNI_CACHE = Path("/var/lib/cni")
 # Inputs of the bundle: a newer file means dist/ is stale (packaging/ holds the shim's .c).
-_SOURCES = ("cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")
+_SOURCES = ("core", "cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,11 +59,16 @@ def _lock(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# In packaging/ but not in the bundle: the image's files (their own freshness: ensure_image).
+_NOT_BUNDLE_INPUTS = (ROOT / "packaging" / "image", ROOT / "packaging" / "install-bundle.sh")
+
+
 def _newest_source() -> float:
     newest = 0.0
     for entry in _SOURCES:
         p = ROOT / entry
-        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts
+                                          and not any(f == x or x in f.parents for x in _NOT_BUNDLE_INPUTS)]
         newest = max([newest, *(f.stat().st_mtime for f in files)])
     return newest
 
@@ -86,6 +93,37 @@ def ensure_bundle() -> Path:
             for exe in PROGRAMS:  # mark the build time, not the copy time of an old artefact
                 os.utime(DIST / exe)
     return DIST
+
+
+# The image (`make image`): scripts/build_image.py and what it puts into the image.
+BUILD_IMAGE = ROOT / "scripts" / "build_image.py"
+_IMAGE_SOURCES = ("scripts/build_image.py", "packaging/image", "packaging/install-bundle.sh", "README.md",
+                  "pyproject.toml")
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_image  # noqa: E402
+
+IMAGE_VERSION = build_image.project_version()
+IMAGE = build_image.image_name(IMAGE_VERSION)
+IMAGE_ARCHIVE = build_image.archive_path(IMAGE_VERSION)
+
+
+def ensure_image() -> Path:
+    """dist/ovs-underlay-<version>.oci.tar, rebuilt (as `make image`) from the bundle when missing
+    or older than the bundle or the image's own inputs."""
+    ensure_bundle()
+    with _lock("image"):
+        inputs = [*(DIST / p for p in PROGRAMS)]
+        for entry in _IMAGE_SOURCES:
+            path = ROOT / entry
+            inputs += [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        if not IMAGE_ARCHIVE.exists() or IMAGE_ARCHIVE.stat().st_mtime < max(f.stat().st_mtime for f in inputs):
+            t0 = time.monotonic()
+            res = subprocess.run([sys.executable, str(BUILD_IMAGE)], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"build_image.py failed ({res.returncode}):\n{res.stdout}{res.stderr[-4000:]}")
+            sys.stderr.write(f"e2e: built {IMAGE_ARCHIVE.name} in {time.monotonic() - t0:.1f}s\n")
+    return IMAGE_ARCHIVE
 
 
 def ensure_cnitool() -> Path:
@@ -241,3 +279,128 @@ def network_status(result: Mapping[str, Any], network: str) -> list[dict[str, An
         out.append({"name": network, "interface": itf["name"], "mac": itf.get("mac", ""), "ips": ips,
                     "gateway": gateways, "dns": result.get("dns", {})})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# podman, confined to one directory
+
+# Host config, storage and run state podman would use without our confinement: must not change.
+PODMAN_HOST_PATHS = tuple(map(Path, ("/etc/containers", "/etc/cni", "/var/lib/containers", "/run/containers",
+                                     "/run/libpod")))
+
+
+def podman_env(base: Path, network: str | None = None) -> dict[str, str]:
+    """containers.conf, storage.conf and an empty registries.conf under `base` (vfs storage,
+    file locks and events, tmp dir, network config dir); returns podman's environment.
+
+    What this machine (and CI, same image) forces:
+    - OCI runtime runc, not crun: cgroups are hybrid (v1 + a cgroup2 mount holding the `hugetlb`
+      controller) and crun 1.8 refuses that outright, even with cgroups disabled. runc does not
+      support `cgroups=disabled`, so callers give containers a unique `--cgroup-parent` and
+      remove it with `remove_cgroup_tree`.
+    - explicit ulimits: as root podman asks for nofile=1048576, and podman itself lowers its
+      nproc to 32768, while this root has no CAP_SYS_RESOURCE.
+    `network`: the CNI network (a config in base/net.d) used when --network is not given; our
+    plugins and the reference plugins are podman's CNI plugin dirs."""
+    for d in ("net.d", "tmp", "root", "runroot"):
+        (base / d).mkdir()
+    plugin_dirs = ", ".join(json.dumps(str(p)) for p in (DIST, REFERENCE_PLUGINS))
+    default_network = f"""# A forgotten --network must not fall back to podman's host bridge (cni-podman0); the fixture
+# checks that this name is our network, not the bridge podman makes up when a file is rejected.
+default_network = "{network}"
+""" if network else ""
+    (base / "containers.conf").write_text(f"""\
+[containers]
+cgroups = "no-conmon"
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{base}/tmp/events.log"
+tmp_dir = "{base}/tmp"
+lock_type = "file"
+
+[network]
+network_backend = "cni"
+cni_plugin_dirs = [{plugin_dirs}]
+network_config_dir = "{base}/net.d"
+{default_network}""")
+    (base / "storage.conf").write_text(f"""\
+[storage]
+driver = "vfs"
+graphroot = "{base}/root"
+runroot = "{base}/runroot"
+""")
+    (base / "registries.conf").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONTAINERS_"))}
+    env.update(CONTAINERS_CONF=str(base / "containers.conf"), CONTAINERS_STORAGE_CONF=str(base / "storage.conf"),
+               CONTAINERS_REGISTRIES_CONF=str(base / "registries.conf"))
+    return env
+
+
+def podman_load(env: Mapping[str, str], archive: Path) -> subprocess.CompletedProcess[str]:
+    """`podman load --input ARCHIVE` into the storage of `env`. podman 4.3 records blob digests in
+    /var/lib/containers/cache whatever the storage config says (libimage only moved that cache
+    into the graph root in 4.4), so the load runs in a private mount namespace with a throwaway
+    tmpfs over that directory (or its nearest existing parent): the machine's cache is not
+    touched."""
+    target = next(p for p in ("/var/lib/containers/cache", "/var/lib/containers", "/var/lib") if os.path.isdir(p))
+    script = f'mount -t tmpfs -o size=64m,mode=0700 ou-blob-cache {target} && exec podman load --input "$1"'
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(archive)],
+                          env=dict(env), capture_output=True, text=True, timeout=300)
+
+
+def podman_host_state() -> dict[str, int]:
+    """mtime of every entry of the host's podman config and storage, three levels deep."""
+    state = {}
+    for root in PODMAN_HOST_PATHS:
+        for dirpath, dirnames, filenames in os.walk(root):
+            depth = len(Path(dirpath).relative_to(root).parts)
+            if depth >= 3:
+                dirnames.clear()
+            for n in [".", *dirnames, *filenames]:
+                p = os.path.join(dirpath, n)
+                state[os.path.normpath(p)] = os.lstat(p).st_mtime_ns
+    return state
+
+
+def mounts_under(base: Path) -> list[str]:
+    """Mount points at or below `base`, deepest first."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == str(base) or point.startswith(f"{base}/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def remove_cgroup_tree(parent: str) -> list[str]:
+    """Remove the cgroup `parent` (a --cgroup-parent) from every hierarchy; returns the child
+    cgroups that were still there (runc removes a container's own cgroup, not our parent)."""
+    if not parent.strip("/") or ".." in parent:
+        raise ValueError(f"refusing to remove the cgroup tree {parent!r}: not a cgroup parent of ours")
+    left: list[str] = []
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        cg = hierarchy / parent.lstrip("/")
+        if not cg.is_dir():
+            continue
+        for d in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            left.append(f"cgroup {d}")
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            cg.rmdir()
+    return left
+
+
+def cgroup_pids(parent: str) -> set[int]:
+    """Every process in the cgroup `parent` and below (the pids hierarchy)."""
+    pids: set[int] = set()
+    root = Path("/sys/fs/cgroup/pids") / parent.lstrip("/")
+    if root.is_dir():
+        for procs in root.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids.update(int(x) for x in procs.read_text().split())
+    return pids

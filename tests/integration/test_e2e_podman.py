@@ -13,7 +13,7 @@ podman is confined to one temp dir: its own containers.conf, storage.conf and re
 locks (not /dev/shm/libpod_lock), file events, tmp_dir, network config dir, and a unique cgroup
 parent. The containers run a busybox-static rootfs (`--rootfs`), so no image is pulled.
 
-Two things this machine (and CI, same image) forces, both in `_write_podman_conf`:
+Two things this machine (and CI, same image) forces, both in `e2e.podman_env`:
 - OCI runtime runc, not crun: cgroups are hybrid (v1 + a cgroup2 mount holding the `hugetlb`
   controller) and crun 1.8 refuses that outright, even with cgroups disabled: "crun: cgroups in
   hybrid mode not supported, drop all controllers from cgroupv2". runc does not support
@@ -28,7 +28,6 @@ our attachments: `Podman.teardown` finds them by the network name (which does) a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -52,48 +51,6 @@ pytestmark = pytest.mark.timeout(900)  # the first test may build the bundle (Py
 GATEWAY = "192.168.100.1"
 STATIC_IP, STATIC_MAC = "192.168.100.150", "0a:58:c0:a8:64:96"
 APPLETS = ("sh", "sleep", "ping", "ip", "cat")
-# Host config, storage and run state podman would use without our confinement: must not change.
-HOST_PATHS = tuple(map(Path, ("/etc/containers", "/etc/cni", "/var/lib/containers", "/run/containers", "/run/libpod")))
-
-
-def _write_podman_conf(base: Path, network: str) -> dict[str, str]:
-    """containers.conf, storage.conf and an empty registries.conf under `base`; returns the env."""
-    for d in ("net.d", "tmp", "root", "runroot"):
-        (base / d).mkdir()
-    plugin_dirs = ", ".join(json.dumps(str(p)) for p in (e2e.DIST, e2e.REFERENCE_PLUGINS))
-    (base / "containers.conf").write_text(f"""\
-[containers]
-cgroups = "no-conmon"
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{base}/tmp/events.log"
-tmp_dir = "{base}/tmp"
-lock_type = "file"
-
-[network]
-network_backend = "cni"
-cni_plugin_dirs = [{plugin_dirs}]
-network_config_dir = "{base}/net.d"
-# A forgotten --network must not fall back to podman's host bridge (cni-podman0); the fixture
-# checks that this name is our network, not the bridge podman makes up when a file is rejected.
-default_network = "{network}"
-""")
-    (base / "storage.conf").write_text(f"""\
-[storage]
-driver = "vfs"
-graphroot = "{base}/root"
-runroot = "{base}/runroot"
-""")
-    (base / "registries.conf").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONTAINERS_"))}
-    env.update(CONTAINERS_CONF=str(base / "containers.conf"), CONTAINERS_STORAGE_CONF=str(base / "storage.conf"),
-               CONTAINERS_REGISTRIES_CONF=str(base / "registries.conf"),
-               OVS_UNDERLAY_LOG_FILE=str(base / "plugin.log"))
-    return env
 
 
 def _make_rootfs(root: Path) -> None:
@@ -108,15 +65,6 @@ def _make_rootfs(root: Path) -> None:
         (root / "bin" / applet).symlink_to("busybox")
 
 
-def _mounts_under(base: Path) -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-        if point == str(base) or point.startswith(f"{base}/"):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
 @dataclass
 class Podman:
     """podman confined to `base`, attaching containers to one ovs-underlay network."""
@@ -126,7 +74,7 @@ class Podman:
     bridge: str
     env: dict[str, str]
     cgroup_parent: str
-    host_before: dict[str, int]  # _host_state() before podman first ran
+    host_before: dict[str, int]  # e2e.podman_host_state() before podman first ran
     cids: dict[str, str] = field(default_factory=dict)  # container name -> id
     sandboxes: dict[str, str] = field(default_factory=dict)  # container name -> netns path
 
@@ -199,46 +147,24 @@ class Podman:
         for cid in self.cids.values():
             if cid:
                 e2e.forget_cached_results(cid)
-        for point in _mounts_under(self.base):
+        for point in e2e.mounts_under(self.base):
             left.append(f"mount {point}")
             netbed.sh("umount", "-l", point, check=False)
-        for hierarchy in Path("/sys/fs/cgroup").iterdir():
-            cg = hierarchy / self.cgroup_parent.lstrip("/")
-            if not cg.is_dir():
-                continue
-            for d in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                left.append(f"cgroup {d}")
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                cg.rmdir()  # runc made our parent; each container's own cgroup goes with it
+        left += e2e.remove_cgroup_tree(self.cgroup_parent)
         shutil.rmtree(self.base, ignore_errors=True)
         self.cids.clear()
         return left
-
-
-def _host_state() -> dict[str, int]:
-    """mtime of every entry of the host's podman config and storage, three levels deep."""
-    state = {}
-    for root in HOST_PATHS:
-        for dirpath, dirnames, filenames in os.walk(root):
-            depth = len(Path(dirpath).relative_to(root).parts)
-            if depth >= 3:
-                dirnames.clear()
-            for n in [".", *dirnames, *filenames]:
-                p = os.path.join(dirpath, n)
-                state[os.path.normpath(p)] = os.lstat(p).st_mtime_ns
-    return state
 
 
 @pytest.fixture
 def podman(bundle: Path, frozen_ipamd: netbed.Ipamd, underlay: netbed.Underlay) -> Iterator[Podman]:
     netbed.tool("podman")
     netbed.tool("runc")
-    host_before = _host_state()
+    host_before = e2e.podman_host_state()
     network = netbed.uniq("pn", limit=40)
     base = Path(tempfile.mkdtemp(prefix=f"ou-podman-{netbed.TOKEN}-"))
-    pm = Podman(base, network, underlay.bridge, _write_podman_conf(base, network),
+    env = {**e2e.podman_env(base, network), "OVS_UNDERLAY_LOG_FILE": str(base / "plugin.log")}
+    pm = Podman(base, network, underlay.bridge, env,
                 "/" + netbed.uniq("podcg", limit=40), host_before)
     try:
         _make_rootfs(base / "rootfs")
@@ -332,7 +258,7 @@ def test_podman_two_containers_on_vlan100(podman: Podman, frozen_ipamd: netbed.I
     podman("rm", "--force", "--time", "0", a, b)
     _assert_gone(podman, frozen_ipamd, [a, b])
     assert podman.teardown() == []
-    assert _host_state() == podman.host_before  # host config and storage untouched
+    assert e2e.podman_host_state() == podman.host_before  # host config and storage untouched
 
 
 def test_podman_static_ip_and_mac_reach_the_plugin_as_cni_args(podman: Podman, frozen_ipamd: netbed.Ipamd) -> None:
@@ -350,4 +276,4 @@ def test_podman_static_ip_and_mac_reach_the_plugin_as_cni_args(podman: Podman, f
     podman("rm", "--force", "--time", "0", s, d)
     _assert_gone(podman, frozen_ipamd, [s, d])
     assert podman.teardown() == []
-    assert _host_state() == podman.host_before  # host config and storage untouched
+    assert e2e.podman_host_state() == podman.host_before  # host config and storage untouched

@@ -2,10 +2,9 @@
 
 CNI configs: valid JSON, the keys libcni requires, plugin types we or the reference plugins
 provide, and every IPAM section (or ovn-kubernetes top-level subnets) accepted by the same
-parser the plugin and ipamd use (`core.spec.parse_ipam`). Kubernetes manifests: the DaemonSet
-is checked against the Kubernetes OpenAPI schemas shipped in the `kubernetes-validate` wheel
-(offline, strict: unknown fields fail); the NetworkAttachmentDefinition (a CRD, no schema
-there) is checked by hand.
+parser the plugin and ipamd use (`core.spec.parse_ipam`); the NetworkAttachmentDefinition in
+the ovn-kubernetes spelling is checked by hand. The Kubernetes manifests (DaemonSet, ConfigMap,
+NADs) under conf-examples/kubernetes/ have their own tests: test_kubernetes_examples.py.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ CNI_FILES = sorted(p.name for p in EXAMPLES.glob("*.conf*"))
 EXPECTED = {
     "10-underlay-vlan.conflist", "20-trunk.conf", "30-br-int-ovn.conf", "40-dual-stack.conflist",
     "50-static-ip-mac.conflist", "60-nad-vlan100.yaml", "70-bridge-ipam.conflist",
-    "71-macvlan-ipam.conf", "80-chain-tuning-portmap-bandwidth.conflist", "daemonset.yaml",
+    "71-macvlan-ipam.conf", "80-chain-tuning-portmap-bandwidth.conflist", "kubernetes",
 }
 SUPPORTED_VERSIONS = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 
@@ -153,41 +152,3 @@ def test_nad_is_a_multus_attachment_with_ovn_k_style_subnets() -> None:
     assert str(subnet.subnet) == "192.168.100.0/24"
     assert not subnet.allocatable(subnet.subnet[1])  # excluded 192.168.100.1/32
     assert not subnet.allocatable(subnet.subnet[245])  # inside excluded 192.168.100.240/28
-
-
-def test_daemonset_validates_against_the_kubernetes_schema() -> None:
-    try:
-        import kubernetes_validate
-    except ImportError:  # pragma: no cover - the dev extras must provide it
-        pytest.fail("kubernetes-validate is missing: it belongs to the [dev] extras (pip install -e '.[dev]')")
-    docs = [d for d in yaml.safe_load_all((EXAMPLES / "daemonset.yaml").read_text()) if d]
-    assert [d["kind"] for d in docs] == ["DaemonSet"]
-    for version in ("1.29.0", "1.33.0"):
-        kubernetes_validate.validate(docs[0], version, strict=True)
-
-
-def test_daemonset_mounts_what_the_node_needs() -> None:
-    (ds,) = [d for d in yaml.safe_load_all((EXAMPLES / "daemonset.yaml").read_text()) if d]
-    spec = ds["spec"]["template"]["spec"]
-    assert spec["hostNetwork"] is True
-    host_paths = {v["hostPath"]["path"] for v in spec["volumes"]}
-    assert {"/run/ovs-underlay", "/var/lib/ovs-underlay", "/opt", "/run/openvswitch", "/run/netns",
-            "/var/log/ovs-underlay"} <= host_paths
-    assert spec["hostPID"] is True  # netns paths of the form /proc/<pid>/ns/net must open
-    (init,) = spec["initContainers"]
-    assert init["securityContext"]["privileged"] and "install.sh" in init["command"][0]
-    ipamd, warm = spec["containers"]
-    assert ipamd["securityContext"]["privileged"]
-    assert ipamd["command"][:2] == ["/opt/ovs-underlay/ovs-underlay-ipamd", "serve"]
-    assert "health" in ipamd["readinessProbe"]["exec"]["command"]
-    # The warm server is the same binary in serving mode, on the socket the plugin looks for,
-    # and sees the host's /opt (bundle + CNI_PATH), netns and OVSDB like an exec'd plugin.
-    from cni import warm as warm_mod
-
-    assert warm["command"][:2] == ["/opt/ovs-underlay/ovs-underlay", warm_mod.SERVE_FLAG]
-    assert warm["command"][warm["command"].index("--socket") + 1] == warm_mod.DEFAULT_SOCKET
-    assert {m["mountPath"] for m in warm["volumeMounts"]} >= {"/opt", "/run/ovs-underlay", "/run/openvswitch",
-                                                             "/run/netns", "/var/log/ovs-underlay"}
-    for c in (ipamd, warm):
-        netns = next(m for m in c["volumeMounts"] if m["mountPath"] == "/run/netns")
-        assert netns["mountPropagation"] == "HostToContainer"
