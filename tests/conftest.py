@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import netbed, nodebed
+from testbed import netbed, nodebed, ovnbed
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,6 +70,7 @@ def _leftovers() -> list[str]:
             p.kill()
             p.wait()
     found += nodebed.leftovers()  # after the daemons above are dead
+    found += ovnbed.leftovers()
     return found
 
 
