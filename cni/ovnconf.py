@@ -228,7 +228,10 @@ def parse_ovn(conf: Mapping[str, Any], *, name: str, vlan: int | None, trunk: bo
                        "VLAN tag: OVN tags at the localnet port",
                        "give the localnet port the tag (topology localnet + vlanID, or tag_request "
                        "on your localnet logical switch port), or plug into an underlay bridge")
-        return OvnPart(ovn=ovn)
+        # Without an explicit `bridge`, an OVN port goes on the node's integration bridge
+        # (external_ids:ovn-bridge, br-int unless the node says otherwise).
+        source: BridgeSource = "ovn-bridge" if ovn is not None and "bridge" not in conf else "config"
+        return OvnPart(ovn=ovn, bridge_source=source)
 
     physnet = None
     if topo == "localnet":

@@ -433,9 +433,19 @@ class NbClient(OvsdbClient):
             except Changed:
                 if attempt == _ATTEMPTS:
                     raise
-                names = [lsp.name for lsp in lsps]
-                lsps = [lsp for lsp in self.find_lsps({}) if lsp.name in names]
-                _log.info("logical switch ports %s changed while deleting them; retrying", ", ".join(names))
+                _log.info("logical switch ports %s changed while deleting them; retrying",
+                          ", ".join(lsp.name for lsp in lsps))
+                lsps = self._relookup(lsps, deadline)
+
+    def _relookup(self, lsps: Sequence[Lsp], deadline: float) -> list[Lsp]:
+        """The current rows of `lsps` (by name, an index), kept only if they still belong to
+        the same attachment: a row re-created for another one is not what we meant to delete."""
+        steps = [Step(op_select("Logical_Switch_Port", [eq("name", lsp.name)], LSP_COLUMNS),
+                      f"look up logical switch port {lsp.name}") for lsp in lsps]
+        out = []
+        for lsp, r in zip(lsps, self.transact(steps, deadline), strict=True):
+            out += [now for now in map(lsp_of, rows_of(r)) if same_attachment(now.ids, lsp.ids)]
+        return out
 
     def delete_attachment(self, want: Mapping[str, str]) -> list[str]:
         """DEL: remove our LSPs of one attachment (container_id, ifname and, when known, node).

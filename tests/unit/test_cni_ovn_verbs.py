@@ -229,3 +229,14 @@ def test_check_reports_a_missing_lsp_and_an_uninstalled_port() -> None:
         plugin.cmd_check(a, c, drivers(w))
     assert "logical switch port c1_eth0 is missing" in e.value.msg
     assert "not installed by ovn-controller" in e.value.msg  # the fake OVS never set ovn-installed
+
+
+def test_the_port_follows_the_nodes_integration_bridge() -> None:
+    w = OvnWorld()
+    w.chassis = Chassis("chassis-a", "br-ovn", {}, None, "")
+    w.bridges = {"br-ovn": "netdev"}
+    for conf in (CONFS["bind"], CONFS["managed"]):
+        a, c = mk(conf)
+        plugin.cmd_add(a, c, drivers(w))
+        assert [p.bridge for p in w.ports.values()] == ["br-ovn"]
+        plugin.cmd_del(a, c, drivers(w))

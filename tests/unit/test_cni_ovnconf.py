@@ -50,7 +50,9 @@ def test_plain_networks_are_not_ovn() -> None:
 def test_bind_mode_ovn_port() -> None:
     c = parse({"ovnPort": "vm-1", "ovnInstalledTimeoutMs": 0})
     assert c.ovn is not None and c.ovn.logical_port == "vm-1" and not c.ovn.managed
-    assert c.ovn.installed_timeout_ms == 0 and c.bridge == "br-int" and c.bridge_source == "config"
+    assert c.ovn.installed_timeout_ms == 0 and c.bridge_source == "ovn-bridge"  # the node's ovn-bridge
+    c = parse({"ovnPort": "vm-1", "bridge": "br-int"})
+    assert c.bridge == "br-int" and c.bridge_source == "config"  # named: must be the integration bridge
 
 
 def test_managed_mode_from_config_and_from_the_node() -> None:
