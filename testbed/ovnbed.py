@@ -328,3 +328,29 @@ def leftovers() -> list[str]:
         found.append(f"OVN run dir {d}")
         shutil.rmtree(d, ignore_errors=True)
     return found
+
+
+def make_ovn_node(central: Central, tor: nodebed.Tor, name: str,
+                  bridge_mappings: Mapping[str, str] | None = None) -> tuple[nodebed.Node, Chassis]:
+    """A nodebed node that is an OVN chassis and can tunnel: its NIC eth1 (on `tor`) is a port
+    of `br-ex` (netdev), whose internal port holds the node's address and default route. The
+    userspace datapath sends geneve only from an address on an OVS bridge (it routes and ARPs
+    tunnels itself), so this is how a netdev chassis reaches the others, as on real DPDK nodes.
+    The node is also wired into the central's management network (ssl: NB). Undo: the caller
+    destroys the chassis, then the node."""
+    node = nodebed.make_node(name)
+    try:
+        nic = tor.plug(node)
+        central.attach(node)
+        addr = nic.addresses[0]
+        node.vsctl("add-br", "br-ex", "--", "set", "Bridge", "br-ex", "datapath_type=netdev",
+                   "--", "add-port", "br-ex", nic.name)
+        node.exec("ip", "addr", "flush", "dev", nic.name)
+        node.exec("ip", "addr", "add", addr, "dev", "br-ex")
+        node.exec("ip", "link", "set", "br-ex", "up")
+        node.exec("ip", "route", "replace", "default", "via", nic.gateways[0], "dev", "br-ex")
+        chassis = make_chassis(node, central, addr.split("/")[0], bridge_mappings)
+    except BaseException:
+        node.destroy()
+        raise
+    return node, chassis

@@ -35,10 +35,12 @@ pytestmark = pytest.mark.timeout(180)
 class Bed:
     central: ovnbed.Central
     tor: nodebed.Tor
-    node: nodebed.Node
+    node: nodebed.Node  # "o": the chassis most tests use; its eth2 trunks into br-phys
     chassis: ovnbed.Chassis
+    node2: nodebed.Node  # "p": a second chassis, for a logical switch that spans nodes
+    chassis2: ovnbed.Chassis
     physnet: str
-    uplink_tor: str  # the ToR-side port of the node's eth2 (host netns): where tags are seen
+    uplink_tor: str  # the ToR-side port of node o's eth2 (host netns): where tags are seen
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +51,15 @@ def bed() -> Iterator[Bed]:
         cleanup.append(central.destroy)
         tor = nodebed.make_tor(vlans={100: ["192.168.100.1/24"]})
         cleanup.append(tor.destroy)
-        node = nodebed.make_node("o")
-        cleanup.append(node.destroy)
-        nic = tor.plug(node)
-        central.attach(node)
+        physnet = f"physnet{netbed.TOKEN}"
+        node, chassis = ovnbed.make_ovn_node(central, tor, "o", {physnet: "br-phys"})
+        cleanup += [node.destroy, chassis.destroy]
         up = tor.plug(node, "eth2", addresses=[], gateways=[])
         node.vsctl("add-br", "br-phys", "--", "set", "Bridge", "br-phys", "datapath_type=netdev",
                    "--", "add-port", "br-phys", "eth2")
-        physnet = f"physnet{netbed.TOKEN}"
-        chassis = ovnbed.make_chassis(node, central, nic.addresses[0].split("/")[0], {physnet: "br-phys"})
-        cleanup.append(chassis.destroy)
-        yield Bed(central, tor, node, chassis, physnet, up.tor_port)
+        node2, chassis2 = ovnbed.make_ovn_node(central, tor, "p")
+        cleanup += [node2.destroy, chassis2.destroy]
+        yield Bed(central, tor, node, chassis, node2, chassis2, physnet, up.tor_port)
     finally:
         for fn in reversed(cleanup):
             fn()
@@ -75,12 +75,15 @@ class Pods:
     made: list[tuple[ph.Attachment, netbed.Netns]] = field(default_factory=list)
     switches: list[str] = field(default_factory=list)
 
-    def new(self, conf: dict[str, Any], role: str = "c", **kw: Any) -> ph.Attachment:
-        """An attachment of `conf` (plus the node's OVSDB socket) for a new pod netns."""
+    def new(self, conf: dict[str, Any], role: str = "c", node: nodebed.Node | None = None,
+            **kw: Any) -> ph.Attachment:
+        """An attachment of `conf` (plus the node's OVSDB socket) for a new pod netns on `node`
+        (default: the bed's node)."""
+        node = node or self.node
         ns = netbed.make_netns("pod")
-        conf = {**conf, "ovsdbSocket": self.node.ovsdb}
+        conf = {**conf, "ovsdbSocket": node.ovsdb}
         a = ph.Attachment(conf, netbed.container_id(role), ns.path, **kw)
-        a.run_kw = {"prefix": ("ip", "netns", "exec", self.node.ns), "extra_env": self.env}
+        a.run_kw = {"prefix": ("ip", "netns", "exec", node.ns), "extra_env": self.env}
         self.made.append((a, ns))
         return a
 
@@ -258,20 +261,23 @@ def test_managed_add_rolls_back_when_ovn_controller_never_installs(bed: Bed, pod
     assert not ipamd.leases(), "the lease must be released on rollback"
 
 
-def test_layer2_nad_two_pods_ping_and_port_security(bed: Bed, pods: Pods, ipamd: netbed.Ipamd) -> None:
+def test_layer2_nad_spans_two_nodes_with_port_security(bed: Bed, pods: Pods, ipamd: netbed.Ipamd) -> None:
     """conf-examples/91: an unchanged ovn-kubernetes layer2 NAD; the node file names the NB
-    (ssl:, with the client's certificate)."""
+    (ssl:, with the client's certificate). Pod a on node o, pod b on node p: one logical switch,
+    geneve between the chassis."""
     name = f"blue{netbed.TOKEN}"
     pods.switches.append(name)
     conf = nad_config("91-nad-ovnk-layer2.yaml", name=name, daemonSocket=ipamd.socket)
-    a, b = pods.new(conf, "a"), pods.new(conf, "b")
+    a, b = pods.new(conf, "a"), pods.new(conf, "b", node=bed.node2)
     ra, rb = a.add(), b.add()
     ip_a, ip_b = pod_ip(ra), pod_ip(rb)
     assert ip_a.startswith("10.100.200.") and int(ip_a.rsplit(".", 1)[1]) >= 8  # excludeSubnets .0/29
     assert netbed.link("eth0", ns=pods.ns(a))["mtu"] == 1400
     assert set(bed.central.switch_ports(name)) == {f"{a.container_id}_eth0", f"{b.container_id}_eth0"}
     assert bed.central.lsp(f"{a.container_id}_eth0")["external_ids"]["nad"] == "default/tenantblue"
-    assert netbed.ping_retry(pods.ns(a), ip_b)
+    assert bed.central.binding_chassis(f"{b.container_id}_eth0") == bed.chassis2.name
+    assert bed.central.lsp(f"{b.container_id}_eth0")["options"] == {"requested-chassis": bed.chassis2.name}
+    assert netbed.ping_retry(pods.ns(a), ip_b, attempts=10)
     # Port security: a spoofed source MAC (and then a spoofed source IP) gets nothing through.
     real_mac = ra["interfaces"][1]["mac"]
     netbed.sh("ip", "link", "set", "eth0", "address", "0a:00:00:00:0f:0f", ns=pods.ns(a))
@@ -373,7 +379,7 @@ def test_ovn_restart_keeps_ports_bound_and_traffic_resumes(bed: Bed, pods: Pods,
     sw = netbed.uniq("ls", 40)
     pods.switches.append(sw)
     conf = managed(bed, ipamd, sw)
-    a, b = pods.new(conf, "a"), pods.new(conf, "b")
+    a, b = pods.new(conf, "a"), pods.new(conf, "b", node=bed.node2)
     a.add()
     ip_b = pod_ip(b.add())
     lsp_a = f"{a.container_id}_eth0"
