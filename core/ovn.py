@@ -267,10 +267,10 @@ def _check_localnet(spec: LspSpec, ln: Lsp) -> None:
     want, net = spec.localnet, ln.options.get("network_name")
     if ln.type != "localnet" or net != want.physical_network or ln.tag_request != want.vlan:
         raise Conflict(f"logical switch {spec.switch}: its localnet port {ln.name} has type {ln.type!r}, "
-                   f"network_name {net!r}, tag {ln.tag_request}; this network wants physical network "
-                   f"{want.physical_network!r}, VLAN {want.vlan}",
-                   "two network configs disagree about one logical switch; fix one (logicalSwitch, "
-                   "physicalNetworkName, vlanID)")
+                       f"network_name {net!r}, tag {ln.tag_request}; this network wants physical network "
+                       f"{want.physical_network!r}, VLAN {want.vlan}",
+                       "two network configs disagree about one logical switch; fix one (logicalSwitch, "
+                       "physicalNetworkName, vlanID)")
 
 
 def _absent(table: str, name: str, what: str) -> Step:
@@ -283,12 +283,13 @@ def _replace_guard(spec: LspSpec, p: Lsp) -> list[Step]:
     """Steps removing a stale LSP of this same attachment; raises if the name is not ours."""
     if not p.ours:
         raise NotOwned(f"logical switch port {spec.name} exists and is not owned by {OWNER} "
-                   f"(owner {p.ids.get('owner')!r}); not replacing it",
-                   "to bind to a port your CMS made, give ovnPort without logicalSwitch")
+                       f"(owner {p.ids.get('owner')!r}); not replacing it",
+                       "to bind to a port your CMS made, give ovnPort without logicalSwitch")
     if not same_attachment(p.ids, spec.ids):
         raise NotOwned(f"logical switch port {spec.name} belongs to another attachment (container "
-                   f"{p.ids.get('container_id')!r}, ifname {p.ids.get('ifname')!r}, "
-                   f"node {p.ids.get('node')!r})", "an ovnPort in the network config can serve one pod only")
+                       f"{p.ids.get('container_id')!r}, ifname {p.ids.get('ifname')!r}, "
+                       f"node {p.ids.get('node')!r})",
+                       "an ovnPort in the network config can serve one pod only")
     return [_lsp_guard(p), *_lsp_remove(p)]
 
 
@@ -298,7 +299,7 @@ def add_lsp_steps(spec: LspSpec, found: NbFound) -> list[Step]:
     this attachment's, or the switch is ambiguous or disagrees with the network."""
     if len(found.switches) > 1:
         raise Conflict(f"{len(found.switches)} logical switches are named {spec.switch!r}; "
-                   "ovs-underlay cannot tell which one is meant")
+                       "ovs-underlay cannot tell which one is meant")
     steps = [Step(op_comment(f"ovs-underlay: add logical switch port {spec.name} to {spec.switch}"),
                   "comment")]
     if found.port is not None:
