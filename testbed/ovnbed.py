@@ -145,8 +145,9 @@ class Central:
     def start(self) -> None:
         extra: list[str] = []
         if self.tls is not None:
-            extra = [f"--remote=pssl:{NB_SSL_PORT}:{MGMT_NET}.1", f"--private-key={self.workdir}/pki/server-privkey.pem",
-                     f"--certificate={self.workdir}/pki/server-cert.pem", f"--ca-cert={self.tls.ca_cert}"]
+            pki = self.workdir / "pki"
+            extra = [f"--remote=pssl:{NB_SSL_PORT}:{MGMT_NET}.1", f"--private-key={pki}/server-privkey.pem",
+                     f"--certificate={pki}/server-cert.pem", f"--ca-cert={self.tls.ca_cert}"]
         self._db_server("nb", NB_SCHEMA, extra)
         self._db_server("sb", SB_SCHEMA, [])
         self.nbctl("init")

@@ -1,7 +1,7 @@
 """ovs-underlay against a real OVN: ovn-controller binds our ports, managed logical switch ports,
 ovn-kubernetes' localnet and layer2 NADs, with and without OVN on the node.
 
-The bed (tests/ovnbed.py, tests/nodebed.py): an OVN central (NB, SB, ovn-northd) on unix sockets
+The bed (testbed/ovnbed.py, testbed/nodebed.py): an OVN central (NB, SB, ovn-northd) on unix sockets
 plus an ssl: NB listener; a node "o" made of a netns with its own OVS and ovn-controller (br-int
 netdev, geneve to the node's address); the node's eth2 is a trunk into `br-phys`, mapped as this
 run's physical network, and leads to a ToR whose VLAN 100 router holds 192.168.100.1. The plugin

@@ -1,4 +1,4 @@
-"""core.ovn's northbound client against a real OVN_Northbound ovsdb-server (tests/ovnbed.py):
+"""core.ovn's northbound client against a real OVN_Northbound ovsdb-server (testbed/ovnbed.py):
 concurrent ADDs create one switch, ownership is never overstepped, TLS and remote lists work.
 Oracle: ovn-nbctl."""
 
@@ -7,14 +7,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-import ovnbed
 import plugin_helpers as ph
 import pytest
 
 from core.errors import CoreError, NotOwned, Unavailable
 from core.ovn import Localnet, LspSpec, NbClient, gc_logical_ports
 from core.ovnsettings import Northbound
-from testbed import netbed
+from testbed import netbed, ovnbed
 
 pytestmark = pytest.mark.timeout(120)
 
