@@ -20,7 +20,8 @@ ovn-kubernetes' spelling (`type: ovn-k8s-cni-overlay` or any `topology`): keys w
 ovn-kubernetes meaning (`topology`, `netAttachDefName`, `subnets`, `excludeSubnets`, `vlanID`,
 `mtu`, `physicalNetworkName`, `allowPersistentIPs`, `role`). A key or value we cannot honour is
 refused (7) with the reason, never dropped: an ovn-kubernetes user must not get a different
-network than the NAD describes.
+network than the NAD describes. Its log-rotation keys (`logfile-max*`) are ignored, like every
+unknown top-level key: the host decides how we log.
 """
 
 from __future__ import annotations
@@ -56,8 +57,6 @@ OVNK_UNSUPPORTED: dict[str, str] = {
     "evpn": "EVPN is an ovn-kubernetes control-plane feature",
     "deviceID": "SR-IOV / DPU ports are not plugged by ovs-underlay",
 }
-# ovn-kubernetes' own log rotation settings: the host decides where and how we log.
-OVNK_IGNORED = ("logfile-maxsize", "logfile-maxbackups", "logfile-maxage")
 # Our keys that contradict a topology (with the key that replaces them there).
 TOPOLOGY_CONFLICTS: dict[str, str] = {
     "vlan": "vlanID (localnet)",
