@@ -62,7 +62,7 @@ cnitool:
 	@$(STEP) "cnitool (Debian source, go build)" scripts/build-cnitool.sh build/cnitool
 
 install: binary
-	scripts/install.sh "$(DESTDIR)" "$(PREFIX)" "$(CNI_BIN_DIR)" "$(EXAMPLES)"
+	OVNK_ALIAS="$(OVNK_ALIAS)" scripts/install.sh "$(DESTDIR)" "$(PREFIX)" "$(CNI_BIN_DIR)" "$(EXAMPLES)"
 
 demo: setup binary cnitool
 	$(PY) scripts/demo.py $(if $(KEEP),--keep,)

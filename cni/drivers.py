@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
     from cni.types import CmdArgs, Result
     from core.netlink import PodLink, PodState, RouteLike
+    from core.ovn import Chassis, Lsp, LspSpec, NodeView
+    from core.ovnsettings import Northbound
     from core.spec import Allocation, IpamConf, PodRef, PoolDef, ProbeResult
     from core.vswitch import PortInfo, PortSpec
 
@@ -43,6 +45,24 @@ class OvsdbDriver(Protocol):
     def get_port(self, name: str) -> PortInfo | None: ...
     def find_ports(self, want: Mapping[str, str]) -> list[PortInfo]: ...
     def delete_ports(self, names: Sequence[str]) -> None: ...
+    def close(self) -> None: ...
+
+
+class NodeDriver(Protocol):
+    """The chassis side of OVN on the node's OVS (core.ovn.OvnNode)."""
+
+    def inspect(self) -> NodeView: ...
+    def wait_installed(self, iface: str, logical_port: str, timeout_ms: int, chassis: Chassis) -> float: ...
+
+
+class NbDriver(Protocol):
+    """OVN_Northbound as a small CMS uses it (core.ovn.NbClient)."""
+
+    def add_lsp(self, spec: LspSpec) -> None: ...
+    def find_lsps(self, want: Mapping[str, str]) -> list[Lsp]: ...
+    def delete_lsps(self, lsps: Sequence[Lsp]) -> None: ...
+    def delete_attachment(self, want: Mapping[str, str]) -> list[str]: ...
+    def ping(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -85,12 +105,24 @@ class Drivers:
     ovsdb: OvsdbDriver
     ipam: Callable[[str, int], IpamClientDriver]  # (socket path, timeout ms) -> client
     delegate: DelegateDriver
+    node: NodeDriver | None = None  # OVN chassis side (None: unit tests that never touch OVN)
+    northbound: Callable[[Northbound], NbDriver] | None = None
     _clients: list[Any] = field(default_factory=list)
 
     def ipam_client(self, ipam: IpamConf) -> IpamClientDriver:
         client = self.ipam(ipam.daemon_socket, ipam.timeout_ms)
         self._clients.append(client)
         return client
+
+    def nb(self, nb: Northbound) -> NbDriver:
+        assert self.northbound is not None, "no OVN northbound driver"
+        client = self.northbound(nb)
+        self._clients.append(client)
+        return client
+
+    def chassis(self) -> NodeDriver:
+        assert self.node is not None, "no OVN node driver"
+        return self.node
 
     def close(self) -> None:
         getattr(self.netlink, "close", lambda: None)()  # cached netlink sockets (real Netlink only)
@@ -105,6 +137,7 @@ def default_drivers(ovsdb_socket: str) -> Drivers:
     when an ipamd client is actually created."""
     from cni.delegate import ExecDelegate
     from core.netlink import Netlink
+    from core.ovn import NbClient, OvnNode
     from core.vswitch import Vswitch
 
     def ipam_factory(socket_path: str, timeout_ms: int) -> IpamClientDriver:
@@ -112,4 +145,6 @@ def default_drivers(ovsdb_socket: str) -> Drivers:
 
         return IpamClient(socket_path, timeout_ms=timeout_ms)
 
-    return Drivers(netlink=Netlink(), ovsdb=Vswitch(ovsdb_socket), ipam=ipam_factory, delegate=ExecDelegate())
+    vswitch = Vswitch(ovsdb_socket)
+    return Drivers(netlink=Netlink(), ovsdb=vswitch, ipam=ipam_factory, delegate=ExecDelegate(),
+                   node=OvnNode(vswitch.db), northbound=NbClient)

@@ -62,6 +62,7 @@ CODES: dict[type[core.CoreError], Code] = {
     core.AlreadyExists: Code.INVALID_ENV,  # CNI_IFNAME exists in the container already
     core.NotOwned: Code.INVALID_NETWORK_CONFIG,
     core.Missing: Code.INVALID_NETWORK_CONFIG,  # e.g. the configured bridge does not exist
+    core.Conflict: Code.INVALID_NETWORK_CONFIG,  # e.g. a logical switch that disagrees with the network
     core.NetnsUnusable: Code.INVALID_NETNS,
     core.CoreError: Code.INTERNAL,
 }

@@ -21,7 +21,10 @@ Per-pod values, highest precedence first (documented contract; Multus may send s
   it whenever present) > args.cni.mac > CNI_ARGS `MAC=` > lease MAC (ipamd macFromIP) > kernel.
 - IPs: runtimeConfig.ips > args.cni.ips > CNI_ARGS `IP=` (comma list). The first channel that
   is present wins entirely (lists are not merged).
-- ovnPort: args.cni.ovnPort > CNI_ARGS `OvnPort=` > config `ovnPort`.
+- ovnPort (`external_ids:iface-id`, and the logical switch port's name): the network config
+  only. A pod's args.cni.ovnPort / CNI_ARGS `OvnPort=` (a pod annotation through Multus) is
+  ignored with a warning: it would let a pod claim another pod's logical port.
+OVN keys (ovnPort, logicalSwitch, ovnNorthbound, ovn-kubernetes' topology spelling): cni.ovnconf.
 CNI_ARGS keys are case-insensitive; `IgnoreUnknown` (true/1) is accepted and unknown keys are
 always ignored. K8S_POD_NAMESPACE / K8S_POD_NAME / K8S_POD_UID are recorded in OVSDB and sent
 to ipamd.
@@ -29,6 +32,7 @@ to ipamd.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +40,12 @@ from typing import Any
 from netaddr import IPAddress
 
 from cni.errors import CniError, Code
+from cni.ovnconf import BridgeSource, NodeNorthbound, OvnAttach, Topology, no_node_northbound, parse_ovn
 from cni.types import CmdArgs, Result, parse_cni_args
 from core.names import MAC_RE, NAME_RE
 from core.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
 
+_log = logging.getLogger("ovs-underlay.netconf")
 IPAMD_TYPE = "ovs-underlay-ipam"
 DEFAULT_BRIDGE = "br-int"
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
@@ -51,6 +57,7 @@ ALIASES: dict[str, str] = {
     "ofport_request": "ofportRequest",
     "datapath_type": "datapathType",
     "ovn_port": "ovnPort",
+    "logical_switch": "logicalSwitch",
     "log_file": "logFile",
     "log_level": "logLevel",
 }
@@ -87,7 +94,11 @@ class NetConf:
     vlan: int | None = None
     trunk: tuple[tuple[int, int], ...] = ()  # inclusive (min, max) ranges
     mtu: int | None = None
-    ovn_port: str | None = None
+    ovn: OvnAttach | None = None  # the port is OVN's: iface-id, ovn-installed wait, managed LSP
+    topology: Topology = ""  # ovn-kubernetes' topology ("" = ours: bridge + vlan/trunk)
+    bridge_source: BridgeSource = "config"  # else resolved at ADD from the node's OVS
+    physical_network: str | None = None  # localnet: the ovn-bridge-mappings key
+    nad: str = ""  # ovn-kubernetes netAttachDefName (namespace/name)
     ovsdb_socket: str = DEFAULT_OVSDB
     # None: accept the bridge as it is (userspace/netdev or kernel). Set: an assertion.
     datapath_type: str | None = None
@@ -245,8 +256,9 @@ def _ipam(conf: Mapping[str, Any]) -> IpamBackend:
     return NoIpam()
 
 
-def parse_netconf(args: CmdArgs) -> NetConf:
-    """Validate the whole plugin config + CNI_ARGS for this invocation (no side effects)."""
+def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -> NetConf:
+    """Validate the whole plugin config + CNI_ARGS for this invocation (no side effects but
+    `node_nb`, which reads the node's OVN settings (core.ovnsettings) when the network needs them)."""
     conf = canonicalize(args.config)
     name = conf.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -258,10 +270,6 @@ def parse_netconf(args: CmdArgs) -> NetConf:
     ovsdb = _str(conf, "ovsdbSocket", DEFAULT_OVSDB)
     if not ovsdb.startswith(("unix:", "tcp:", "ssl:")):
         raise _bad(f"ovsdbSocket: {ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or ssl:IP:PORT)")
-    ovn_cfg = conf.get("ovnPort")
-    if ovn_cfg is not None and not isinstance(ovn_cfg, str):
-        raise _bad(f"ovnPort: expected a string, got {ovn_cfg!r}")
-
     cargs = parse_cni_args(args.args)
     rc = _mapping(conf, "runtimeConfig")
     acni = _mapping(_mapping(conf, "args"), "cni")
@@ -277,9 +285,14 @@ def parse_netconf(args: CmdArgs) -> NetConf:
         if source.get(key):
             ips = _ips(source[key], where)
             break
-    ovn_port = acni.get("ovnPort") or cargs.get("OVNPORT") or ovn_cfg or None
-    if ovn_port is not None and not isinstance(ovn_port, str):
-        raise _bad(f"args.cni.ovnPort: expected a string, got {ovn_port!r}")
+    for where, given in (("args.cni.ovnPort", acni.get("ovnPort")),
+                         ("CNI_ARGS OvnPort", cargs.get("OVNPORT"))):
+        if given:
+            _log.warning("ignoring %s=%r: only the network config sets ovnPort", where, given)
+    vlan = None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan")
+    trunk = _trunk(conf.get("trunk"))
+    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    ovn = parse_ovn(conf, name=name, vlan=vlan, trunk=bool(trunk), bridge=bridge, node_nb=node_nb)
 
     backend = _ipam(conf)
     if ips and isinstance(backend, NoIpam):
@@ -287,11 +300,10 @@ def parse_netconf(args: CmdArgs) -> NetConf:
     prev = conf.get("prevResult")
     return NetConf(
         name=name, cni_version=args.cni_version,
-        bridge=_str(conf, "bridge", DEFAULT_BRIDGE),
-        vlan=None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan"),
-        trunk=_trunk(conf.get("trunk")),
+        bridge=bridge, vlan=ovn.vlan if ovn.bridge_source == "bridge-mapping" else vlan, trunk=trunk,
         mtu=_int(conf, "mtu", 68, 65535),
-        ovn_port=ovn_port,
+        ovn=ovn.ovn, topology=ovn.topology, bridge_source=ovn.bridge_source,
+        physical_network=ovn.physical_network, nad=ovn.nad,
         ovsdb_socket=ovsdb,
         datapath_type=None if conf.get("datapathType") is None else _str(conf, "datapathType", ""),
         ofport_request=_int(conf, "ofportRequest", 1, 65279),

@@ -14,11 +14,16 @@ NoIpam); the verbs `match` on it. The ipamd result mapping and the gateway check
 with the IPAM plugin (cni.ipam). The core's neutral errors pass through to skel, which maps
 them (cni.errors); DEL and GC, which collect errors and go on, map them with `as_cni`.
 
+Where the port goes (bridge, tag) is resolved on the node (cni.ovn_attach.resolve): the
+config's bridge, OVN's integration bridge, or the bridge ovn-bridge-mappings names.
+
 ADD order (each creating step pushes its undo; cleanup failures are logged, never raised):
-preflight bridge -> veth (pod end created in the netns) [undo: delete veth] -> OVS port in one
-transaction [undo: delete port] -> IPAM: ipamd allocate with conflict probe [undo: release] or
-delegate ADD [undo: delegate DEL] -> lease MAC -> addresses + routes -> gateway check (ipamd)
--> gratuitous ARP / unsolicited NA -> OVS ids with MAC/IPs -> result.
+preflight (where the port goes) -> veth (pod end created in the netns) [undo: delete veth] ->
+OVS port in one transaction, iface-id included [undo: delete port] -> (OVN bind: wait for
+ovn-installed) -> IPAM: ipamd allocate with conflict probe [undo: release] or delegate ADD
+[undo: delegate DEL] -> lease MAC -> (OVN managed: the logical switch port in one NB
+transaction [undo: delete it], wait for ovn-installed) -> addresses + routes -> gateway check
+(ipamd) -> gratuitous ARP / unsolicited NA -> OVS ids with MAC/IPs -> result.
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from cni import ovn_attach
 from cni.drivers import Drivers, default_drivers
 from cni.errors import CniError, Code, as_cni
 from cni.ipam import Addressing, addressing, gateway_check
 from cni.netconf import DelegateBackend, IpamdBackend, NetConf, NoIpam, parse_netconf
+from cni.ovn_attach import Target
 from cni.types import CmdArgs, Interface, IPConfig, Result, addr_key
 from core.errors import CoreError
 from core.names import OWNER, host_alias, host_ifname
+from core.ovnsettings import load_northbound
+from core.spec import ConfigError
 
 _log = logging.getLogger("ovs-underlay.plugin")
 
@@ -81,7 +90,7 @@ def _run(args: CmdArgs, verb: Callable[[CmdArgs, NetConf, Drivers], Result | Non
     ph = _Phases()
     token = _PHASES.set(ph)
     try:
-        conf = parse_netconf(args)
+        conf = parse_netconf(args, node_nb=lambda: _node_northbound(args))
         ph.mark("parse")
         d = default_drivers(conf.ovsdb_socket)
         ph.mark("drivers")
@@ -95,6 +104,13 @@ def _run(args: CmdArgs, verb: Callable[[CmdArgs, NetConf, Drivers], Result | Non
         _PHASES.reset(token)
         if args.command in ("ADD", "DEL"):
             _log.info("%s phases: %s", args.command, ph.summary())
+
+
+def _node_northbound(args: CmdArgs) -> Any:
+    try:
+        return load_northbound(args.env)
+    except ConfigError as exc:
+        raise CniError(Code.INVALID_NETWORK_CONFIG, str(exc)) from exc
 
 
 def add(args: CmdArgs) -> Result | None:
@@ -130,48 +146,53 @@ def _undo(what: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> None:
         _log.info("rollback: %s", what)
 
 
-def preflight_bridge(conf: NetConf, d: Drivers, code: int) -> None:
-    dp = d.ovsdb.bridge_datapath(conf.bridge)
-    if dp is None:
-        raise CniError(code, f"OVS bridge {conf.bridge!r} does not exist",
-                       "ovs-underlay does not create bridges; create it or fix `bridge`")
-    if conf.datapath_type is not None and dp != conf.datapath_type:
-        raise CniError(code, f"OVS bridge {conf.bridge!r} has datapath_type {dp!r}, "
-                             f"config expects {conf.datapath_type!r}")
+def preflight_bridge(conf: NetConf, d: Drivers, code: int) -> Target:
+    """Where the port goes on this node (cni.ovn_attach.resolve); `code` when it cannot."""
+    return ovn_attach.resolve(conf, d, code)
 
 
-def port_spec(args: CmdArgs, conf: NetConf, host: str, mac: str, ips: tuple[IPConfig, ...] = ()) -> Any:
+def port_spec(args: CmdArgs, conf: NetConf, target: Target, host: str, mac: str,
+              ips: tuple[IPConfig, ...] = ()) -> Any:
     from core.vswitch import PortSpec
 
     ids = {"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname,
            "netns": args.netns, "network": conf.name, "pod_namespace": conf.pod.namespace,
            "pod_name": conf.pod.name, "pod_uid": conf.pod.uid, "attached_mac": mac,
            "ip_addresses": ",".join(str(ip.address) for ip in ips)}
-    if conf.ovn_port:
-        ids["iface-id"] = conf.ovn_port
-    return PortSpec(name=host, bridge=conf.bridge, tag=conf.vlan, trunks=conf.trunk_vlans(),
+    iface_id = ovn_attach.logical_port(args, conf)
+    if iface_id:  # in the transaction that creates the port: ovn-controller never sees it unbound
+        ids["iface-id"] = iface_id
+    return PortSpec(name=host, bridge=target.bridge, tag=target.tag, trunks=target.trunks,
                     iface_ids=ids, ofport_request=conf.ofport_request,
                     port_ids={"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname})
 
 
 def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
     host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
+    managed = conf.ovn is not None and conf.ovn.managed
     with contextlib.ExitStack() as stack:
-        preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
+        target = preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
         _phase("preflight")
         link = d.netlink.create_veth(host=host, netns=args.netns, ifname=args.ifname, alias=alias,
                                      mtu=conf.mtu, mac=conf.mac)
         stack.callback(_undo, f"delete veth {host}", d.netlink.delete_host_link, host, alias)
         _phase("veth")
-        d.ovsdb.add_port(port_spec(args, conf, host, link.mac))
+        d.ovsdb.add_port(port_spec(args, conf, target, host, link.mac))
         stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
         _phase("ovsdb")
+        if conf.ovn is not None and not managed:  # bound before IPAM: probes see the network
+            ovn_attach.wait_installed(args, conf, d, target, host)
+            _phase("ovn")
         addr = _ipam_add(args, conf, d, stack)
         _phase("ipam")
         mac = link.mac
         if addr.mac and not conf.mac and addr.mac.lower() != mac.lower():
             d.netlink.set_pod_mac(netns=args.netns, ifname=args.ifname, mac=addr.mac)
             mac = addr.mac.lower()
+        if managed:  # the LSP needs the final MAC and the addresses
+            ovn_attach.add_lsp(args, conf, d, target, mac, addr.ips, stack)
+            ovn_attach.wait_installed(args, conf, d, target, host)
+            _phase("ovn")
         d.netlink.configure(netns=args.netns, ifname=args.ifname, addresses=[ip.address for ip in addr.ips],
                             routes=addr.routes)
         _phase("configure")
@@ -179,8 +200,8 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
             gateway_check(
                 d.ipam_client(conf.ipam.conf), netns=args.netns, ifname=args.ifname, ips=addr.ips,
                 timeout_ms=conf.ipam.conf.gateway_check_timeout_ms,
-                cache_key=f"{conf.bridge}/{conf.vlan if conf.vlan is not None else 0}",
-                where=f"on VLAN {conf.vlan_text()} via OVS bridge {conf.bridge} (host port {host})",
+                cache_key=_segment(conf, target),
+                where=f"on {_segment_text(conf, target)} via OVS bridge {target.bridge} (host port {host})",
                 hint="check the uplink trunk, the VLAN on the switch and the gateway; "
                      "set ipam.gatewayCheck=false to skip")
         _phase("probes")
@@ -196,19 +217,38 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
                         Interface(name=args.ifname, mac=mac, mtu=link.mtu, sandbox=args.netns)),
             ips=addr.ips, routes=addr.routes, dns=addr.dns)
         stack.pop_all()
-    _log.info("ADD done: %s on %s VLAN %s, ips %s", host, conf.bridge, conf.vlan_text(),
+    _log.info("ADD done: %s on %s VLAN %s%s, ips %s", host, target.bridge, target.vlan_text(),
+              f", logical port {ovn_attach.logical_port(args, conf)}" if conf.ovn else "",
               ",".join(str(i.address) for i in addr.ips) or "none")
     return result
+
+
+def _segment(conf: NetConf, target: Target) -> str:
+    """The L2 segment a gateway answer is cached for."""
+    if conf.ovn is not None and conf.ovn.logical_switch:
+        return f"ovn:{conf.ovn.logical_switch}"
+    return f"{target.bridge}/{target.tag if target.tag is not None else 0}"
+
+
+def _segment_text(conf: NetConf, target: Target) -> str:
+    if conf.ovn is not None and conf.ovn.logical_switch:
+        vlan = conf.ovn.localnet_vlan
+        return f"logical switch {conf.ovn.logical_switch}" + (f" (localnet VLAN {vlan})" if vlan else "")
+    return f"VLAN {target.vlan_text()}"
 
 
 def _ipam_add(args: CmdArgs, conf: NetConf, d: Drivers, stack: contextlib.ExitStack) -> Addressing:
     match conf.ipam:
         case IpamdBackend(ipam):
             client = d.ipam_client(ipam)
+            # A managed LSP is created after the allocation (it carries the addresses), so the
+            # port passes no traffic yet: a conflict probe would hear nothing. OVN's LSP
+            # addresses are the truth on a logical switch.
+            probe = ipam.conflict_check and not (conf.ovn is not None and conf.ovn.managed)
             alloc = client.allocate(
                 network=conf.name, pool=ipam.pool, container_id=args.container_id, ifname=args.ifname,
                 pod=conf.pod, requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
-                conflict_check=ipam.conflict_check, conflict_check_wait_ms=ipam.conflict_check_wait_ms)
+                conflict_check=probe, conflict_check_wait_ms=ipam.conflict_check_wait_ms)
             stack.callback(_undo, "release lease", client.release, network=conf.name,
                            container_id=args.container_id, ifname=args.ifname)
             return addressing(alloc, interface=1)
@@ -232,9 +272,9 @@ def _ipam_add(args: CmdArgs, conf: NetConf, d: Drivers, stack: contextlib.ExitSt
 
 
 def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
-    """Release the lease, then remove our OVS port(s), then the host veth. Every step runs even
-    after a failure; missing things count as success. An unreachable ipamd is code 11 (lease
-    left for GC) but port and veth are still removed."""
+    """Release the lease, then our logical switch port (managed OVN), then our OVS port(s),
+    then the host veth. Every step runs even after a failure; missing things count as success.
+    An unreachable ipamd (or OVN northbound) is code 11 (left for GC) but the rest is removed."""
     errors: list[CniError] = []
     host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
     try:
@@ -250,6 +290,11 @@ def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
     _phase("ipam")
+    try:
+        ovn_attach.del_lsp(args, conf, d)
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    _phase("ovn")
     try:
         want = {"container_id": args.container_id, "ifname": args.ifname}
         names = {p.name for p in d.ovsdb.find_ports(want)}
@@ -312,9 +357,18 @@ def cmd_check(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
             if (r.dst, r.gw) not in have:
                 problems.append(f"route {r.dst} via {r.gw} missing in {args.netns}")
     problems += _check_port(args, conf, d)
+    try:
+        problems += ovn_attach.check(args, conf, d, _port_ids(args, d))
+    except (CniError, CoreError) as exc:
+        problems.append(as_cni(exc).msg)
     problems += _check_lease(args, conf, d, prev)
     if problems:
         raise CniError(Code.INTERNAL, "CHECK failed: " + "; ".join(problems))
+
+
+def _port_ids(args: CmdArgs, d: Drivers) -> dict[str, str]:
+    p = d.ovsdb.get_port(host_ifname(args.container_id, args.ifname))
+    return dict(p.iface_ids) if p is not None else {}
 
 
 def _check_port(args: CmdArgs, conf: NetConf, d: Drivers) -> list[str]:
@@ -327,12 +381,16 @@ def _check_port(args: CmdArgs, conf: NetConf, d: Drivers) -> list[str]:
     if ids.get("owner") != OWNER or ids.get("container_id") != args.container_id \
             or ids.get("ifname") != args.ifname:
         out.append(f"OVS port {host} is not owned by this attachment (external_ids {dict(ids)})")
-    if p.bridge != conf.bridge:
-        out.append(f"OVS port {host} is on bridge {p.bridge}, expected {conf.bridge}")
-    if p.tag != conf.vlan:
-        out.append(f"OVS port {host} has tag {p.tag}, expected {conf.vlan}")
-    if tuple(p.trunks) != conf.trunk_vlans():
-        out.append(f"OVS port {host} trunks {list(p.trunks)}, expected {list(conf.trunk_vlans())}")
+    try:
+        target = preflight_bridge(conf, d, Code.INTERNAL)
+    except (CniError, CoreError) as exc:
+        return [*out, as_cni(exc).msg]
+    if p.bridge != target.bridge:
+        out.append(f"OVS port {host} is on bridge {p.bridge}, expected {target.bridge}")
+    if p.tag != target.tag:
+        out.append(f"OVS port {host} has tag {p.tag}, expected {target.tag}")
+    if tuple(p.trunks) != target.trunks:
+        out.append(f"OVS port {host} trunks {list(p.trunks)}, expected {list(target.trunks)}")
     if d.netlink.host_link_alias(host) != host_alias(args.container_id, args.ifname):
         out.append(f"host veth {host} is missing or not ours")
     return out
@@ -363,8 +421,11 @@ def _check_lease(args: CmdArgs, conf: NetConf, d: Drivers, prev: Result) -> list
 def cmd_status(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
     try:
         preflight_bridge(conf, d, Code.NOT_AVAILABLE)
-    except CniError as exc:
-        raise CniError(Code.NOT_AVAILABLE, exc.msg, exc.details) from exc
+        if conf.ovn is not None and conf.ovn.northbound is not None and conf.ovn.managed:
+            d.nb(conf.ovn.northbound).ping()
+    except (CniError, CoreError) as exc:
+        err = as_cni(exc)
+        raise CniError(Code.NOT_AVAILABLE, err.msg, err.details) from exc
     match conf.ipam:
         case IpamdBackend(ipam):
             try:
@@ -403,6 +464,10 @@ def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
                 d.netlink.delete_host_link(host_ifname(cid, ifn), host_alias(cid, ifn))
             except (CoreError, OSError) as exc:
                 errors.append(CniError(Code.INTERNAL, f"GC: delete veth of {cid}/{ifn}: {exc}"))
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    try:
+        ovn_attach.gc_lsps(conf, d, valid)
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
     match conf.ipam:

@@ -27,13 +27,15 @@ it with the network config on stdin and these environment variables:
   CNI_CONTAINERID  container id ([a-zA-Z0-9][a-zA-Z0-9_.-]*)
   CNI_NETNS        path of the pod's network namespace (optional for DEL)
   CNI_IFNAME       interface name in the pod (at most 15 characters)
-  CNI_ARGS         K=V;... (IgnoreUnknown, K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID, IP, MAC{ovn})
-  CNI_PATH         where delegated plugins are found
+  CNI_ARGS         K=V;... (IgnoreUnknown, K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID, IP, MAC)
+  CNI_PATH         where delegated plugins are found{ovn}
 It writes one result or error JSON to stdout; logs go to stderr and its log file.
 CNI versions: {versions}.{extra_help}
 Configuration keys, error codes and examples: README.md and conf-examples/ of ovs-underlay.
 """
 
+OVN_HELP = """
+  OVS_UNDERLAY_OVN_CONFIG  the node's OVN settings (default /etc/ovs-underlay/ovn.json)"""
 WARM_USAGE = " | --warm-server [--socket PATH] [--max-workers N]"
 WARM_HELP = """
 
@@ -49,7 +51,7 @@ def handle(verbs: Verbs, prog: str, argv: Sequence[str], env: Mapping[str, str],
     if argv and argv[0] in ("-h", "--help"):
         stdout.write(HELP.format(prog=prog, about=verbs.about, versions=", ".join(verbs.supported_versions),
                                  extra_usage=WARM_USAGE if warm else "", extra_help=WARM_HELP if warm else "",
-                                 ovn=", OvnPort" if warm else ""))
+                                 ovn=OVN_HELP if warm else ""))
         return 0
     if argv and argv[0] == "--version":
         stdout.write(f"{prog} {PRODUCT_VERSION} (CNI {', '.join(verbs.supported_versions)})\n")

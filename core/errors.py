@@ -13,6 +13,8 @@ Kinds (subclasses), each named for what a caller does about it:
 - `Missing`: an object the request needs does not exist (an OVS bridge).
 - `NetnsUnusable`: a network namespace path cannot be opened or is not a netns.
 - `IpamdRefused`: ipamd refused a request; `reason` is the machine-readable wire reason.
+- `Conflict`: the request contradicts what exists (two configs disagree about one object,
+  a name that is ambiguous): fix the configuration.
 - `CoreError` itself: anything else (an OVSDB transaction that failed, a malformed reply,
   a netlink errno we do not tolerate).
 """
@@ -54,6 +56,11 @@ class Missing(CoreError):
 
 class NetnsUnusable(CoreError):
     """A network namespace path cannot be opened, or is not a network namespace (any more)."""
+
+
+class Conflict(CoreError):
+    """The request contradicts an existing object (e.g. a logical switch whose localnet port has
+    another VLAN than this network asks for); nothing was written."""
 
 
 class IpamdRefused(CoreError):

@@ -7,7 +7,8 @@
 #   CNI_BIN_DIR  where the container runtime looks for plugins, default /opt/cni/bin
 #   EXAMPLES     1 = also copy conf-examples/ to PREFIX/examples
 # Environment (optional): BUNDLE (default dist/ovs-underlay), SBIN_DIR (default /usr/local/sbin),
-#   SYSTEMD_DIR (default /etc/systemd/system).
+#   SYSTEMD_DIR (default /etc/systemd/system), OVNK_ALIAS (1 = also link CNI_BIN_DIR/ovn-k8s-cni-overlay
+#   to ovs-underlay, so ovn-kubernetes NADs run unchanged; refused over a real ovn-kubernetes).
 #
 # Layout (paths below DESTDIR; packaging/install-bundle.sh places the bundle and explains why
 # every step is atomic on a live node):
@@ -19,6 +20,7 @@
 #   CNI_BIN_DIR/ovs-underlay             -> PREFIX/ovs-underlay       (absolute symlinks: they
 #   CNI_BIN_DIR/ovs-underlay-ipam        -> PREFIX/ovs-underlay-ipam   name paths on the target)
 #   SBIN_DIR/ovs-underlay-ipamd          -> PREFIX/ovs-underlay-ipamd
+#   CNI_BIN_DIR/ovn-k8s-cni-overlay      -> PREFIX/ovs-underlay       (OVNK_ALIAS=1 only)
 #   /etc/ovs-underlay/ipamd.json         (only when absent: an edited config is never replaced)
 #   SYSTEMD_DIR/ovs-underlay-ipamd.service, ovs-underlay-warm.service (not enabled)
 #
@@ -51,6 +53,20 @@ mkdir -p "$DESTDIR$SBIN_DIR"
 ln -sfn "$PREFIX/ovs-underlay-ipamd" "$DESTDIR$SBIN_DIR/.ovs-underlay-ipamd.tmp.$$"
 mv -fT "$DESTDIR$SBIN_DIR/.ovs-underlay-ipamd.tmp.$$" "$DESTDIR$SBIN_DIR/ovs-underlay-ipamd"
 log "$DESTDIR$SBIN_DIR/ovs-underlay-ipamd -> $PREFIX/ovs-underlay-ipamd"
+
+# ovn-kubernetes' NADs name "type": "ovn-k8s-cni-overlay". On a node WITHOUT ovn-kubernetes, this
+# link lets them run unchanged on ovs-underlay (README "OVN"). Never over anything that is not
+# already our link: that would hijack a real ovn-kubernetes.
+if [[ "${OVNK_ALIAS:-}" == 1 ]]; then
+  alias_path="$DESTDIR$CNI_BIN_DIR/ovn-k8s-cni-overlay"
+  if [[ -e "$alias_path" || -L "$alias_path" ]] && [[ "$(readlink "$alias_path")" != "$PREFIX/ovs-underlay" ]]; then
+    log "$alias_path exists and is not ours (ovn-kubernetes?): not replacing it; leave OVNK_ALIAS unset"
+    exit 1
+  fi
+  ln -sfn "$PREFIX/ovs-underlay" "$alias_path.tmp.$$"
+  mv -fT "$alias_path.tmp.$$" "$alias_path"
+  log "$alias_path -> $PREFIX/ovs-underlay"
+fi
 
 # ipamd's config: the unit points at it. Never overwrite one the operator has edited.
 conf_dir="$DESTDIR/etc/ovs-underlay"

@@ -212,6 +212,25 @@ class Router:
         return [g.split("/")[0] for g in self.gateways]
 
 
+def add_router(tor: str, vlan: int, gateways: Sequence[str], cleanup: list[Any]) -> Router:
+    """A router netns holding `gateways` (CIDRs) on interface gw0, plugged into the switch bridge
+    `tor` as an access port of `vlan`. Its undo steps are appended to `cleanup`."""
+    ns = make_netns(f"r{vlan}")
+    cleanup.append(ns.delete)
+    tor_side, r_side = uniq("rt"), uniq("rn")
+    sh("ip", "link", "add", tor_side, "type", "veth", "peer", "name", r_side, "netns", ns.name)
+    cleanup.append(lambda: delete_link(tor_side))
+    sh("ip", "link", "set", tor_side, "up")
+    ifname = "gw0"
+    sh("ip", "link", "set", r_side, "name", ifname, ns=ns.name)
+    for g in gateways:
+        extra = ["nodad"] if ":" in g else []
+        sh("ip", "addr", "add", g, "dev", ifname, *extra, ns=ns.name)
+    sh("ip", "link", "set", ifname, "up", ns=ns.name)
+    vsctl("add-port", tor, tor_side, f"tag={vlan}")
+    return Router(vlan, ns, ifname, list(gateways), tor_side)
+
+
 @dataclass
 class Underlay:
     """Node bridge + trunk uplink to a ToR bridge with one router namespace per VLAN.
@@ -230,20 +249,7 @@ class Underlay:
     _cleanup: list[Any] = field(default_factory=list)
 
     def add_router(self, vlan: int, gateways: Sequence[str]) -> Router:
-        ns = make_netns(f"r{vlan}")
-        self._cleanup.append(ns.delete)
-        tor_side, r_side = uniq("rt"), uniq("rn")
-        sh("ip", "link", "add", tor_side, "type", "veth", "peer", "name", r_side, "netns", ns.name)
-        self._cleanup.append(lambda: delete_link(tor_side))
-        sh("ip", "link", "set", tor_side, "up")
-        ifname = "gw0"
-        sh("ip", "link", "set", r_side, "name", ifname, ns=ns.name)
-        for g in gateways:
-            extra = ["nodad"] if ":" in g else []
-            sh("ip", "addr", "add", g, "dev", ifname, *extra, ns=ns.name)
-        sh("ip", "link", "set", ifname, "up", ns=ns.name)
-        vsctl("add-port", self.tor, tor_side, f"tag={vlan}")
-        r = Router(vlan, ns, ifname, list(gateways), tor_side)
+        r = add_router(self.tor, vlan, gateways, self._cleanup)
         self.routers[vlan] = r
         return r
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import netbed
+from testbed import netbed, nodebed, ovnbed
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,6 +69,8 @@ def _leftovers() -> list[str]:
             found.append(f"process {p.pid} {' '.join(map(str, p.args))[:80]}")  # type: ignore[arg-type]
             p.kill()
             p.wait()
+    found += nodebed.leftovers()  # after the daemons above are dead
+    found += ovnbed.leftovers()
     return found
 
 

@@ -176,12 +176,15 @@ class Cnitool:
     cni_path: Sequence[Path]
     binary: Path = CNITOOL
     calls: list[list[str]] = field(default_factory=list)
+    prefix: Sequence[str] = ()  # e.g. ("ip", "netns", "exec", NODE): run where a nodebed node's OVS runs
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def run(self, verb: str, network: str, netns: str, *, container_id: str, ifname: str = "eth0",
             cni_args: str | Mapping[str, str] | None = None, cap_args: Mapping[str, Any] | None = None,
             timeout: float = 60) -> CniResult:
         env = {
             **os.environ,
+            **self.env,
             "NETCONFPATH": str(self.netconfpath),
             "CNI_PATH": ":".join(str(p) for p in self.cni_path),
             "CNI_IFNAME": ifname,
@@ -191,7 +194,7 @@ class Cnitool:
             env["CNI_ARGS"] = cni_args if isinstance(cni_args, str) else ";".join(f"{k}={v}" for k, v in cni_args.items())
         if cap_args:
             env["CAP_ARGS"] = json.dumps(cap_args)
-        argv = [str(self.binary), verb, network, netns]
+        argv = [*self.prefix, str(self.binary), verb, network, netns]
         self.calls.append(argv)
         res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
         return CniResult(res.returncode, res.stdout, res.stderr, argv)

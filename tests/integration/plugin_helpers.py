@@ -30,7 +30,10 @@ def host_ifname(container_id: str, ifname: str) -> str:
 
 def run_plugin(command: str, conf: dict[str, Any] | bytes | str, *, container_id: str = "", netns: str = "",
                ifname: str = "eth0", cni_args: str = "", cni_path: str = CNI_PATH,
-               extra_env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, Any, str]:
+               extra_env: dict[str, str] | None = None, timeout: float = 60,
+               prefix: tuple[str, ...] = ()) -> tuple[int, Any, str]:
+    """`prefix` wraps the command, e.g. `("ip", "netns", "exec", NODE)` to run the plugin where a
+    nodebed node's OVS runs."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
@@ -45,7 +48,7 @@ def run_plugin(command: str, conf: dict[str, Any] | bytes | str, *, container_id
         env["CNI_ARGS"] = cni_args
     env.update(extra_env or {})
     data = conf if isinstance(conf, bytes) else (conf.encode() if isinstance(conf, str) else json.dumps(conf).encode())
-    proc = subprocess.run([PYTHON, "-m", "cni"], input=data, env=env, capture_output=True, cwd=ROOT,
+    proc = subprocess.run([*prefix, PYTHON, "-m", "cni"], input=data, env=env, capture_output=True, cwd=ROOT,
                           timeout=timeout, check=False)
     out = proc.stdout.decode()
     try:
@@ -65,6 +68,7 @@ class Attachment:
     result: Any = None
     deleted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    run_kw: dict[str, Any] = field(default_factory=dict)  # run_plugin options of every call (prefix, env)
 
     @property
     def host(self) -> str:
@@ -72,7 +76,7 @@ class Attachment:
 
     def run(self, command: str, conf: dict[str, Any] | None = None, **kw: Any) -> tuple[int, Any, str]:
         return run_plugin(command, conf or self.conf, container_id=self.container_id, netns=self.netns,
-                          ifname=self.ifname, cni_args=self.cni_args, **kw)
+                          ifname=self.ifname, cni_args=self.cni_args, **{**self.run_kw, **kw})
 
     def add(self, **kw: Any) -> Any:
         rc, out, err = self.run("ADD", **kw)

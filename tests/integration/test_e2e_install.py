@@ -25,12 +25,13 @@ pytestmark = pytest.mark.timeout(900)  # may build the bundle (PyInstaller)
 INSTALL = e2e.ROOT / "scripts" / "install.sh"
 
 
-def install(destdir: str, prefix: str, cni_bin: str, examples: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+def install(destdir: str, prefix: str, cni_bin: str, examples: str, tmp: Path, *, ok: bool = True,
+            **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SBIN_DIR": str(tmp / "sbin") if not destdir else "/usr/local/sbin",
-           "SYSTEMD_DIR": str(tmp / "systemd") if not destdir else "/etc/systemd/system"}
+           "SYSTEMD_DIR": str(tmp / "systemd") if not destdir else "/etc/systemd/system", **extra_env}
     res = subprocess.run([str(INSTALL), destdir, prefix, cni_bin, examples], env=env, capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert (res.returncode == 0) == ok, res.stderr
     return res
 
 
@@ -210,3 +211,23 @@ def test_install_bundle_takes_over_a_flat_install_and_refuses_bad_paths(bundle: 
                          env={"PATH": busybox_path(tmp_path)}, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "not a bundle" in res.stderr
     assert not (root / "opt/x").exists() and not (root / "opt/x.releases").exists()
+
+
+def test_ovnk_alias_runs_our_plugin_and_never_replaces_a_real_ovn_kubernetes(bundle: Path, tmp_path: Path) -> None:
+    """OVNK_ALIAS=1: CNI_BIN_DIR/ovn-k8s-cni-overlay -> ovs-underlay, so an ovn-kubernetes NAD
+    ("type": "ovn-k8s-cni-overlay") runs unchanged; refused over a file that is not our link."""
+    prefix, cni_bin = tmp_path / "opt/ovs-underlay", tmp_path / "opt/cni/bin"
+    install("", str(prefix), str(cni_bin), "", tmp_path)
+    assert not (cni_bin / "ovn-k8s-cni-overlay").exists()  # opt-in only
+    install("", str(prefix), str(cni_bin), "", tmp_path, OVNK_ALIAS="1")
+    alias = cni_bin / "ovn-k8s-cni-overlay"
+    assert alias.is_symlink() and os.readlink(alias) == str(prefix / "ovs-underlay")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "VERSION"}
+    res = subprocess.run([str(alias)], env=env, cwd="/", capture_output=True, text=True, timeout=30,
+                         input='{"cniVersion": "1.0.0", "name": "n", "type": "ovn-k8s-cni-overlay"}')
+    assert res.returncode == 0 and "1.1.0" in json.loads(res.stdout)["supportedVersions"], res.stderr
+    install("", str(prefix), str(cni_bin), "", tmp_path, OVNK_ALIAS="1")  # again: our own link is fine
+    alias.unlink()
+    alias.write_text("#!/bin/sh\n# ovn-kubernetes' shim\n")
+    res = install("", str(prefix), str(cni_bin), "", tmp_path, ok=False, OVNK_ALIAS="1")
+    assert "not ours" in res.stderr and alias.read_text().startswith("#!/bin/sh")

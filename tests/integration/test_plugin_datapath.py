@@ -110,7 +110,7 @@ def test_trunk_with_native_vlan(underlay: netbed.Underlay, pod_netns: netbed.Net
 
 def test_mtu_mac_static_ip_and_external_ids(underlay: netbed.Underlay, pod_netns: netbed.Netns,
                                             attacher: ph.Attacher, tmp_path: Path) -> None:
-    conf = _vlan_net(underlay, 100, tmp_path, mtu=1400, ovnPort="ovn-lsp-1",
+    conf = _vlan_net(underlay, 100, tmp_path, mtu=1400,
                      capabilities={"mac": True}, runtimeConfig={"mac": "0a:58:c0:a8:64:2a"})
     a = attacher.new(conf, pod_netns.path,
                      cni_args="IgnoreUnknown=1;IP=192.168.100.42;mac=0a:00:00:00:00:99;K8S_POD_NAMESPACE=ns1;"
@@ -129,7 +129,7 @@ def test_mtu_mac_static_ip_and_external_ids(underlay: netbed.Underlay, pod_netns
     assert ids == {"owner": "ovs-underlay", "container_id": a.container_id, "ifname": "eth0",
                    "netns": pod_netns.path, "network": conf["name"], "pod_namespace": "ns1",
                    "pod_name": "web-0", "pod_uid": "uid-1", "attached_mac": "0a:58:c0:a8:64:2a",
-                   "ip_addresses": "192.168.100.42/24", "iface-id": "ovn-lsp-1"}
+                   "ip_addresses": "192.168.100.42/24"}
     port_ids = netbed.port(a.host)["external_ids"]
     assert port_ids == {"owner": "ovs-underlay", "container_id": a.container_id, "ifname": "eth0"}
     assert netbed.ping_retry(pod_netns.name, "192.168.100.1")

@@ -107,10 +107,15 @@ def test_ip_precedence_and_pod_ref() -> None:
     assert (c.pod.namespace, c.pod.name, c.pod.uid) == ("ns", "p", "u")
 
 
-def test_ovn_port_precedence() -> None:
-    assert parse_netconf(args({"ovnPort": "cfg"})).ovn_port == "cfg"
-    assert parse_netconf(args({"ovnPort": "cfg"}, "OvnPort=env")).ovn_port == "env"
-    assert parse_netconf(args({"ovnPort": "cfg", "args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env")).ovn_port == "acni"
+def test_ovn_port_only_from_the_network_config(caplog: pytest.LogCaptureFixture) -> None:
+    """A pod annotation (args.cni via Multus, CNI_ARGS) must not choose the iface-id: it could
+    claim another pod's logical port (issue 11, item 19)."""
+    c = parse_netconf(args({"ovnPort": "cfg"}))
+    assert c.ovn is not None and c.ovn.logical_port == "cfg"
+    c = parse_netconf(args({"ovnPort": "cfg", "args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env"))
+    assert c.ovn is not None and c.ovn.logical_port == "cfg"
+    assert "ignoring args.cni.ovnPort='acni'" in caplog.text and "ignoring CNI_ARGS OvnPort='env'" in caplog.text
+    assert parse_netconf(args({"args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env")).ovn is None
 
 
 def test_gc_attachments_both_keys_and_prev_result() -> None:

@@ -27,6 +27,7 @@ EXPECTED = {
     "10-underlay-vlan.conflist", "20-trunk.conf", "30-br-int-ovn.conf", "40-dual-stack.conflist",
     "50-static-ip-mac.conflist", "60-nad-vlan100.yaml", "70-bridge-ipam.conflist",
     "71-macvlan-ipam.conf", "80-chain-tuning-portmap-bandwidth.conflist", "kubernetes",
+    "90-nad-ovnk-localnet.yaml", "91-nad-ovnk-layer2.yaml", "ovn.json",
 }
 SUPPORTED_VERSIONS = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 
@@ -61,7 +62,8 @@ def check_network(conf: dict[str, Any], where: str) -> list[IpamConf]:
         for cap in p.get("capabilities", {}):
             assert cap in {"ips", "mac", "portMappings", "bandwidth", "ipRanges"}, f"{w}: capability {cap}"
         if p["type"] == "ovs-underlay":
-            assert p.get("bridge") or p.get("ovnPort"), f"{w}: needs bridge (or ovnPort for br-int)"
+            assert p.get("bridge") or p.get("ovnPort") or p.get("topology"), \
+                f"{w}: needs bridge (or ovnPort for br-int, or an ovn-kubernetes topology)"
             if "vlan" in p:
                 assert isinstance(p["vlan"], int) and 0 <= p["vlan"] <= 4094, f"{w}: vlan"
             for t in p.get("trunk", []):
@@ -152,3 +154,59 @@ def test_nad_is_a_multus_attachment_with_ovn_k_style_subnets() -> None:
     assert str(subnet.subnet) == "192.168.100.0/24"
     assert not subnet.allocatable(subnet.subnet[1])  # excluded 192.168.100.1/32
     assert not subnet.allocatable(subnet.subnet[245])  # inside excluded 192.168.100.240/28
+
+def _nad_config(name: str) -> dict[str, Any]:
+    (nad,) = list(yaml.safe_load_all((EXAMPLES / name).read_text()))
+    assert (nad["apiVersion"], nad["kind"]) == ("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition")
+    conf = json.loads(nad["spec"]["config"])
+    assert conf["type"] == "ovn-k8s-cni-overlay" and conf["netAttachDefName"] == \
+        f"{nad['metadata']['namespace']}/{nad['metadata']['name']}"
+    return dict(conf)
+
+
+def _parse(conf: dict[str, Any], node_nb: Any) -> Any:
+    from cni.netconf import parse_netconf
+    from cni.types import CmdArgs
+
+    args = CmdArgs("ADD", "c1", "/run/netns/p", "net1", "", ("/opt/cni/bin",), b"", conf, conf["cniVersion"])
+    return parse_netconf(args, node_nb=lambda: node_nb)
+
+
+def test_ovnk_localnet_nad_works_with_and_without_ovn() -> None:
+    """90: an unchanged ovn-kubernetes localnet NAD: managed (logical switch + localnet port on
+    VLAN 100) on a node that names the NB, an access port on VLAN 100 of the mapped bridge
+    on a node without OVN; tests/integration/test_ovn.py runs it both ways."""
+    from core.ovnsettings import Northbound
+
+    conf = _nad_config("90-nad-ovnk-localnet.yaml")
+    (ipam,) = check_network({**conf, "type": "ovs-underlay"}, "90")
+    assert all(s.gateway is None for s in ipam.pool.subnets)
+    with_ovn = _parse(conf, Northbound("unix:/run/ovn/ovnnb_db.sock"))
+    assert with_ovn.ovn.managed and (with_ovn.ovn.physical_network, with_ovn.ovn.localnet_vlan) == ("physnet1", 100)
+    without = _parse(conf, None)
+    assert without.ovn is None and (without.bridge_source, without.physical_network, without.vlan) == \
+        ("bridge-mapping", "physnet1", 100)
+
+
+def test_ovnk_layer2_nad_needs_ovn() -> None:
+    from cni.errors import CniError
+    from core.ovnsettings import Northbound
+
+    conf = _nad_config("91-nad-ovnk-layer2.yaml")
+    c = _parse(conf, Northbound("unix:/run/ovn/ovnnb_db.sock"))
+    assert c.topology == "layer2" and c.ovn.managed and c.ovn.logical_switch == "tenantblue" and c.mtu == 1400
+    with pytest.raises(CniError) as e:
+        _parse(conf, None)
+    assert e.value.code == 7 and "layer2 needs OVN" in e.value.msg
+
+
+def test_node_ovn_settings_example() -> None:
+    import os
+
+    from core.ovnsettings import load_northbound
+
+    path = EXAMPLES / "ovn.json"
+    nb = load_northbound({"OVS_UNDERLAY_OVN_CONFIG": str(path)}, owner_uid=os.stat(path).st_uid)
+    assert nb is not None and len(nb.remotes()) == 3 and all(r.startswith("ssl:") for r in nb.remotes())
+    # the DaemonSet's warm container mounts the node's /etc/ovs-underlay: the TLS files live there
+    assert all(f.startswith("/etc/ovs-underlay/") for f in (nb.private_key, nb.certificate, nb.ca_cert) if f)

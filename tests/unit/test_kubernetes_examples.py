@@ -39,7 +39,7 @@ import build_image  # noqa: E402
 
 VERSION = build_image.project_version()
 NODE_PATHS_OF_A_PLUGIN_CALL = {"/opt/cni/bin", "/etc/cni/net.d", "/var/lib/cni", "/run/netns", "/run/openvswitch",
-                               "/run/ovs-underlay", "/var/log/ovs-underlay"}
+                               "/run/ovs-underlay", "/var/log/ovs-underlay", "/etc/ovs-underlay"}
 
 
 def docs_of(path: Path) -> list[dict[str, Any]]:
