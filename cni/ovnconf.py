@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cni.errors import CniError, Code
-from core.ovnsettings import Northbound, parse_northbound
+from core.ovnsettings import TLS_KEYS, Northbound, parse_northbound
 from core.spec import ConfigError
 
 OVNK_TYPE = "ovn-k8s-cni-overlay"
@@ -183,6 +183,31 @@ def no_node_northbound() -> Northbound | None:
     return None
 
 
+def _config_northbound(conf: Mapping[str, Any], node_nb: NodeNorthbound) -> Northbound | None:
+    """`ovnNorthbound` from a network config. Its TLS files come only from the node's settings
+    file: a network config is written by a NAD author, who must not make root read files of
+    their choosing (key material included) and present them to an endpoint of their choosing."""
+    stray = [k for k in TLS_KEYS if k in conf]
+    if stray:
+        raise ConfigError(f"{stray[0]}: the northbound TLS files are node settings: put them in the node's "
+                          "/etc/ovs-underlay/ovn.json, not in a network config")
+    nb = parse_northbound({"ovnNorthbound": conf["ovnNorthbound"]}, "") if "ovnNorthbound" in conf and \
+        not any(r.startswith("ssl:") for r in _remotes(conf["ovnNorthbound"])) else None
+    if nb is not None or conf.get("ovnNorthbound") is None:
+        return nb
+    node = node_nb()  # an ssl: remote: the node's client certificate and CA
+    if node is None or node.private_key is None:
+        raise ConfigError("ovnNorthbound: an ssl: remote in a network config uses the node's TLS files "
+                          "(ovnNbPrivateKey, ovnNbCertificate, ovnNbCaCert in /etc/ovs-underlay/ovn.json), "
+                          "and this node has none")
+    return parse_northbound({"ovnNorthbound": conf["ovnNorthbound"], "ovnNbPrivateKey": node.private_key,
+                             "ovnNbCertificate": node.certificate, "ovnNbCaCert": node.ca_cert}, "")
+
+
+def _remotes(value: Any) -> tuple[str, ...]:
+    return Northbound(value.strip()).remotes() if isinstance(value, str) and value.strip() else ()
+
+
 def parse_ovn(conf: Mapping[str, Any], *, name: str, vlan: int | None, trunk: bool, bridge: str,
               node_nb: NodeNorthbound = no_node_northbound) -> OvnPart:
     """The OVN part of a (canonicalized) network config. `vlan`/`trunk`/`bridge` are the
@@ -205,7 +230,7 @@ def parse_ovn(conf: Mapping[str, Any], *, name: str, vlan: int | None, trunk: bo
     if switch is not None:
         switch = _name(switch, "logicalSwitch")
     try:
-        nb = parse_northbound(conf, "")
+        nb = _config_northbound(conf, node_nb)
         if nb is None and (topo or switch is not None):
             nb = node_nb()
     except ConfigError as exc:

@@ -67,12 +67,20 @@ def test_managed_mode_from_config_and_from_the_node() -> None:
     assert c.ovn is not None and c.ovn.northbound == Northbound("unix:/tmp/nb.sock")
 
 
-def test_ssl_northbound_needs_all_three_tls_files() -> None:
+def test_tls_files_come_only_from_the_node_file() -> None:
+    """A NAD author must not make root read files of their choosing as key material: the TLS
+    files are node settings. An ssl: remote in a network config uses the node's files."""
     tls = {"ovnNbPrivateKey": "/k.pem", "ovnNbCertificate": "/c.pem", "ovnNbCaCert": "/ca.pem"}
-    c = parse({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:[fd00::1]:6641", **tls})
-    assert c.ovn is not None and c.ovn.northbound == Northbound("ssl:[fd00::1]:6641", "/k.pem", "/c.pem", "/ca.pem")
-    assert "ovnNbCaCert" in bad({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:1.2.3.4:6641",
-                                 "ovnNbPrivateKey": "/k.pem", "ovnNbCertificate": "/c.pem"}).msg
+    for key in tls:
+        assert "node settings" in bad({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:[fd00::1]:6641",
+                                       key: tls[key]}).msg
+    node = Northbound("ssl:10.0.0.9:6641", "/etc/k.pem", "/etc/c.pem", "/etc/ca.pem")
+    c = parse({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:[fd00::1]:6641"}, node_nb=node)
+    assert c.ovn is not None
+    assert c.ovn.northbound == Northbound("ssl:[fd00::1]:6641", "/etc/k.pem", "/etc/c.pem", "/etc/ca.pem")
+    assert "this node has none" in bad({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:1.2.3.4:6641"}).msg
+    assert "this node has none" in bad({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:1.2.3.4:6641"},
+                                       node_nb=Northbound("tcp:1.2.3.4:6641")).msg
 
 
 def test_derived_logical_port_name() -> None:
@@ -89,10 +97,8 @@ def test_derived_logical_port_name() -> None:
     ({"logicalSwitch": "ls1", "ovnNorthbound": "/x.sock"}, "not an OVSDB remote"),
     ({"logicalSwitch": "ls1", "ovnNorthbound": "unix:relative"}, "absolute"),
     ({"logicalSwitch": "ls1", "ovnNorthbound": "tcp:1.2.3.4"}, "not an OVSDB remote"),
-    ({"logicalSwitch": "ls1", "ovnNorthbound": "tcp:1.2.3.4:6641", "ovnNbCaCert": "/ca"}, "no ssl: remote"),
-    ({"logicalSwitch": "ls1", "ovnNorthbound": "ssl:1.2.3.4:1", "ovnNbPrivateKey": "k", "ovnNbCertificate": "/c",
-      "ovnNbCaCert": "/ca"}, "absolute"),
-    ({"ovnNbCaCert": "/ca"}, "without ovnNorthbound"),
+    ({"logicalSwitch": "ls1", "ovnNorthbound": "tcp:1.2.3.4:6641", "ovnNbCaCert": "/ca"}, "node settings"),
+    ({"ovnNbCaCert": "/ca"}, "node settings"),
     ({"ovnPort": ""}, "ovnPort"),
     ({"ovnPort": "bad name"}, "ovnPort"),
     ({"ovnPort": 7}, "ovnPort"),
