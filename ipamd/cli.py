@@ -13,7 +13,7 @@
 Every admin subcommand takes --socket PATH and --timeout-ms. Exit codes: 0 ok, 1 the daemon
 said no or could not be reached (one line on stderr, no traceback), 2 bad usage (argparse).
 JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, state, mac, netns,
-podNamespace, podName, podUID, createdUnixMs, conflictMAC}], `pools` -> [{network, subnet,
+podNamespace, podName, podUID, createdUnixMs, conflictMAC, node}], `pools` -> [{network, subnet,
 gateway, used, total, free, quarantined}].
 """
 
@@ -135,6 +135,7 @@ def _lease_rows(leases: Sequence[Any]) -> list[dict[str, Any]]:
                 "state": lease.state, "mac": lease.mac, "netns": lease.netns,
                 "podNamespace": lease.pod.namespace, "podName": lease.pod.name, "podUID": lease.pod.uid,
                 "createdUnixMs": lease.created_unix_ms, "conflictMAC": lease.conflict_mac,
+                "node": lease.node,
             })
     return rows
 
@@ -152,7 +153,8 @@ def _print(rows: list[dict[str, Any]], cols: Sequence[str], output: str) -> None
         sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
-_LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "podNamespace", "podName")
+_LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "podNamespace", "podName",
+               "node")
 
 
 def _pools(client: Any, args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from core.wire import REASON_KEY, Reason
 from ipamd.allocator import Allocator, Request
 from ipamd.errors import InvalidPool, InvalidRequest, IpamError, LeaseNotFound, wire_status
 from ipamd.metrics import Metrics
-from ipamd.model import QUARANTINED, Entry
+from ipamd.model import QUARANTINED, RESERVED, Entry
 from ipamd.probe import Prober
 
 log = logging.getLogger("ipamd.service")
@@ -190,10 +190,11 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
 
 def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
     """Group address entries into one Lease per (network, attachment, state)."""
-    grouped: dict[tuple[str, str, str, str], list[Entry]] = {}
+    grouped: dict[tuple[str, str, str, str, str], list[Entry]] = {}
     for e in entries:
         # Quarantined addresses are listed one by one: each has its own answering MAC.
-        key = (e.network, e.container_id, e.ifname, e.state + (str(e.ip) if e.state == QUARANTINED else ""))
+        key = (e.network, e.container_id, e.ifname,
+               e.state + (str(e.ip) if e.state in (QUARANTINED, RESERVED) else ""), e.node)
         grouped.setdefault(key, []).append(e)
     out = []
     for group in grouped.values():
@@ -206,6 +207,6 @@ def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
                  for e in group],
             mac=next((e.mac for e in group if e.mac), ""), state=first.state,
             created_unix_ms=first.created_ms, netns=first.netns,
-            conflict_mac=first.conflict_mac,
+            conflict_mac=first.conflict_mac, node=first.node,
         ))
     return out

@@ -1,5 +1,5 @@
-"""One contract, every store: each test runs over every store in conftest.STORES (MemoryStore and
-SqliteStore today; etcd joins with one row there)."""
+"""One contract, every store: each test runs over every store in conftest.STORES (MemoryStore,
+SqliteStore and the etcd store against a real etcd)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.store import Store
 from ipamd.store_sqlite import SchemaError, SqliteStore
+from tests.unit.conftest import NODE
 
 POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}, "fd00::/64"],
                    "routes": [{"dst": "0.0.0.0/0"}], "dns": {"nameservers": ["10.0.0.53"]}}).pool
@@ -24,7 +25,7 @@ POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"},
 def entry(ip: str, cid: str = "c1", ifname: str = "eth0", net: str = "n1", k: int = 0) -> Entry:
     return Entry(network=net, address=IPNetwork(ip), subnet_index=k, container_id=cid, ifname=ifname,
                  pod=PodRef("ns", "pod", "uid-1"), mac="0a:58:0a:00:00:05", netns="/run/netns/x",
-                 created_ms=1000, changed_ms=1000)
+                 created_ms=1000, changed_ms=1000, node=NODE)
 
 
 def test_pool_round_trip(store: Store) -> None:
