@@ -134,6 +134,11 @@ class Daemon:
                               "Store transactions committed or failed (group commits: one fsync each)")
         self.metrics.describe("ipamd_commit_writes_total", "counter",
                               "Requests' store writes made durable or failed in those transactions")
+        self.metrics.describe("ipamd_etcd_requests_total", "counter",
+                              "etcd requests by kind (txn: one per group commit), attempts included")
+        self.metrics.describe("ipamd_etcd_online", "gauge", "1 while etcd answers, 0 during an outage")
+        self.metrics.describe("ipamd_etcd_replayed_total", "counter",
+                              "Writes made during etcd outages and replayed when it came back")
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="rpc"))
@@ -151,6 +156,11 @@ class Daemon:
                     ("ipamd_pool_utilisation", labels, u.used / u.total if u.total else 1.0)]
         out += [("ipamd_commit_batches_total", (), self.allocator.commits.batches),
                 ("ipamd_commit_writes_total", (), self.allocator.commits.writes)]
+        if self.cluster is not None:
+            counts: dict[str, int] = getattr(self.store, "counts", dict)()
+            out += [("ipamd_etcd_requests_total", (("kind", kind),), n) for kind, n in sorted(counts.items())]
+            out += [("ipamd_etcd_online", (), 1.0 if self.cluster.online else 0.0),
+                    ("ipamd_etcd_replayed_total", (), self.cluster.replayed)]
         return out
 
     def _bind(self) -> None:

@@ -176,7 +176,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
     @_rpc
     def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
         cluster = self._cluster()
-        return pb.ListNodesResponse(node=cluster.node, nodes=[
+        return pb.ListNodesResponse(
+            node=cluster.node, online=cluster.online, replayed=cluster.replayed, nodes=[
             pb.NodeInfo(name=n.name, alive=n.alive, leases=n.leases, reserved=n.reserved,
                         blocks=[pb.Block(network=b.network, subnet=b.subnet, index=b.index, first=b.first,
                                          last=b.last) for b in n.blocks])

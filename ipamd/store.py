@@ -115,6 +115,8 @@ class Cluster(Protocol):
     `subscribe`d listener."""
 
     node: str
+    online: bool  # etcd answers (False: an outage: serving from this node's own addresses)
+    replayed: int  # writes made during outages and replayed since start
 
     def placement(self, network: str, subnet_index: int) -> Placement | None: ...
 

@@ -233,9 +233,14 @@ class EtcdStore:
         try:
             kvs, rev = self.client.range(self.prefix.encode() + b"/", prefix=True)
         except etcd.EtcdUnavailable as exc:
+            own = self.journal.own()
+            if not own:  # never been online here: nothing of its own to serve
+                self.journal.close()
+                raise StoreUnavailable(f"{exc.msg}; and this node has no journal of its own addresses yet "
+                                       f"({self.journal.path}): nothing to serve until etcd answers") from exc
             log.warning("error=%s msg=%s", exc, "etcd unreachable at start: offline from the journal")
             with self._mu:
-                for key, value, mod in self.journal.own():
+                for key, value, mod in own:
                     self._apply(key, value.encode(), mod)
                 for p in pending:
                     self._dirty[p.key] = p
@@ -431,15 +436,16 @@ class EtcdStore:
                     writes.append((key, want, cur_mod))
                 else:
                     lost.append(key)  # only `nodes release` of this node can do that
+            undone = 0
             for u in uncertain:
                 if u.key in pending:
                     continue  # the outbox decides the key's value
                 cur = current.get(u.key)
                 have = cur.value if cur is not None else None
                 if cur is not None and u.new is not None and have == u.new.encode():
+                    # it landed, but its request was failed: put the key back as it was
                     writes.append((u.key, u.old.encode() if u.old is not None else None, cur.mod_revision))
-                elif cur is None and u.new is None and u.old is not None:
-                    pass  # a delete landed: the failed request's reserve is simply gone
+                    undone += 1
             for key in lost:
                 log.error("key=%s msg=%s", key, "an offline write could not be replayed: the key is no "
                           "longer this node's (was the node released while it was offline?)")
@@ -463,9 +469,8 @@ class EtcdStore:
             was = time.monotonic() - self.offline_since if not self.online else 0.0
             self.online = True
             self._online_event.set()
-        log.warning("replayed=%d undone=%d lost=%d offline_s=%.1f msg=%s", len(writes) - sum(
-            1 for u in uncertain if u.key not in pending), sum(1 for u in uncertain if u.key not in pending),
-            len(lost), was, "etcd reachable again: offline writes replayed, back online")
+        log.warning("replayed=%d undone=%d lost=%d offline_s=%.1f msg=%s", len(writes) - undone, undone,
+                    len(lost), was, "etcd reachable again: offline writes replayed, back online")
         with contextlib.suppress(Exception):
             self._beat()
         self._notify(dict.fromkeys(nets))
@@ -482,9 +487,9 @@ class EtcdStore:
     def serving(self) -> bool:
         if self.online:
             return True
-        with self._mu:
-            return any(e.node == self.node and e.state in (RESERVED, RELEASED)
-                       for ips in self._ips.values() for e in ips.values())
+        with self._mu:  # offline: only while an address of its own is left to hand out
+            return any(e.node == self.node and (e.state == RESERVED or self._released_offline(net, e))
+                       for net, ips in self._ips.items() for e in ips.values())
 
     # ---- batches ---------------------------------------------------------------------------
 
@@ -564,9 +569,12 @@ class EtcdStore:
             except etcd.EtcdUnavailable as exc:
                 self._set_offline(exc)
                 if b.unsafe:
+                    # The transaction may have landed (reply lost): undone on recovery if it did.
+                    # Its requests decide again, now offline (from this node's own addresses).
                     self.journal.write(uncertain=[Uncertain(k, base, _text(b.old.get(k)), _text(v))
                                                   for k, (v, base) in b.writes.items()])
-                    raise StoreUnavailable(f"{exc.msg}: the change needs etcd; try again later") from exc
+                    net = next((e.network for e in b.entries.values() if e is not None), "*")
+                    raise StoreConflict(net, f"not written: {exc.msg}") from exc
             else:
                 if not r.succeeded:
                     with self._mu:

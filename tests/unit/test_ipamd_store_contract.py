@@ -199,3 +199,48 @@ def test_sqlite_batch_readers_see_only_committed_state_and_full_sync(tmp_path: P
     s2 = SqliteStore(str(tmp_path / "x.db"))
     assert s2.get_cursor("n1", 0) == "10.0.0.5"  # written once, at the batch's end
     s2.close()
+
+
+def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
+    """A database written before leases recorded their node (schema 1) is migrated in place: its
+    rows become this node's, and nothing else changes."""
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE schema_version (version INTEGER NOT NULL);
+        INSERT INTO schema_version VALUES (1);
+        CREATE TABLE pools (network TEXT PRIMARY KEY, definition TEXT NOT NULL);
+        CREATE TABLE entries (
+            network TEXT NOT NULL, ip TEXT NOT NULL, prefixlen INTEGER NOT NULL, subnet_index INTEGER NOT NULL,
+            gateway TEXT NOT NULL DEFAULT '', container_id TEXT NOT NULL, ifname TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('active', 'released', 'quarantined')),
+            pod_namespace TEXT NOT NULL DEFAULT '', pod_name TEXT NOT NULL DEFAULT '', pod_uid TEXT NOT NULL DEFAULT '',
+            mac TEXT NOT NULL DEFAULT '', netns TEXT NOT NULL DEFAULT '', created_ms INTEGER NOT NULL DEFAULT 0,
+            changed_ms INTEGER NOT NULL DEFAULT 0, conflict_mac TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (network, ip));
+        CREATE INDEX entries_owner ON entries (container_id, ifname) WHERE state = 'active';
+        CREATE TABLE cursors (network TEXT NOT NULL, subnet_index INTEGER NOT NULL, ip TEXT NOT NULL,
+                              PRIMARY KEY (network, subnet_index));
+        INSERT INTO entries (network, ip, prefixlen, subnet_index, container_id, ifname, state, created_ms)
+            VALUES ('n1', '10.0.0.5', 24, 0, 'old', 'eth0', 'active', 7);
+        INSERT INTO cursors VALUES ('n1', 0, '10.0.0.5');
+    """)
+    db.commit()
+    db.close()
+    s = SqliteStore(str(path), node="node-x")
+    try:
+        (e,) = s.get_by_owner("n1", "old", "eth0")
+        assert e.node == "node-x" and e.created_ms == 7 and str(e.address) == "10.0.0.5/24"
+        assert s.get_cursor("n1", 0) == "10.0.0.5"
+        s.reserve([entry("10.0.0.6/24", cid="new")])
+        assert [x.node for x in s.list_entries("n1", node=NODE)] == [NODE]
+        assert s._db.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    finally:
+        s.close()
+    s2 = SqliteStore(str(path), node="node-y")  # migrated once: a reopen changes nothing
+    try:
+        assert s2.get_entry("n1", "10.0.0.5").node == "node-x"  # type: ignore[union-attr]
+    finally:
+        s2.close()
