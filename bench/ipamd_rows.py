@@ -197,10 +197,6 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---- cluster: SQLite and etcd side by side (issue 10) ------------------------------------------
 
 CLUSTER_SUBNET = "10.94.0.0/16"
@@ -325,3 +321,7 @@ def cluster_rows(work: Path, quick: bool) -> list[dict[str, Any]]:
     finally:
         etcd.destroy()
     return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -222,7 +222,7 @@ def test_ipamd_etcd_example_loads() -> None:
     assert all(e.startswith("https://") for e in cfg.endpoints())
     assert cfg.etcd_prefix == "/ovs-underlay" and cfg.node_name and cfg.block_size == 16
     assert {cfg.etcd_cacert, cfg.etcd_cert, cfg.etcd_key} <= {
-        f"/etc/ovs-underlay/etcd/{n}" for n in ("ca.crt", "client.crt", "client.key")}
+        f"/etc/ovs-underlay-etcd/{n}" for n in ("ca.crt", "client.crt", "client.key")}
 
 
 def test_etcd_client_secret_validates_against_the_kubernetes_schema() -> None:
