@@ -151,6 +151,9 @@ class EtcdStore:
         self._raw: dict[str, bytes] = {}
         self._ips: dict[str, dict[str, Entry]] = {}
         self._owners: dict[tuple[str, str, str], set[str]] = {}
+        # this node's outage reserve and released entries, by (network, subnet entry): the
+        # placement of every allocation reads them, so they are indexed, never scanned for
+        self._mine: dict[tuple[str, int, str], set[str]] = {}
         self._pools: dict[str, tuple[PoolDef, int]] = {}
         self._geo: dict[tuple[str, int], Blocks] = {}
         self._claims: dict[tuple[str, int], dict[int, str]] = {}
@@ -213,6 +216,10 @@ class EtcdStore:
 
     def _index(self, net: str, ip: str, old: Entry | None, new: Entry | None) -> None:
         ips = self._ips.setdefault(net, {})
+        if old is not None and old.node == self.node and old.state in (RESERVED, RELEASED):
+            self._mine.get((net, old.subnet_index, old.state), set()).discard(ip)
+        if new is not None and new.node == self.node and new.state in (RESERVED, RELEASED):
+            self._mine.setdefault((net, new.subnet_index, new.state), set()).add(ip)
         if old is not None and old.state == ACTIVE and old.node == self.node:
             owner = (net, old.container_id, old.ifname)
             held = self._owners.get(owner)
@@ -791,13 +798,14 @@ class EtcdStore:
             if rec is None:
                 return None
             geo = self._blocks(network, subnet_index, rec[0], rec[1])
-            mine = [e for e in self._ips.get(network, {}).values() if e.node == self.node
-                    and e.subnet_index == subnet_index and e.state in (RESERVED, RELEASED)]
-            reserve = tuple(sorted((e.ip for e in mine if e.state == RESERVED), key=int))
+            ips = self._ips.get(network, {})
+            held = self._mine.get((network, subnet_index, RESERVED), ())
+            reserve = tuple(sorted((IPAddress(ip) for ip in held), key=int))
             outage: tuple[IPAddress, ...] = ()
             if not self.online:  # its reserve, and its own leases released since the outage began
-                outage = tuple(sorted((e.ip for e in mine if e.state == RESERVED
-                                       or self._released_offline(network, e)), key=int))
+                released = [ips[ip] for ip in self._mine.get((network, subnet_index, RELEASED), ())]
+                back = [e.ip for e in released if self._released_offline(network, e)]
+                outage = tuple(sorted([*reserve, *back], key=int))
             key = (network, subnet_index)
             return Placement(node=self.node, blocks=geo, own=self._own_blocks.get(key, ()),
                              claimed=self._claims.get(key, {}), offline=not self.online,
@@ -822,8 +830,8 @@ class EtcdStore:
 
     def reserved_by_me(self, network: str, subnet_index: int) -> list[Entry]:
         with self._mu:
-            return sorted((e for e in self._ips.get(network, {}).values()
-                           if e.node == self.node and e.state == RESERVED and e.subnet_index == subnet_index),
+            ips = self._ips.get(network, {})
+            return sorted((ips[ip] for ip in self._mine.get((network, subnet_index, RESERVED), ())),
                           key=lambda e: int(e.ip))
 
     def hold(self, entries: Sequence[Entry]) -> None:
