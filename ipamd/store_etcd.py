@@ -463,7 +463,7 @@ class EtcdStore:
                                      for k, v, _ in chunk])
                 if not r.succeeded:
                     raise StoreConflict("*", "a key changed during the replay; replaying again")
-            self.replayed += len(writes)
+            self.replayed += len(writes) - undone
             kvs, rev = self.client.range(self.prefix.encode() + b"/", prefix=True)
             with self._mu:
                 self._clear_mirror()
@@ -574,6 +574,12 @@ class EtcdStore:
             try:
                 r = self.client.txn(compares, success, failure)
             except etcd.EtcdUnavailable as exc:
+                if exc.answered and self._refresh(keys + extra):
+                    # An election, not an outage: the transaction may or may not have landed;
+                    # the keys are read back, and the requests decide again on what etcd holds
+                    # (one whose write landed finds its lease).
+                    net = next((e.network for e in b.entries.values() if e is not None), "*")
+                    raise StoreConflict(net, f"not confirmed: {exc.msg}") from exc
                 self._set_offline(exc)
                 if b.unsafe:
                     # The transaction may have landed (reply lost): undone on recovery if it did.
@@ -622,6 +628,22 @@ class EtcdStore:
                 pend.append(p)
                 self._apply(k, v, base)
         self.journal.write(outbox=pend, cursors=[(n, k, ip) for (n, k), ip in b.cursors.items()])
+
+    def _refresh(self, keys: list[str], deadline_s: float = 20.0) -> bool:
+        """Read `keys` back into the mirror (retrying through an election); False when etcd
+        stopped answering altogether."""
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                r = self.client.txn([], [etcd.get(k.encode()) for k in keys])
+            except etcd.EtcdUnavailable as exc:
+                if not exc.answered or time.monotonic() > end:
+                    return False
+                continue
+            with self._mu:
+                for k, found in zip(keys, r.ranges, strict=True):
+                    self._apply(k, found[0].value if found else None, found[0].mod_revision if found else 0)
+            return True
 
     def _undo(self, b: _Batch, revision: int) -> None:
         """The journal refused a committed batch: put etcd back as it was (best effort)."""

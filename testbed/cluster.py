@@ -37,6 +37,7 @@ from testbed.etcd import EtcdCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FROZEN_IPAM = ROOT / "dist" / "ovs-underlay" / "ovs-underlay-ipam"
+OFFLINE_LINE = "etcd unreachable: serving from this node's own addresses"  # ipamd's log when it goes offline
 
 
 @dataclass
@@ -320,6 +321,7 @@ class Scenario:
     removed_node_left: list[str] = field(default_factory=list)
     replayed: int = 0
     during_outage: dict[str, int] = field(default_factory=dict)  # results while no etcd member ran
+    offline_in_election: list[str] = field(default_factory=list)  # nodes that went offline then
     events: list[str] = field(default_factory=list)
 
 
@@ -362,6 +364,8 @@ def run_scenario(cluster: IpamCluster, *, network: str, ipam: dict[str, Any], to
         time.sleep(3.0)
         etcd.start(leader)
         event(f"etcd {leader.name} back")
+        res.offline_in_election = [nd.name for nd in cluster.nodes
+                                   if OFFLINE_LINE in Path(nd.ipamd.log_path).read_text(errors="replace")]
 
         at(0.42)
         event(f"every etcd member stopped for {outage_s:.0f}s")
