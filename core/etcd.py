@@ -211,6 +211,10 @@ class EtcdClient:
         for ep in self._eps:
             ep.channel.close()
 
+    def request_counts(self) -> dict[str, int]:
+        with self._mu:
+            return dict(self.counts)
+
     @property
     def endpoints_text(self) -> str:
         return ",".join(self.cfg.endpoints)
@@ -230,7 +234,8 @@ class EtcdClient:
         while True:
             ep = self._eps[(start + attempt) % n]
             timeout = min(ATTEMPT_TIMEOUT_S, max(0.05, end - time.monotonic()))
-            self.counts[kind] += 1
+            with self._mu:
+                self.counts[kind] += 1
             try:
                 out = fn(ep, timeout)
             except grpc.RpcError as err:

@@ -954,7 +954,7 @@ class EtcdStore:
         return NodeRelease(leases, blocks, reserved)
 
     def counts(self) -> dict[str, int]:
-        return dict(self.client.counts)
+        return self.client.request_counts()
 
     def close(self) -> None:
         self._stop.set()
