@@ -286,7 +286,12 @@ def widened(old: SubnetSpec, new: SubnetSpec) -> str:
     for lo, hi in _spans(new, statics=True):  # every address new grants on request ...
         bad = _first_outside(lo, hi, _spans(old, statics=True), new.version)
         if bad is not None:
-            return f"{bad} (held back by the stored definition) could be requested"
+            hint = ""
+            if any(bad in r for r in new.reserved_ranges) and any(bad in r for r in old.exclude):
+                hint = (" (the stored definition excludes it, this one only reserves it: Kube-OVN's "
+                        "excludeIps and ovn-kubernetes' reservedSubnets mean reserved; write exclude or "
+                        "excludeSubnets to keep it excluded)")
+            return f"{bad} (held back by the stored definition) could be requested{hint}"
     for lo, hi in _spans(new, statics=False):  # ... or picks automatically
         bad = _first_outside(lo, hi, _spans(old, statics=False), new.version)
         if bad is not None:

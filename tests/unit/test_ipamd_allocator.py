@@ -258,6 +258,10 @@ def test_pool_definition_changes() -> None:
     # a wider range is the same as narrower exclusions
     narrow = pool(subnets=[{**base, "rangeEnd": "10.0.0.99"}]).subnets[0]
     assert "10.0.0.100" in policy.widened(narrow, p1.subnets[0]) and not policy.widened(p1.subnets[0], narrow)
+    # excluded -> reserved (Kube-OVN's excludeIps spelling) is a change too, and says so
+    excl = pool(subnets=[{**base, "exclude": ["10.0.0.5"]}]).subnets[0]
+    res = pool(subnets=[{**base, "reserved": ["10.0.0.5"]}]).subnets[0]
+    assert "only reserves it" in policy.widened(excl, res) and not policy.widened(res, excl)
     assert store.get_entry("n1", "10.0.0.150") is None
     # unsafe: another subnet or gateway
     with pytest.raises(PoolDefinitionConflict, match="subnets and gateways"):
