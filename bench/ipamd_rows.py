@@ -174,24 +174,153 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="ipamd rows of the bench, alone")
     ap.add_argument("--quick", action="store_true", help="2,000 existing leases, small totals")
     ap.add_argument("--only-60k", action="store_true", help="only the /16 with existing leases")
+    ap.add_argument("--cluster", action="store_true", help="only the cluster rows (SQLite vs etcd)")
     a = ap.parse_args()
     cases = [c for c in CASES if c[2]] if a.only_60k else CASES
     work = Path(tempfile.mkdtemp(prefix="ovs-underlay-ipamd-bench-"))
     load0 = os.getloadavg()
     try:
-        rows = ipamd_rows(work, a.quick, cases)
+        rows = cluster_rows(work, a.quick) if a.cluster else ipamd_rows(work, a.quick, cases)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"nproc {os.cpu_count()}; load average start {load0}, end {os.getloadavg()}")
     print(f"{'row':<46} {'n':>5} {'p50':>6} {'p95':>6} {'p99':>6} {'max':>7} {'/s':>6} {'cpu ms/rpc':>10}")
     for r in rows:
         print(f"{r['row']:<46} {r['n']:>5} {r['p50']:>6.2f} {r['p95']:>6.2f} {r['p99']:>6.2f} "
-              f"{r['max']:>7.2f} {r['per_s']:>6.0f} {r['cpu_ms']:>10.3f}")
+              f"{r['max']:>7.2f} {r['per_s']:>6.0f} {r.get('cpu_ms', float('nan')):>10.3f}"
+              + (f"  etcd txn/op {r['etcd_txn_per_op']:.2f} req/op {r['etcd_req_per_op']:.2f}"
+                 if "etcd_txn_per_op" in r else ""))
     for r in rows:
         if "rss_kb" in r:
             print(f"{r['row'].rsplit(' allocate', 1)[0]}: RSS idle {r['rss_idle_kb']} kB, "
                   f"after {r['rss_kb']} kB, prefill {r['prefill_s']:.1f} s")
     return 0
+
+
+# ---- cluster: SQLite and etcd side by side (issue 10) ------------------------------------------
+
+CLUSTER_SUBNET = "10.94.0.0/16"
+
+
+def _metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("ipamd_etcd_requests_total"):
+                name, value = line.rsplit(" ", 1)
+                out[name.split('kind="')[1].split('"')[0]] = float(value)
+    return out
+
+
+def _measure_nodes(socks: list[str], network: str, subnet: str, clients: int, per_client: int,
+                   ) -> dict[str, Any]:
+    """`clients` processes per socket, all released together: allocate `per_client`, then release."""
+    ctx = mp.get_context("spawn")
+    n = len(socks) * clients
+    barrier, q = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(s, network, subnet, 1000 * k + i, per_client, barrier, q))
+             for k, s in enumerate(socks) for i in range(clients)]
+    try:
+        for p in procs:
+            p.start()
+        out = [q.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join(30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        q.close()
+    alloc = [x for o in out for x in o[0]]
+    rel = [x for o in out for x in o[1]]
+    start = min(o[2] for o in out)
+    return {"alloc": summary(alloc), "release": summary(rel),
+            "alloc_per_s": len(alloc) / (max(o[3] for o in out) - start), "ops": len(alloc) + len(rel)}
+
+
+def block_claim_cost(etcd: Any, work: Path, n: int) -> dict[str, Any]:
+    """One lease write in a block nobody claimed (the claim rides in the same transaction) vs one
+    in a block already claimed, through the store itself, against the same etcd."""
+    from netaddr import IPNetwork
+
+    from core.etcd import EtcdClient, EtcdConfig
+    from ipamd.blocks import Blocks
+    from ipamd.model import Entry
+    from ipamd.store_etcd import EtcdStore
+
+    pool = _pool(CLUSTER_SUBNET)
+    store = EtcdStore(EtcdClient(EtcdConfig(tuple(etcd.endpoints))), prefix="/bench-claim", node="bench",
+                      journal_path=str(work / "claim-journal.db"))
+    try:
+        store.put_pool("claim", pool)
+        geo = Blocks(pool.subnets[0], 16)
+
+        def write(number: int) -> float:
+            ip = geo.offset(number) + int(pool.subnets[0].range_start)
+            e = Entry("claim", IPNetwork((ip, 16)), 0, f"c{number}", "eth0", node="bench")
+            t0 = time.perf_counter()
+            store.reserve([e])
+            return (time.perf_counter() - t0) * 1000
+
+        claimed = [write(16 * b) for b in range(n)]  # first address of a fresh block: claim + lease
+        plain = [write(16 * b + 1) for b in range(n)]  # the same blocks, now this node's: lease only
+    finally:
+        store.close()
+    return {"claim": summary(claimed), "plain": summary(plain)}
+
+
+def cluster_rows(work: Path, quick: bool) -> list[dict[str, Any]]:
+    """allocate p50/p99 and allocs/s with 1 and 3 nodes, 16 clients per node, SQLite (each node
+    its own file: no cluster) and etcd (one 3-member etcd, one network shared by the nodes); the
+    cost of a block claim; etcd requests per allocation and per release."""
+    from bench.common import netbed
+    from testbed.etcd import free_port, start_cluster
+
+    rows: list[dict[str, Any]] = []
+    per_client = 8 if quick else 40
+    etcd = start_cluster(3, workdir=str(work / "etcd"))
+    try:
+        for store in ("sqlite", "etcd"):
+            for nodes in (1, 3):
+                d = work / f"cluster-{store}-{nodes}"
+                daemons = []
+                try:
+                    ports = [free_port() for _ in range(nodes)]
+                    for k in range(nodes):
+                        (d / f"n{k}").mkdir(parents=True, exist_ok=True)
+                        args = ["--node-name", f"bench{k}", "--metrics-port", str(ports[k])]
+                        if store == "etcd":
+                            args += etcd.ipamd_args(f"/bench-{nodes}")
+                        daemons.append(netbed.start_ipamd(str(d / f"n{k}"), args))
+                    before = [_metrics(p) for p in ports] if store == "etcd" else []
+                    load1 = os.getloadavg()[0]
+                    m = _measure_nodes([x.socket for x in daemons], f"bench{nodes}", CLUSTER_SUBNET, 16,
+                                       per_client)
+                    row = {"row": f"cluster {store} {nodes} node(s) x 16 clients allocate", **m["alloc"],
+                           "per_s": m["alloc_per_s"], "load1": load1}
+                    if store == "etcd":
+                        after = [_metrics(p) for p in ports]
+                        pairs = list(zip(after, before, strict=True))
+                        txn = sum(a.get("txn", 0) - b.get("txn", 0) for a, b in pairs)
+                        allreq = sum(sum(a.values()) - sum(b.values()) for a, b in pairs)
+                        row["etcd_txn_per_op"] = txn / m["ops"]
+                        row["etcd_req_per_op"] = allreq / m["ops"]
+                    rows.append(row)
+                    rows.append({"row": f"cluster {store} {nodes} node(s) x 16 clients release",
+                                 **m["release"], "per_s": 0.0, "load1": load1})
+                finally:
+                    for x in daemons:
+                        x.stop()
+                    shutil.rmtree(d, ignore_errors=True)
+        c = block_claim_cost(etcd, work, 10 if quick else 50)
+        rows.append({"row": "etcd lease write, claiming a block", **c["claim"], "per_s": 0.0})
+        rows.append({"row": "etcd lease write, block already claimed", **c["plain"], "per_s": 0.0})
+    finally:
+        etcd.destroy()
+    return rows
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Writes bench/results/bench-<timestamp>.{md,json} and bench/results/latest.md. Se
 3   start-up: VERSION cold start, import-time breakdown, phase breakdown of one ADD
 4   scale: ADD/DEL with 10/100/1000 ports on the bridge next to OVS's raw port-add cost
 5   ipamd allocate/release (1 and 16 clients, /24 and /16, 0 and 60k leases), RSS
+5b  cluster: SQLite and etcd side by side, 1 and 3 nodes x 16 clients, block claim cost, etcd
+    requests per operation
 6   probe cost: gateway + conflict checks on vs off
 Exit code: 0 when the harness ran (targets missed are reported, not failed); 2 when it broke.
 """
@@ -158,6 +160,15 @@ def targets(rows: list[dict[str, Any]], scale_counts: list[int]) -> list[dict[st
             out.append(t(f"ipamd allocate p99 <= 5 ms ({r['row']})", r["p99"], 5, "ms"))
     for r in big or [r for r in rows if r["row"].endswith("16 client(s) allocate")][-1:]:
         out.append(t(f"ipamd >= 1000 alloc/s ({r['row']})", r["per_s"], 1000, "/s", higher=True))
+    for n in (1, 3):
+        e = f"cluster etcd {n} node(s) x 16 clients allocate"
+        q = f"cluster sqlite {n} node(s) x 16 clients allocate"
+        ratio = get(rows, e, "p99") / get(rows, q, "p99")
+        out.append(t(f"etcd allocate p99 <= 3x SQLite's ({n} node(s))", ratio, 3))
+    e3 = "cluster etcd 3 node(s) x 16 clients allocate"
+    out.append(t("etcd >= 500 alloc/s across 3 nodes", get(rows, e3, "per_s"), 500, "/s", higher=True))
+    out.append(t("etcd writes per allocation/release <= 1",
+                 get(rows, "cluster etcd 3 node(s) x 16 clients allocate", "etcd_txn_per_op"), 1, "txn"))
     on, off = get(rows, "ADD warm probes on"), get(rows, "ADD warm probes off")
     from bench.plugin_rows import PROBE_WAIT_MS
 
@@ -249,7 +260,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (seconds)")
-    ap.add_argument("--only", default="latency,startup,scale,ipamd,probes")
+    ap.add_argument("--only", default="latency,startup,scale,ipamd,cluster,probes")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (netns, veth, OVS)", file=sys.stderr)
@@ -317,9 +328,10 @@ def main() -> int:
     finally:
         if bed is not None:
             bed.close()
-    from bench.ipamd_rows import ipamd_rows
+    from bench.ipamd_rows import cluster_rows, ipamd_rows
 
     doc["rows"] += section("ipamd", lambda: ipamd_rows(work, q)) or []
+    doc["rows"] += section("cluster", lambda: cluster_rows(work, q)) or []
     md = save()
     print(md)
     print(f"bench: wrote {RESULTS}/bench-{stamp}.md and .json (work dir {work})", file=sys.stderr)

@@ -41,6 +41,8 @@ class _IpamStub(Protocol):
     ListPools: Callable[..., pb.ListPoolsResponse]
     ListLeases: Callable[..., pb.ListLeasesResponse]
     ProbeGateway: Callable[..., pb.ProbeGatewayResponse]
+    ListNodes: Callable[..., pb.ListNodesResponse]
+    ReleaseNode: Callable[..., pb.ReleaseNodeResponse]
 
 
 def reason_of(err: grpc.RpcError) -> str | None:
@@ -173,3 +175,13 @@ class IpamClient:
     def list_pools(self, *, network: str = "") -> list[pb.PoolUsage]:
         resp = self._stub.ListPools(pb.ListPoolsRequest(network=network), timeout=self.timeout_s)
         return list(resp.pools)
+
+    @_translate
+    def list_nodes(self) -> pb.ListNodesResponse:
+        """The cluster's nodes as the daemon's store sees them (NOT_CLUSTERED with SQLite)."""
+        return self._stub.ListNodes(pb.ListNodesRequest(), timeout=self.timeout_s)
+
+    @_translate
+    def release_node(self, node: str) -> pb.ReleaseNodeResponse:
+        """Free a dead node's blocks, leases and outage reserve (NODE_ALIVE while it beats)."""
+        return self._stub.ReleaseNode(pb.ReleaseNodeRequest(node=node), timeout=max(self.timeout_s, 30.0))

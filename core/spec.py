@@ -8,13 +8,21 @@ ADD path). Errors are `ConfigError` (a ValueError naming the key and value): eac
 it (the plugins to CNI code 7, ipamd to INVALID_ARGUMENT).
 
 Spellings accepted (each maps to one canonical key, see ALIASES):
-- ours:            subnets: [{subnet, gateway, rangeStart, rangeEnd, exclude: [...]}]
-- ovn-kubernetes:  "subnets": "10.22.0.0/16,fd00::/64", "excludeSubnets": "10.22.200.0/24,10.22.0.5/32"
+- ours:            subnets: [{subnet, gateway, rangeStart, rangeEnd, exclude: [...], reserved: [...]}]
+- ovn-kubernetes:  "subnets": "10.22.0.0/16,fd00::/64", "excludeSubnets": "10.22.200.0/24,10.22.0.5/32",
+                   "reservedSubnets": "10.22.0.8/29"
 - Kube-OVN:        excludeIps: ["192.168.1.1..192.168.1.100"], cidrBlock, disableGatewayCheck
 - Spiderpool:      ips: ["172.18.30.131-172.18.30.140"] (the allocatable ranges), excludeIPs
 - host-local:      ranges: [[{subnet, rangeStart, rangeEnd, gateway}]], legacy top-level subnet
 - whereabouts:     range ("10.0.0.0/24" or "10.0.0.10-10.0.0.20/24"), range_start, range_end,
                    exclude (CIDRs), ipRanges: [{range, exclude, ...}]
+
+Two classes of held-back addresses, by spelling, with the meaning each neighbour gives it:
+- *excluded* (`exclude`, ovn-kubernetes `excludeSubnets`, Spiderpool `excludeIPs`, whereabouts
+  `exclude`): never handed out, not even on request (a static request for one is refused, 102);
+- *reserved* (`reserved`, Kube-OVN `excludeIps`, ovn-kubernetes `reservedSubnets`): never picked
+  automatically, but a static request for one is granted (kube-ovn pkg/ipam/subnet.go). An
+  address that is both excluded and reserved is excluded.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class SubnetSpec:
     range_start: IPAddress
     range_end: IPAddress
     exclude: tuple[IPRange, ...] = ()
+    reserved_ranges: tuple[IPRange, ...] = ()  # statics only (Kube-OVN excludeIps)
 
     @property
     def version(self) -> int:
@@ -62,22 +71,30 @@ class SubnetSpec:
             out.append(self.subnet.network)
         return tuple(out)
 
-    def allocatable(self, ip: IPAddress) -> bool:
-        """True when `ip` may be handed out: inside the range, not excluded, not reserved."""
+    def grantable(self, ip: IPAddress) -> bool:
+        """True when `ip` may be handed out on request: inside the range, not the gateway or the
+        network/broadcast address, not excluded (a reserved address may be requested)."""
         if ip.version != self.version or not (self.range_start <= ip <= self.range_end):
             return False
         if ip in self.reserved():
             return False
         return not any(ip in r for r in self.exclude)
 
+    def allocatable(self, ip: IPAddress) -> bool:
+        """True when `ip` may be picked automatically: grantable and not reserved."""
+        return self.grantable(ip) and not any(ip in r for r in self.reserved_ranges)
+
     def canonical(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "subnet": str(self.subnet),
             "gateway": str(self.gateway) if self.gateway is not None else "",
             "rangeStart": str(self.range_start),
             "rangeEnd": str(self.range_end),
             "exclude": [f"{r[0]}-{r[-1]}" for r in self.exclude],
         }
+        if self.reserved_ranges:  # absent when empty: definitions stored before it compare equal
+            out["reserved"] = [f"{r[0]}-{r[-1]}" for r in self.reserved_ranges]
+        return out
 
 
 @dataclass(frozen=True)
@@ -183,11 +200,13 @@ ALIASES: dict[str, str] = {
     "range_start": "rangeStart",  # whereabouts
     "rangeEnd": "rangeEnd",
     "range_end": "rangeEnd",
-    "exclude": "exclude",  # whereabouts / ours
-    "excludeSubnets": "exclude",  # ovn-kubernetes
-    "excludeIps": "exclude",  # Kube-OVN
-    "excludeIPs": "exclude",  # Spiderpool
+    "exclude": "exclude",  # whereabouts / ours: never granted
+    "excludeSubnets": "exclude",  # ovn-kubernetes: never granted
+    "excludeIPs": "exclude",  # Spiderpool: never granted
     "exclude_ips": "exclude",
+    "reserved": "reserved",  # ours: statics only
+    "excludeIps": "reserved",  # Kube-OVN: not picked automatically, a static request is granted
+    "reservedSubnets": "reserved",  # ovn-kubernetes: the same
     "ips": "ips",  # Spiderpool: allocatable ranges
     "routes": "routes",
     "dns": "dns",
@@ -203,11 +222,15 @@ ALIASES: dict[str, str] = {
     "cooldownSeconds": "cooldownSeconds",
     "timeoutMs": "timeoutMs",
 }
-_ALIASES_LOWER = {k.lower(): v for k, v in ALIASES.items()}
+# Spellings that differ only in case but mean different things: the exact spelling is required.
+_AMBIGUOUS = {"excludeips": "Kube-OVN's excludeIps (reserved: a static request is granted) or "
+                            "Spiderpool's excludeIPs (excluded: never granted)"}
+_ALIASES_LOWER = {k.lower(): v for k, v in ALIASES.items() if k.lower() not in _AMBIGUOUS}
+_MERGED = ("exclude", "reserved")  # keys whose spellings may appear together: their lists merge
 
 # ovn-kubernetes NADs carry the IPAM at the top level of the network config, with no `ipam`
 # section; these are the keys read from there (daemonSocket so a node can move the socket).
-TOP_LEVEL_KEYS = ("subnets", "excludeSubnets", "daemonSocket")
+TOP_LEVEL_KEYS = ("subnets", "excludeSubnets", "reservedSubnets", "daemonSocket")
 
 # Keys a CNI ipam section carries that are not ours to interpret.
 _PASSTHROUGH = {"type", "name", "cniVersion", "dataDir", "resolvConf", "log_level", "log_file"}
@@ -221,8 +244,11 @@ def _canonicalize(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
         if canon is None:
             if key in _PASSTHROUGH:
                 continue
+            if key.lower() in _AMBIGUOUS:
+                raise ConfigError(f"{where}: key {key!r} is ambiguous: {_AMBIGUOUS[key.lower()]}; "
+                                  "spell it exactly")
             raise ConfigError(f"{where}: unknown key {key!r}")
-        if canon == "exclude" and canon in out:
+        if canon in _MERGED and canon in out:
             out[canon] = [*_as_list(out[canon], where, key), *_as_list(value, where, key)]
             continue
         if canon in out:
@@ -363,12 +389,13 @@ def _subnet_entry(raw: Any, where: str, *, default_gateway: bool) -> tuple[Subne
         raise ConfigError(f"{where}: rangeStart {start} is after rangeEnd {end}")
 
     excl = [parse_range(e, f"{where}.exclude") for e in _as_list(entry.get("exclude"), where, "exclude")]
+    held = [parse_range(e, f"{where}.reserved") for e in _as_list(entry.get("reserved"), where, "reserved")]
     for i, ips_text in enumerate(_as_list(entry.get("ips"), where, "ips")):
         only_ips.append(parse_range(ips_text, f"{where}.ips[{i}]"))
     for key in ("routes", "dns"):
         if key in entry:
             raise ConfigError(f"{where}: {key!r} belongs to the ipam section, not a subnet entry")
-    return SubnetSpec(net, gateway, start, end, tuple(excl)), only_ips
+    return SubnetSpec(net, gateway, start, end, tuple(excl), tuple(held)), only_ips
 
 
 def _merge_ranges(ranges: Iterable[IPRange]) -> tuple[IPRange, ...]:
@@ -398,7 +425,8 @@ def _complement(within_lo: IPAddress, within_hi: IPAddress, keep: Sequence[IPRan
 
 
 def _finish_subnets(
-    entries: list[tuple[SubnetSpec, list[IPRange]]], pool_excludes: list[IPRange], where: str
+    entries: list[tuple[SubnetSpec, list[IPRange]]], pool_excludes: list[IPRange], where: str,
+    pool_reserved: Sequence[IPRange] = (),
 ) -> tuple[SubnetSpec, ...]:
     subnets = [e[0] for e in entries]
     for i, a in enumerate(subnets):
@@ -406,18 +434,23 @@ def _finish_subnets(
             overlap = a.subnet.first <= b.subnet.last and b.subnet.first <= a.subnet.last
             if a.version == b.version and overlap:
                 raise ConfigError(f"{where}: subnets {a.subnet} and {b.subnet} overlap")
-    for r in pool_excludes:
-        if not any(r.version == s.version and r.first >= s.subnet.first and r.last <= s.subnet.last
-                   for s in subnets):
-            raise ConfigError(f"{where}: exclusion {r[0]}-{r[-1]} is not inside any subnet "
-                              f"({', '.join(str(s.subnet) for s in subnets)})")
+    for what, ranges in (("exclusion", pool_excludes), ("reserved range", pool_reserved)):
+        for r in ranges:
+            if not any(r.version == s.version and r.first >= s.subnet.first and r.last <= s.subnet.last
+                       for s in subnets):
+                raise ConfigError(f"{where}: {what} {r[0]}-{r[-1]} is not inside any subnet "
+                                  f"({', '.join(str(s.subnet) for s in subnets)})")
     out = []
     for spec, only_ips in entries:
         excl = list(spec.exclude)
-        for r in excl:
-            if not (r.first >= spec.subnet.first and r.last <= spec.subnet.last):
-                raise ConfigError(f"{where}: exclusion {r[0]}-{r[-1]} is outside subnet {spec.subnet}")
+        held = list(spec.reserved_ranges)
+        for what, ranges in (("exclusion", excl), ("reserved range", held)):
+            for r in ranges:
+                if not (r.first >= spec.subnet.first and r.last <= spec.subnet.last):
+                    raise ConfigError(f"{where}: {what} {r[0]}-{r[-1]} is outside subnet {spec.subnet}")
         excl += [r for r in pool_excludes if r.version == spec.version
+                 and r.first >= spec.subnet.first and r.last <= spec.subnet.last]
+        held += [r for r in pool_reserved if r.version == spec.version
                  and r.first >= spec.subnet.first and r.last <= spec.subnet.last]
         if only_ips:
             for r in only_ips:
@@ -425,7 +458,7 @@ def _finish_subnets(
                     raise ConfigError(f"{where}: ips range {r[0]}-{r[-1]} is outside subnet {spec.subnet}")
             excl += _complement(spec.range_start, spec.range_end, only_ips)
         out.append(SubnetSpec(spec.subnet, spec.gateway, spec.range_start, spec.range_end,
-                              _merge_ranges(excl)))
+                              _merge_ranges(excl), _merge_ranges(held)))
     return tuple(out)
 
 
@@ -511,12 +544,11 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
     if "gateway" in conf and not single:
         raise ConfigError(f"{where}.gateway: put the gateway inside its subnet entry")
 
-    pool_excludes = [] if single else [
-        parse_range(e, f"{where}.exclude") for e in _as_list(conf.get("exclude"), where, "exclude")]
-    if single and conf.get("exclude"):
-        pool_excludes = [parse_range(e, f"{where}.exclude")
-                         for e in _as_list(conf["exclude"], where, "exclude")]
-    subnets = _finish_subnets(entries, pool_excludes, where)
+    pool_excludes = [parse_range(e, f"{where}.exclude")
+                     for e in _as_list(conf.get("exclude"), where, "exclude")]
+    pool_reserved = [parse_range(e, f"{where}.reserved")
+                     for e in _as_list(conf.get("reserved"), where, "reserved")]
+    subnets = _finish_subnets(entries, pool_excludes, where, pool_reserved)
 
     gateway_check = any(s.gateway is not None for s in subnets)
     if "gatewayCheck" in conf:

@@ -49,6 +49,9 @@ class Reason:
     LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
     INVALID_NETNS = "INVALID_NETNS"  # the netns to probe from is not usable
     COMMIT_FAILED = "COMMIT_FAILED"  # the store could not make the change durable
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the cluster store (etcd) is unreachable: try again later
+    NODE_ALIVE = "NODE_ALIVE"  # `nodes release` of a node whose heartbeat is alive
+    NOT_CLUSTERED = "NOT_CLUSTERED"  # a cluster command on an ipamd with a node-local store
     INTERNAL = "INTERNAL"
 
 
@@ -87,7 +90,8 @@ def pool_to_pb(pool: PoolDef) -> pb.PoolSpec:
     d = pool_to_dict(pool)
     return pb.PoolSpec(
         subnets=[pb.SubnetSpec(subnet=s["subnet"], gateway=s["gateway"], range_start=s["rangeStart"],
-                               range_end=s["rangeEnd"], exclude=s["exclude"]) for s in d["subnets"]],
+                               range_end=s["rangeEnd"], exclude=s["exclude"], reserved=s.get("reserved", []))
+                 for s in d["subnets"]],
         routes=[pb.Route(dst=r["dst"], gw=r.get("gw", "")) for r in d.get("routes", [])],
         dns=dns_to_pb(pool.dns),
         mac_from_ip=pool.mac_from_ip,
@@ -100,7 +104,7 @@ def pool_from_pb(msg: pb.PoolSpec) -> PoolDef:
     raw: dict[str, Any] = {
         "subnets": [
             {"subnet": s.subnet, "gateway": s.gateway, "rangeStart": s.range_start,
-             "rangeEnd": s.range_end, "exclude": list(s.exclude)}
+             "rangeEnd": s.range_end, "exclude": list(s.exclude), "reserved": list(s.reserved)}
             for s in msg.subnets
         ],
         "macFromIP": msg.mac_from_ip,

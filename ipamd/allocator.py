@@ -6,7 +6,10 @@ concurrency in pipeline.py (decide under a lock, group commit, answer once durab
 in-memory picture in pool_state.py and the wire probing in conflicts.py. This module only says,
 per operation, what to read, which rule to apply and which store writes to queue (the `_plan_*`
 functions: they run under the pipeline's lock and never fail after queueing). It runs the same
-over every `Store`: the in-memory one in unit tests, SQLite in the daemon, etcd later.
+over every `Store`: the in-memory one in unit tests, SQLite on one node, etcd across a cluster.
+With a cluster store (`store.Cluster`) it also asks the store where this node may pick
+(blocks.Placement), keeps its outage reserve (`maintain_reserve`), and applies other nodes' writes
+to its occupancy as the store reports them.
 
 The store, not this module, guarantees that no address is ever ACTIVE twice; a stale hint costs a
 retry, never a duplicate.
@@ -14,6 +17,7 @@ retry, never a duplicate.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +34,7 @@ from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.pipeline import NeedsQuiesce, Pipeline, Plan, Prefetch
 from ipamd.policy import Grant, Request
 from ipamd.pool_state import PoolState
-from ipamd.store import Store
+from ipamd.store import Cluster, Store
 
 __all__ = ["Allocator", "Grant", "PoolUsage", "Request"]
 
@@ -49,8 +53,11 @@ class PoolUsage:
 
 class Allocator:
     def __init__(self, store: Store, *, default_cooldown_s: int = 30, quarantine_s: int = 600,
-                 prober: ConflictProber | None = None, clock: Callable[[], float] = time.time) -> None:
+                 prober: ConflictProber | None = None, clock: Callable[[], float] = time.time,
+                 node: str = "", cluster: Cluster | None = None) -> None:
         self.store = store
+        self.node = node  # recorded on every lease; GC and release touch only this node's
+        self.cluster = cluster
         self.default_cooldown_s = default_cooldown_s
         self.quarantine_s = quarantine_s
         self.prober = prober
@@ -59,6 +66,8 @@ class Allocator:
                                 now_ms=self._now_ms)
         self._pipeline = Pipeline(store, reset=self._state.clear)
         self.commits = self._pipeline.commits
+        if cluster is not None:
+            cluster.subscribe(self._external)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -83,7 +92,8 @@ class Allocator:
                 return Plan(None)
             staged = self._state.take_staged(network)
             assert staged is not None
-            return Plan(None, self._pipeline.submit(Write(lambda s: s.put_pool(network, staged)), {}, ()))
+            w = Write(lambda s: s.put_pool(network, staged), networks=frozenset({network}))
+            return Plan(None, self._pipeline.submit(w, {}, ()))
 
         self._pipeline.execute(plan)
 
@@ -117,7 +127,7 @@ class Allocator:
                 grant = Grant(tuple(held), pool, existing=True)
                 staged = self._state.take_staged(req.network)
                 if staged is not None:  # a safe definition change with a lease already held
-                    w = Write(lambda s: s.put_pool(req.network, staged))
+                    w = Write(lambda s: s.put_pool(req.network, staged), networks=frozenset({req.network}))
                     return Plan(grant, self._pipeline.submit(w, {}, ()))
                 return Plan(grant, pending, own=False)
             entries, w = self._reserve(req, range(len(pool.subnets)), static, [])
@@ -141,8 +151,9 @@ class Allocator:
             if want is not None:
                 policy.check_static_free(network, spec, want, self._pipeline.entry_at(network, str(want)),
                                          now_ms=now, quarantine_ms=self._state.quarantine_ms)
-            picked.append((k, policy.pick(network, spec, occs[k], want)))
-        entries = [policy.build_entry(req, k, occs[k].address(off), now) for k, off in picked]
+            place = self.cluster.placement(network, k) if self.cluster is not None else None
+            picked.append((k, policy.pick(network, spec, occs[k], want, place)))
+        entries = [policy.build_entry(req, k, occs[k].address(off), now, self.node) for k, off in picked]
         for k, off in picked:
             occs[k].mark_active(off, advance=True)
         staged = self._state.take_staged(network)
@@ -200,7 +211,8 @@ class Allocator:
 
     def _plan_release(self, network: str | None, container_id: str, ifname: str) -> Plan[Write]:
         now = self._now_ms()
-        w = Write(lambda s: s.release_by_owner(network, container_id, ifname, now), after=self._released)
+        w = Write(lambda s: s.release_by_owner(network, container_id, ifname, now), after=self._released,
+                  networks=frozenset({network}) if network is not None else None)
         # The attachment holds nothing once this is durable (for one network: in every network
         # the view cannot be keyed; a concurrent Allocate then answers from the durable state).
         self._pipeline.submit(w, {(network, container_id, ifname): ()} if network is not None else {}, ())
@@ -211,18 +223,87 @@ class Allocator:
         self._state.released(entries)
 
     def gc(self, network: str | None, valid: Iterable[tuple[str, str]]) -> list[Entry]:
-        """Release every live attachment not in `valid`: quiesced (the store lists them all),
-        one batch (one fsync)."""
+        """Release every live attachment of this node not in `valid` (never another node's lease:
+        with a cluster store the network spans nodes): quiesced (the store lists them all), one
+        batch (one fsync)."""
         keep = set(valid)
 
         def plan(quiesced: bool) -> Plan[list[Write]]:
+            mine = self.node if self.cluster is not None else None  # a node-local store: all are ours
             owners = {(e.network, e.container_id, e.ifname)
-                      for e in self.store.list_entries(network, (ACTIVE,))}
+                      for e in self.store.list_entries(network, (ACTIVE,), node=mine)}
             writes = [self._plan_release(net, cid, ifname).result
                       for net, cid, ifname in sorted(owners) if (cid, ifname) not in keep]
             return Plan(writes, writes[-1] if writes else None)  # one batch: all settle together
 
         return [e for w in self._pipeline.execute(plan, quiesce=True) for e in w.result]
+
+    # ---- a cluster store: other nodes' writes, the outage reserve ---------------------------
+
+    def _external(self, network: str, changes: list[tuple[IPAddress, Entry | None]] | None) -> None:
+        """Other nodes' writes, reported by the cluster store: keep the occupancy current."""
+        with self._pipeline.lock:
+            if changes is None:
+                self._state.clear([network])
+            else:
+                self._state.apply_external(network, changes)
+
+    def maintain_reserve(self) -> int:
+        """Top up (or give back) this node's outage reserve in every network, as the cluster store
+        wants it (store.Cluster.reserve_target). Returns the number of addresses changed."""
+        if self.cluster is None:
+            return 0
+        changed = 0
+        for net in self.store.networks():
+            changed += self._pipeline.execute(functools.partial(self._plan_reserve, net))
+        return changed
+
+    def _plan_reserve(self, network: str, quiesced: bool = False) -> Plan[int]:
+        cluster = self.cluster
+        pool = self._state.pool(network)
+        if cluster is None or pool is None:
+            return Plan(0)
+        occs = self._state.occupancy(network)
+        now = self._now_ms()
+        hold: list[Entry] = []
+        back: list[Entry] = []
+        for k, (spec, occ) in enumerate(zip(pool.subnets, occs, strict=True)):
+            occ.expire(now)
+            have = cluster.reserved_by_me(network, k)
+            want = cluster.reserve_target(network, k, occ.total - occ.held_count(), occ.total)
+            if want < len(have):
+                back += have[want:]
+                continue
+            place = cluster.placement(network, k)
+            if place is None or place.offline:
+                continue
+            place = replace(place, reserve=())  # never "top up" from the reserve itself
+            for _ in range(want - len(have)):
+                off = policy.pick_placed(network, spec, occ, place)
+                if off is None:
+                    break
+                occ.mark_reserved(off)
+                hold.append(policy.reserve_entry(network, pool, k, occ.address(off), now, self.node))
+        if not hold and not back:
+            return Plan(0)
+
+        def apply(s: Store) -> None:
+            if hold:
+                cluster.hold(hold)
+            if back:
+                cluster.give_back(network, [str(e.ip) for e in back])
+
+        def after(_: Any) -> None:  # given back: free once durable
+            occs_now = self._state.occupancy(network)
+            for e in back:
+                off = occs_now[e.subnet_index].offset(e.ip)
+                if off is not None and occs_now[e.subnet_index].is_reserved(off):
+                    occs_now[e.subnet_index].clear(off)
+
+        w = Write(apply, after=after, networks=frozenset({network}))
+        return Plan(len(hold) + len(back), self._pipeline.submit(w, {}, ()))
+
+    # ---- queries -----------------------------------------------------------------------------
 
     def get(self, network: str, container_id: str, ifname: str) -> tuple[list[Entry], PoolDef | None]:
         """The attachment's durable lease (a lease still being granted is not shown yet)."""

@@ -1,7 +1,9 @@
 """`ovs-underlay-ipamd`: `serve` and the admin subcommands (a contract other tools rely on).
 
     serve   [--config FILE] [--socket PATH] [--state-dir DIR] [--metrics-port N] [--listen ADDR]
-            [--log-level L]                       flags override the file; no config = defaults
+            [--log-level L] [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
+            [--etcd-cert F] [--etcd-key F] [--etcd-prefix P] [--node-name N] [--block-size N]
+            [--outage-reserve N]                  flags override the file; no config = defaults
     pools   [--network N] [-o table|json]         used/total per subnet entry
     leases  [--network N] [--all] [-o table|json] one row per address; live only unless --all
     release --container ID --ifname IF [--network N]
@@ -9,11 +11,15 @@
             releases every live lease of N except the kept attachments; with no --keep the
             explicit --release-all is required, so a typo can never empty a network
     health                                        exit 0 iff the daemon reports SERVING
+    nodes   [-o table|json]                       cluster nodes (etcd store): alive, leases, blocks
+    nodes release NODE                            free a dead node's blocks, leases and reserve;
+                                                  refused while its heartbeat is alive
 
 Every admin subcommand takes --socket PATH and --timeout-ms. Exit codes: 0 ok, 1 the daemon
 said no or could not be reached (one line on stderr, no traceback), 2 bad usage (argparse).
 JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, state, mac, netns,
-podNamespace, podName, podUID, createdUnixMs, conflictMAC}], `pools` -> [{network, subnet,
+podNamespace, podName, podUID, createdUnixMs, conflictMAC, node}]; `nodes` -> [{node, alive,
+self, leases, reserved, blocks: [{network, subnet, index, first, last}]}], `pools` -> [{network, subnet,
 gateway, used, total, free, quarantined}].
 """
 
@@ -44,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--store", choices=("sqlite", "etcd"),
+                   help="where leases live: sqlite (one node, default) or etcd (cluster-wide)")
+    s.add_argument("--etcd-endpoints", metavar="URL[,URL...]", help="etcd client URLs (http:// or https://)")
+    s.add_argument("--etcd-cacert", metavar="FILE", help="CA certificate of the etcd servers")
+    s.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
+    s.add_argument("--etcd-key", metavar="FILE", help="client key for etcd")
+    s.add_argument("--etcd-prefix", metavar="PATH", help="key prefix in etcd (default /ovs-underlay)")
+    s.add_argument("--node-name", help="this node's name, recorded on every lease (default: the hostname)")
+    s.add_argument("--block-size", type=int, help="addresses per block for networks defined first here "
+                   "(default 16)")
+    s.add_argument("--outage-reserve", type=int, help="addresses per subnet held for serving through an "
+                   "etcd outage (default 4; 0 = none)")
 
     def admin(name: str, help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help)
@@ -70,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--release-all", action="store_true", help="keep nothing")
     a.add_argument("-o", "--output", choices=("table", "json"), default="table")
     admin("health", "exit 0 iff the daemon is SERVING")
+    a = admin("nodes", "cluster nodes: alive, leases, outage reserve, blocks (etcd store)")
+    a.add_argument("action", nargs="?", choices=("release",), help="release NODE: free a dead node")
+    a.add_argument("node", nargs="?", help="the node to release")
+    a.add_argument("-o", "--output", choices=("table", "json"), default="table")
     return p
 
 
@@ -107,7 +129,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
                                  "metrics_port": args.metrics_port, "listen": args.listen,
-                                 "log_level": args.log_level})
+                                 "log_level": args.log_level, "store": args.store,
+                                 "etcd_endpoints": args.etcd_endpoints, "etcd_cacert": args.etcd_cacert,
+                                 "etcd_cert": args.etcd_cert, "etcd_key": args.etcd_key,
+                                 "etcd_prefix": args.etcd_prefix, "node_name": args.node_name,
+                                 "block_size": args.block_size, "outage_reserve": args.outage_reserve})
     except DaemonConfigError as exc:
         sys.stderr.write(f"{PROG} serve: {exc}\n")
         return 2
@@ -135,6 +161,7 @@ def _lease_rows(leases: Sequence[Any]) -> list[dict[str, Any]]:
                 "state": lease.state, "mac": lease.mac, "netns": lease.netns,
                 "podNamespace": lease.pod.namespace, "podName": lease.pod.name, "podUID": lease.pod.uid,
                 "createdUnixMs": lease.created_unix_ms, "conflictMAC": lease.conflict_mac,
+                "node": lease.node,
             })
     return rows
 
@@ -152,7 +179,8 @@ def _print(rows: list[dict[str, Any]], cols: Sequence[str], output: str) -> None
         sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
-_LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "podNamespace", "podName")
+_LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "podNamespace", "podName",
+               "node")
 
 
 def _pools(client: Any, args: argparse.Namespace) -> int:
@@ -196,4 +224,37 @@ def _health(client: Any, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-_ADMIN = {"pools": _pools, "leases": _leases, "release": _release, "gc": _gc, "health": _health}
+def _nodes(client: Any, args: argparse.Namespace) -> int:
+    if args.action == "release":
+        if not args.node:
+            sys.stderr.write(f"{PROG} nodes release: name the node to release\n")
+            return 2
+        r = client.release_node(args.node)
+        row = {"node": args.node, "leases": int(r.leases), "reserved": int(r.reserved),
+               "blocks": int(r.blocks)}
+        _print([row], ("node", "leases", "reserved", "blocks"), args.output)
+        return 0
+    if args.node:
+        sys.stderr.write(f"{PROG} nodes: unexpected {args.node!r} (did you mean `nodes release NODE`?)\n")
+        return 2
+    resp = client.list_nodes()
+    rows = [{"node": n.name, "alive": n.alive, "self": n.name == resp.node, "leases": int(n.leases),
+             "reserved": int(n.reserved),
+             "blocks": [{"network": b.network, "subnet": b.subnet, "index": int(b.index), "first": b.first,
+                         "last": b.last} for b in n.blocks]} for n in resp.nodes]
+    if args.output == "json":
+        _print(rows, (), "json")
+        return 0
+    _print([{**r, "alive": "yes" if r["alive"] else "NO", "self": "*" if r["self"] else "",
+             "blocks": len(r["blocks"])} for r in rows],
+           ("node", "self", "alive", "leases", "reserved", "blocks"), "table")
+    blocks = [{"node": r["node"], **b, "range": f"{b['first']}-{b['last']}"}
+              for r in rows for b in r["blocks"]]
+    if blocks:
+        sys.stdout.write("\n")
+        _print(blocks, ("node", "network", "subnet", "index", "range"), "table")
+    return 0
+
+
+_ADMIN = {"pools": _pools, "leases": _leases, "release": _release, "gc": _gc, "health": _health,
+          "nodes": _nodes}

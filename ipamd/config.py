@@ -8,12 +8,17 @@ naming it (never silently ignored).
 from __future__ import annotations
 
 import json
+import re
+import socket
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from core.spec import DEFAULT_DAEMON_SOCKET
 
 DEFAULT_STATE_DIR = "/var/lib/ovs-underlay"
+DEFAULT_ETCD_PREFIX = "/ovs-underlay"
+NODE_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?$")  # a Kubernetes node name
+_PREFIX_RE = re.compile(r"^(/[a-zA-Z0-9_.-]+)+$")
 
 
 class DaemonConfigError(ValueError):
@@ -34,6 +39,19 @@ class DaemonConfig:
     workers: int = 32
     shutdown_grace_seconds: float = 10.0
     log_level: str = "info"
+    # Where leases live: "sqlite" (one node, embedded) or "etcd" (cluster-wide; issue 10).
+    store: str = "sqlite"
+    etcd_endpoints: str = ""  # comma-separated http(s)://HOST:PORT
+    etcd_cacert: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_prefix: str = DEFAULT_ETCD_PREFIX
+    node_name: str = ""  # "" = the hostname; recorded on every lease
+    block_size: int = 16  # addresses per block, for networks this node defines first in etcd
+    outage_reserve: int = 4  # addresses per subnet entry held in etcd for serving during an outage
+
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(e.strip() for e in self.etcd_endpoints.split(",") if e.strip())
 
 
 # JSON key (camelCase, like the CNI config) -> field
@@ -42,6 +60,9 @@ _KEYS = {
     "metricsPort": "metrics_port", "metricsHost": "metrics_host", "cooldownSeconds": "cooldown_seconds",
     "quarantineSeconds": "quarantine_seconds", "gatewayCacheSeconds": "gateway_cache_seconds",
     "workers": "workers", "shutdownGraceSeconds": "shutdown_grace_seconds", "logLevel": "log_level",
+    "store": "store", "etcdEndpoints": "etcd_endpoints", "etcdCACert": "etcd_cacert",
+    "etcdCert": "etcd_cert", "etcdKey": "etcd_key", "etcdPrefix": "etcd_prefix", "nodeName": "node_name",
+    "blockSize": "block_size", "outageReserve": "outage_reserve",
 }
 _TYPES = {f.name: f.type for f in fields(DaemonConfig)}
 
@@ -70,6 +91,35 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
         raise DaemonConfigError(f"socket {cfg.socket!r} must be an absolute path")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise DaemonConfigError(f"logLevel {cfg.log_level!r}: expected debug, info, warning or error")
+    return _check_cluster(cfg)
+
+
+def _check_cluster(cfg: DaemonConfig) -> DaemonConfig:
+    if not cfg.node_name:
+        cfg = replace(cfg, node_name=socket.gethostname().split(".")[0])
+    if not NODE_NAME_RE.match(cfg.node_name):
+        raise DaemonConfigError(f"nodeName {cfg.node_name!r}: expected a node name (letters, digits, "
+                                "'-', '_', '.'; at most 253 characters)")
+    if cfg.store not in ("sqlite", "etcd"):
+        raise DaemonConfigError(f"store {cfg.store!r}: expected sqlite or etcd")
+    prefix = cfg.etcd_prefix.rstrip("/")
+    if not _PREFIX_RE.match(prefix):
+        raise DaemonConfigError(f"etcdPrefix {cfg.etcd_prefix!r}: expected an absolute key path like "
+                                f"{DEFAULT_ETCD_PREFIX}")
+    cfg = replace(cfg, etcd_prefix=prefix)
+    if not 1 <= cfg.block_size <= 65536:
+        raise DaemonConfigError(f"blockSize {cfg.block_size}: expected 1..65536")
+    if cfg.outage_reserve > 256:
+        raise DaemonConfigError(f"outageReserve {cfg.outage_reserve}: expected 0..256")
+    if cfg.store == "etcd":
+        from core.etcd import EtcdConfig  # grpc stubs only when they are used
+
+        try:
+            EtcdConfig(cfg.endpoints(), cfg.etcd_cacert, cfg.etcd_cert, cfg.etcd_key).validate()
+        except ValueError as exc:
+            raise DaemonConfigError(f"store etcd: {exc}") from exc
+    elif cfg.etcd_endpoints:
+        raise DaemonConfigError("etcdEndpoints given but store is sqlite: add --store etcd")
     return cfg
 
 

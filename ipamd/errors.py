@@ -62,6 +62,19 @@ class CommitFailed(IpamError):
     """The store could not make a batch durable: nothing of it was granted or released."""
 
 
+class StoreUnavailable(IpamError):
+    """The cluster store (etcd) cannot be reached, and the request needs it (a static address,
+    a new block, an address from another node's block, a new network)."""
+
+
+class NodeAlive(IpamError):
+    """`nodes release` of a node whose heartbeat is alive."""
+
+
+class NotClustered(IpamError):
+    """A cluster command sent to an ipamd with a node-local store."""
+
+
 class StoreConflict(Exception):
     """Raised by a store when a reservation would duplicate a live address. Internal: the
     allocator catches it (another writer won) and retries; it never reaches a client."""
@@ -86,6 +99,9 @@ WIRE: dict[type[IpamError], tuple[str, str]] = {
     LeaseNotFound: ("NOT_FOUND", Reason.LEASE_NOT_FOUND),
     InvalidNetns: ("FAILED_PRECONDITION", Reason.INVALID_NETNS),
     CommitFailed: ("UNAVAILABLE", Reason.COMMIT_FAILED),
+    StoreUnavailable: ("UNAVAILABLE", Reason.STORE_UNAVAILABLE),
+    NodeAlive: ("FAILED_PRECONDITION", Reason.NODE_ALIVE),
+    NotClustered: ("FAILED_PRECONDITION", Reason.NOT_CLUSTERED),
     IpamError: ("INTERNAL", Reason.INTERNAL),
 }
 

@@ -29,6 +29,7 @@ class Write:
     apply: Callable[[Store], Any]
     after: Callable[[Any], None] | None = None  # given apply's result once durable (in settle)
     result: Any = None  # what apply returned
+    networks: frozenset[str] | None = frozenset()  # what it touches (None: unknown, any network)
     settled: bool = False  # durable, failed, or aborted
     error: BaseException | None = None  # the batch failed (nothing of it is in the store)
     aborted: bool = False  # undone without being the cause: decide again
@@ -60,8 +61,9 @@ class GroupCommit:
     the writes still queued behind it were decided on top of it: `abort_queued` (called from
     `settle`) settles them as aborted, so that their requests decide again."""
 
-    def __init__(self, store: Store, settle: Settle) -> None:
+    def __init__(self, store: Store, settle: Settle, max_batch: int = 0) -> None:
         self._store = store
+        self._max = max_batch  # writes per transaction at most (0: everything queued)
         self._settle = settle
         self._mu = threading.Lock()
         self._queue: list[Write] = []
@@ -82,12 +84,12 @@ class GroupCommit:
         with self._mu:
             return self._last
 
-    def abort_queued(self) -> int:
+    def abort_queued(self) -> list[Write]:
         with self._mu:
             queued, self._queue = self._queue, []
             for w in queued:
                 w.settled = w.aborted = True
-            return len(queued)
+            return queued
 
     def wait(self, w: Write) -> None:
         with self._mu:
@@ -109,7 +111,10 @@ class GroupCommit:
     def _commit_queued(self) -> None:
         """Commit everything queued (this thread leads), settle it, pass the lead on."""
         with self._mu:
-            batch, self._queue = self._queue, []
+            if self._max and len(self._queue) > self._max:
+                batch, self._queue = self._queue[:self._max], self._queue[self._max:]
+            else:
+                batch, self._queue = self._queue, []
         error: BaseException | None = None
         try:
             with self._store.batch():

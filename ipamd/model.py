@@ -15,7 +15,8 @@ from core.spec import PodRef
 ACTIVE = "active"
 RELEASED = "released"  # cooling down before reuse
 QUARANTINED = "quarantined"  # answered on the wire by someone else (conflict_mac)
-STATES = (ACTIVE, RELEASED, QUARANTINED)
+RESERVED = "reserved"  # a cluster store's outage reserve: held for `node`, handed out only by it
+STATES = (ACTIVE, RELEASED, QUARANTINED)  # what every store keeps; RESERVED only in a cluster store
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Entry:
     created_ms: int = 0
     changed_ms: int = 0  # when it was released or quarantined
     conflict_mac: str = ""
+    node: str = ""  # the node whose ipamd granted it (cluster-wide leases: only it may free it)
 
     @property
     def ip(self) -> IPAddress:

@@ -12,11 +12,13 @@ the truth: a wrong hint only costs a retry, never a duplicate.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 
 from netaddr import IPAddress
 
 from core.spec import SubnetSpec
+from ipamd.blocks import blocked_spans
 
 DENSE_MAX = 1 << 22  # 4 MiB of bitmap at most per subnet entry
 FREE, HELD, BLOCKED = 0, 1, 2
@@ -36,7 +38,9 @@ class SubnetOccupancy:
         self._cooling_until: dict[int, int] = {}
         self._quarantine: deque[tuple[int, int]] = deque()
         self._quarantine_until: dict[int, int] = {}
-        blocked = self._blocked_ranges()
+        self._reserved: set[int] = set()  # a cluster store's outage reserve (held, not active)
+        self._blocked_active: set[int] = set()  # reserved-class addresses granted on request
+        blocked = blocked_spans(spec)
         self._blocked_starts = [a for a, _ in blocked]
         self._blocked = blocked
         self.total = self.size - sum(b - a + 1 for a, b in blocked)
@@ -46,19 +50,6 @@ class SubnetOccupancy:
                 self._bitmap[a:b + 1] = bytes([BLOCKED]) * (b - a + 1)
         else:
             self._held: set[int] = set()
-
-    def _blocked_ranges(self) -> list[tuple[int, int]]:
-        """Merged offset ranges that are never allocatable (reserved and excluded)."""
-        spans = [(r.first - self.base, r.last - self.base) for r in self.spec.exclude]
-        spans += [(int(ip) - self.base,) * 2 for ip in self.spec.reserved()]
-        spans = [(max(a, 0), min(b, self.size - 1)) for a, b in spans if b >= 0 and a < self.size]
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(spans):
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        return merged
 
     # ---- offsets <-> addresses -----------------------------------------------------------------
 
@@ -83,21 +74,68 @@ class SubnetOccupancy:
     def is_held(self, off: int) -> bool:
         return self._bitmap[off] != FREE if self.dense else off in self._held
 
+    def is_blocked(self, off: int) -> bool:
+        """Never picked automatically (gateway, excluded, reserved class)."""
+        if self.dense:
+            return self._bitmap[off] == BLOCKED
+        k = bisect.bisect_right(self._blocked_starts, off) - 1
+        return k >= 0 and off <= self._blocked[k][1]
+
+    def is_free(self, off: int) -> bool:
+        return not self.is_held(off) and not self.is_blocked(off)
+
+    def is_reserved(self, off: int) -> bool:
+        return off in self._reserved
+
     def is_active(self, off: int) -> bool:
-        """Held by a live lease (not cooling down, not quarantined)."""
+        """Held by a live lease (not cooling down, not quarantined, not an outage reserve)."""
+        if off in self._blocked_active:
+            return True
         return (self.is_held(off) and off not in self._cooling_until and off not in self._quarantine_until
-                and not (self.dense and self._bitmap[off] == BLOCKED))
+                and off not in self._reserved and not self.is_blocked(off))
 
     def mark_active(self, off: int, *, advance: bool = True) -> None:
         self._cooling_until.pop(off, None)
+        self._reserved.discard(off)
         if self._quarantine_until.pop(off, None) is not None:
             self.quarantined -= 1
+        if self.is_blocked(off):  # a reserved-class address granted on request
+            if off not in self._blocked_active:
+                self._blocked_active.add(off)
+                self.active += 1
+            return
+        if not self.is_active(off):
+            self.active += 1
         self._set(off, True)
-        self.active += 1
         if advance:
             self.cursor = off
 
+    def mark_reserved(self, off: int) -> None:
+        """Held as a cluster store's outage reserve (see blocks.Placement)."""
+        self.clear(off)
+        if not self.is_blocked(off):
+            self._reserved.add(off)
+            self._set(off, True)
+
+    def clear(self, off: int) -> None:
+        """Forget whatever holds `off` (it becomes free unless blocked)."""
+        if off in self._blocked_active:
+            self._blocked_active.discard(off)
+            self.active -= 1
+            return
+        if self.is_active(off):
+            self.active -= 1
+        self._cooling_until.pop(off, None)
+        self._reserved.discard(off)
+        if self._quarantine_until.pop(off, None) is not None:
+            self.quarantined -= 1
+        self._set(off, False)
+
     def mark_released(self, off: int, until_ms: int, now_ms: int) -> None:
+        if off in self._blocked_active:  # never picked automatically: no cool-down needed
+            self._blocked_active.discard(off)
+            self.active -= 1
+            return
         self.active -= 1
         if until_ms <= now_ms:
             self._set(off, False)
@@ -106,9 +144,14 @@ class SubnetOccupancy:
         self._cooling.append((until_ms, off))
 
     def mark_quarantined(self, off: int, until_ms: int, *, was_active: bool) -> None:
+        if off in self._blocked_active:
+            self._blocked_active.discard(off)
+            self.active -= 1
+            return
         if was_active:
             self.active -= 1
         self._cooling_until.pop(off, None)
+        self._reserved.discard(off)
         if off not in self._quarantine_until:
             self.quarantined += 1
         self._set(off, True)
@@ -169,6 +212,19 @@ class SubnetOccupancy:
             off = (off + 1) % self.size
         return None
 
+    def find_free(self, lo: int, hi: int, after: int = -1) -> int | None:
+        """The first free offset in [lo, hi] after `after` (wrapping inside the span)."""
+        start = min(max(lo, after + 1), hi + 1)
+        if self.dense:
+            i = self._bitmap.find(FREE, start, hi + 1)
+            if i < 0:
+                i = self._bitmap.find(FREE, lo, start)
+            return i if i >= 0 else None
+        for off in itertools.chain(range(start, hi + 1), range(lo, start)):  # a block: a few offsets
+            if self.is_free(off):
+                return off
+        return None
+
     def oldest_cooling(self) -> int | None:
         """When nothing is free: the address that has cooled longest (better than failing)."""
         while self._cooling:
@@ -179,4 +235,8 @@ class SubnetOccupancy:
         return None
 
     def held_count(self) -> int:
-        return self.active + self.quarantined + len(self._cooling_until)
+        return self.active + self.quarantined + len(self._cooling_until) + len(self._reserved)
+
+    @property
+    def reserved(self) -> int:
+        return len(self._reserved)

@@ -62,7 +62,7 @@ class Pipeline:
     """One per store. `lock` guards the pipeline's views and its user's in-memory state: plans
     run under it, and so does `reset` and every write's `after` hook."""
 
-    def __init__(self, store: Store, reset: Callable[[], None]) -> None:
+    def __init__(self, store: Store, reset: Callable[[set[str] | None], None]) -> None:
         self.store = store
         self._reset = reset
         self.lock = threading.RLock()
@@ -74,7 +74,7 @@ class Pipeline:
         self._owner_view: dict[Owner, tuple[Write, tuple[Entry, ...]]] = {}
         self._ip_view: dict[tuple[str, str], tuple[Write, Entry]] = {}
         self._settled = 0  # batches settled (under the lock): dates a prefetched read
-        self.commits = GroupCommit(store, self._settle)
+        self.commits = GroupCommit(store, self._settle, getattr(store, "max_batch", 0))
 
     # ---- deciding, committing, waiting -------------------------------------------------------
 
@@ -126,10 +126,13 @@ class Pipeline:
 
     def submit(self, w: Write, owners: dict[Owner, tuple[Entry, ...]], ips: Iterable[Entry]) -> Write:
         """Queue a decided write and record what it will make true (caller holds the lock)."""
+        ips = list(ips)
         for key, held in owners.items():
             self._owner_view[key] = (w, held)
         for e in ips:
             self._ip_view[(e.network, str(e.ip))] = (w, e)
+        if w.networks is not None:
+            w.networks = w.networks | {k[0] for k in owners} | {e.network for e in ips}
         return self.commits.submit(w)
 
     def _settle(self, batch: Sequence[Write], error: BaseException | None) -> None:
@@ -146,10 +149,18 @@ class Pipeline:
                 for i in [i for i, (w, _) in self._ip_view.items() if id(w) in done]:
                     del self._ip_view[i]
                 return
-            again = self.commits.abort_queued()
+            aborted = self.commits.abort_queued()
+            again = len(aborted)
             self._owner_view.clear()
             self._ip_view.clear()
-            self._reset()
+            # Only the networks the undone writes touched are rebuilt (all when one is unknown).
+            nets: set[str] | None = set()
+            for w in (*batch, *aborted):
+                if w.networks is None or nets is None:
+                    nets = None
+                else:
+                    nets |= w.networks
+            self._reset(nets)
         if isinstance(error, StoreConflict):
             log.warning("error=%s requests=%d msg=%s", error, len(batch) + again,
                         "store refused a batch (occupancy hint was stale): rebuilding from the store, "

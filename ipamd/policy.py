@@ -12,14 +12,20 @@ Rules:
   silently replaced; an attachment that already holds a lease keeps it;
 - round-robin after the last handed-out address; released addresses cool down and are used
   oldest-first only when nothing else is free;
-- the gateway, network/broadcast and excluded addresses are never handed out; a quarantined
-  address is refused until its quarantine ends;
-- a pool's stored definition only changes when the change strands no live lease;
+- the gateway, network/broadcast and excluded addresses are never handed out; reserved-class
+  addresses (Kube-OVN excludeIps) only on request; a quarantined address is refused until its
+  quarantine ends;
+- with a cluster store, a node picks from its own blocks, then a block nobody claimed, then a free
+  address in another node's block, then its outage reserve; while the store is unreachable only
+  from the addresses the store records as its own (blocks.Placement), and a static request waits;
+- a pool's stored definition only changes when the change strands no live lease and lets no
+  address be handed out that the stored one held back (narrower exclusions are unsafe);
 - the lease MAC is the requested one, else macFromIP on the IPv4 entry.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,9 +33,19 @@ from netaddr import IPAddress, IPNetwork
 
 from core.names import MAC_RE
 from core.spec import PodRef, PoolDef, SubnetSpec, mac_from_ipv4
-from ipamd.errors import AddressOutOfPool, AddressTaken, InvalidRequest, PoolDefinitionConflict, PoolExhausted
-from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
+from ipamd.blocks import Placement
+from ipamd.errors import (
+    AddressOutOfPool,
+    AddressTaken,
+    InvalidRequest,
+    PoolDefinitionConflict,
+    PoolExhausted,
+    StoreUnavailable,
+)
+from ipamd.model import ACTIVE, QUARANTINED, RELEASED, RESERVED, Entry
 from ipamd.occupancy import SubnetOccupancy
+
+FREE_BLOCK_SCAN = 4096  # blocks looked at for an unclaimed one (an IPv6 /64 has 2^60 blocks)
 
 
 @dataclass(frozen=True)
@@ -87,8 +103,8 @@ def static_by_subnet(network: str, pool: PoolDef, requested: Sequence[IPAddress]
 
 
 def why_not_allocatable(spec: SubnetSpec, ip: IPAddress) -> str:
-    """'' when `ip` may be handed out, else why not (for the 102 message)."""
-    if spec.allocatable(ip):
+    """'' when `ip` may be handed out on request, else why not (for the 102 message)."""
+    if spec.grantable(ip):
         return ""
     if spec.gateway is not None and ip == spec.gateway:
         return "is the subnet's gateway"
@@ -127,14 +143,20 @@ def check_static_free(network: str, spec: SubnetSpec, ip: IPAddress, cur: Entry 
 # ---- picking -------------------------------------------------------------------------------------
 
 
-def pick(network: str, spec: SubnetSpec, occ: SubnetOccupancy, want: IPAddress | None) -> int:
+def pick(network: str, spec: SubnetSpec, occ: SubnetOccupancy, want: IPAddress | None,
+         place: Placement | None = None) -> int:
     """The offset in `occ` to hand out: the requested address (already checked), else the next
-    free one after the round-robin cursor, else the one that has cooled longest."""
+    free one after the round-robin cursor (with a cluster store: by `place`, see pick_placed),
+    else the one that has cooled longest."""
     if want is not None:
+        if place is not None and place.offline:
+            raise StoreUnavailable(
+                f"network {network}: requested address {want}: a static address is reserved cluster-wide "
+                "and the cluster store is unreachable; try again later")
         off = occ.offset(want)
         assert off is not None  # static_by_subnet checked it is allocatable
         return off
-    off = occ.next_free()
+    off = occ.next_free() if place is None else pick_placed(network, spec, occ, place)
     if off is None:
         off = occ.oldest_cooling()
     if off is None:
@@ -145,19 +167,64 @@ def pick(network: str, spec: SubnetSpec, occ: SubnetOccupancy, want: IPAddress |
     return off
 
 
+def pick_placed(network: str, spec: SubnetSpec, occ: SubnetOccupancy, place: Placement) -> int | None:
+    """A dynamic pick with a cluster store (see blocks.Placement for the order); None when no
+    address is free anywhere."""
+    offsets = [o for o in (occ.offset(ip) for ip in (place.outage if place.offline else place.reserve))
+               if o is not None]
+    if place.offline:
+        off = next((o for o in offsets if occ.is_free(o) or occ.is_reserved(o)), None)
+        if off is None:
+            raise StoreUnavailable(
+                f"network {network}: subnet {spec.subnet}: the cluster store is unreachable and this "
+                f"node's outage reserve is used up ({len(place.outage)} address(es) of its own); try "
+                "again later")
+        return off
+    blocks = place.blocks
+    own = list(place.own)
+    if own:  # round robin through the node's own blocks, from the block of the cursor
+        cur = blocks.number(occ.cursor) if occ.cursor >= 0 else None
+        at = bisect.bisect_left(own, cur // blocks.size) if cur is not None else 0
+        for b in own[at:] + own[:at]:
+            lo, hi = blocks.span(b)
+            off = occ.find_free(lo, hi, occ.cursor)
+            if off is not None:
+                return off
+    start = blocks.start_for(place.node)
+    for i in range(min(blocks.count, FREE_BLOCK_SCAN)):
+        b = (start + i) % blocks.count
+        if b not in place.claimed:
+            lo, hi = blocks.span(b)
+            off = occ.find_free(lo, hi)
+            if off is not None:
+                return off  # the store claims the block in the lease's transaction
+    off = occ.next_free()  # borrowed from another node's block
+    if off is None:
+        off = next((o for o in offsets if occ.is_reserved(o)), None)  # the node's own reserve
+    return off
+
+
 def lease_mac(requested_mac: str, pool: PoolDef, ip: IPAddress) -> str:
     """The lease MAC: requested, else macFromIP on the IPv4 entry (0a:58:<ipv4 bytes>)."""
     return requested_mac or (mac_from_ipv4(ip) if pool.mac_from_ip and ip.version == 4 else "")
 
 
-def build_entry(req: Request, k: int, ip: IPAddress, now_ms: int) -> Entry:
+def build_entry(req: Request, k: int, ip: IPAddress, now_ms: int, node: str = "") -> Entry:
     """The ACTIVE entry for address `ip` of subnet entry `k` of the request's pool."""
     spec = req.pool.subnets[k]
     return Entry(
         network=req.network, address=IPNetwork((int(ip), spec.subnet.prefixlen), ip.version),
         subnet_index=k, container_id=req.container_id, ifname=req.ifname, state=ACTIVE,
         gateway=spec.gateway, pod=req.pod, mac=lease_mac(req.requested_mac, req.pool, ip),
-        netns=req.netns, created_ms=now_ms, changed_ms=now_ms)
+        netns=req.netns, created_ms=now_ms, changed_ms=now_ms, node=node)
+
+
+def reserve_entry(network: str, pool: PoolDef, k: int, ip: IPAddress, now_ms: int, node: str) -> Entry:
+    """An outage-reserve entry: the address held for `node` (a cluster store only)."""
+    spec = pool.subnets[k]
+    return Entry(network=network, address=IPNetwork((int(ip), spec.subnet.prefixlen), ip.version),
+                 subnet_index=k, container_id="", ifname="", state=RESERVED, gateway=spec.gateway,
+                 created_ms=now_ms, changed_ms=now_ms, node=node)
 
 
 # ---- occupancy -----------------------------------------------------------------------------------
@@ -184,12 +251,7 @@ def build_occupancy(pool: PoolDef, entries: Sequence[Entry], cursors: Sequence[s
         off = occ[k].offset(e.ip) if k is not None else None
         if k is None or off is None:
             continue
-        if e.state == ACTIVE:
-            occ[k].mark_active(off, advance=False)
-        elif e.state == RELEASED:
-            occ[k].load_cooling(off, e.changed_ms + cooldown_ms, now_ms)
-        else:
-            occ[k].load_quarantined(off, e.changed_ms + quarantine_ms, now_ms)
+        load_entry(occ[k], off, e, now_ms=now_ms, cooldown_ms=cooldown_ms, quarantine_ms=quarantine_ms)
     for o, cursor in zip(occ, cursors, strict=True):
         o.finish_load()
         off = o.offset(IPAddress(cursor)) if cursor else None
@@ -198,12 +260,78 @@ def build_occupancy(pool: PoolDef, entries: Sequence[Entry], cursors: Sequence[s
     return occ
 
 
+def load_entry(occ: SubnetOccupancy, off: int, e: Entry | None, *, now_ms: int, cooldown_ms: int,
+               quarantine_ms: int) -> None:
+    """Set the occupancy of `off` from the entry the store has there (None: no entry)."""
+    if e is None:
+        occ.clear(off)
+    elif e.state == ACTIVE:
+        occ.mark_active(off, advance=False)
+    elif e.state == RESERVED:
+        occ.mark_reserved(off)
+    elif e.state == RELEASED:
+        occ.clear(off)
+        occ.load_cooling(off, e.changed_ms + cooldown_ms, now_ms)
+    else:
+        occ.clear(off)
+        occ.load_quarantined(off, e.changed_ms + quarantine_ms, now_ms)
+
+
 # ---- pool definition changes ---------------------------------------------------------------------
+
+
+def widened(old: SubnetSpec, new: SubnetSpec) -> str:
+    """'' when `new` hands out (automatically or on request) nothing that `old` held back; else
+    the first address it would, and how."""
+    for lo, hi in _spans(new, statics=True):  # every address new grants on request ...
+        bad = _first_outside(lo, hi, _spans(old, statics=True), new.version)
+        if bad is not None:
+            hint = ""
+            if any(bad in r for r in new.reserved_ranges) and any(bad in r for r in old.exclude):
+                hint = (" (the stored definition excludes it, this one only reserves it: Kube-OVN's "
+                        "excludeIps and ovn-kubernetes' reservedSubnets mean reserved; write exclude or "
+                        "excludeSubnets to keep it excluded)")
+            return f"{bad} (held back by the stored definition) could be requested{hint}"
+    for lo, hi in _spans(new, statics=False):  # ... or picks automatically
+        bad = _first_outside(lo, hi, _spans(old, statics=False), new.version)
+        if bad is not None:
+            return f"{bad} (reserved by the stored definition) could be picked automatically"
+    return ""
+
+
+def _spans(spec: SubnetSpec, *, statics: bool) -> list[tuple[int, int]]:
+    """Integer spans of the addresses `spec` grants on request (statics) or picks automatically."""
+    held = [(r.first, r.last) for r in (spec.exclude if statics else (*spec.exclude, *spec.reserved_ranges))]
+    held += [(int(ip), int(ip)) for ip in spec.reserved()]
+    out, cur = [], int(spec.range_start)
+    for a, b in sorted(held):
+        if a > cur:
+            out.append((cur, min(a - 1, int(spec.range_end))))
+        cur = max(cur, b + 1)
+    if cur <= int(spec.range_end):
+        out.append((cur, int(spec.range_end)))
+    return [(a, b) for a, b in out if a <= b]
+
+
+def _first_outside(lo: int, hi: int, allowed: Sequence[tuple[int, int]], version: int) -> IPAddress | None:
+    """The first address of [lo, hi] outside every span of `allowed` (sorted, disjoint)."""
+    cur = lo
+    for a, b in allowed:
+        if b < cur:
+            continue
+        if a > cur:
+            return IPAddress(cur, version)
+        cur = b + 1
+        if cur > hi:
+            return None
+    return IPAddress(cur, version) if cur <= hi else None
 
 
 def check_change(network: str, old: PoolDef, new: PoolDef, live: Sequence[Entry]) -> None:
     """A changed definition of a network with `live` (ACTIVE) leases is accepted only when it
-    neither re-numbers nor strands one of them."""
+    neither re-numbers nor strands one of them, nor hands out an address that the stored one held
+    back (narrower exclusions or a wider range: a second, older config of the same network must
+    not undo what the first one excluded)."""
     if not live:
         return  # nothing can be re-numbered or stranded
     if [(s.subnet, s.gateway) for s in old.subnets] != [(s.subnet, s.gateway) for s in new.subnets]:
@@ -213,7 +341,14 @@ def check_change(network: str, old: PoolDef, new: PoolDef, live: Sequence[Entry]
             f"network {network}: definition changed from [{show(old)}] to [{show(new)}] while "
             f"{len(live)} address(es) are in use; subnets and gateways of a network in use cannot "
             f"change (release its leases first or use another network name)")
-    stranded = [e for e in live if not new.subnets[e.subnet_index].allocatable(e.ip)]
+    for o, n in zip(old.subnets, new.subnets, strict=True):
+        why = widened(o, n)
+        if why:
+            raise PoolDefinitionConflict(
+                f"network {network}: subnet {n.subnet}: the new definition holds back fewer addresses "
+                f"than the stored one: {why}; while {len(live)} address(es) are in use a network's "
+                "exclusions can only grow (release its leases first or use another network name)")
+    stranded = [e for e in live if not new.subnets[e.subnet_index].grantable(e.ip)]
     if stranded:
         shown = ", ".join(f"{e.ip} ({e.container_id}/{e.ifname})" for e in stranded[:5])
         raise PoolDefinitionConflict(

@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
+from netaddr import IPAddress
+
 from core.spec import PoolDef
 from ipamd import policy
-from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
+from ipamd.model import ACTIVE, QUARANTINED, RELEASED, RESERVED, Entry
 from ipamd.occupancy import SubnetOccupancy
 from ipamd.store import Store
 
@@ -37,11 +39,30 @@ class PoolState:
         self._occ: dict[str, list[SubnetOccupancy]] = {}
         self._staged: dict[str, PoolDef] = {}  # definitions in use but not yet queued for writing
 
-    def clear(self) -> None:
-        """Forget everything: rebuilt from the store on next use."""
-        self._occ.clear()
-        self._pools.clear()
-        self._staged.clear()
+    def clear(self, networks: Iterable[str] | None = None) -> None:
+        """Forget everything (or these networks): rebuilt from the store on next use."""
+        if networks is None:
+            self._occ.clear()
+            self._pools.clear()
+            self._staged.clear()
+            return
+        for net in networks:
+            self._occ.pop(net, None)
+            self._pools.pop(net, None)
+            self._staged.pop(net, None)
+
+    def apply_external(self, network: str, changes: Iterable[tuple[IPAddress, Entry | None]]) -> None:
+        """Another node's writes (a cluster store's watch): set their addresses' occupancy."""
+        pool, occ_list = self._pools.get(network), self._occ.get(network)
+        if pool is None or occ_list is None:
+            return  # not built: it will be built from the store, which has them
+        now = self.now_ms()
+        for ip, e in changes:
+            k = policy.subnet_of(pool, ip, e.subnet_index if e is not None else 0)
+            off = occ_list[k].offset(ip) if k is not None else None
+            if k is not None and off is not None:
+                policy.load_entry(occ_list[k], off, e, now_ms=now, cooldown_ms=self.cooldown_ms(pool),
+                                  quarantine_ms=self.quarantine_ms)
 
     def pool(self, network: str) -> PoolDef | None:
         """The definition in use (staged, else stored); None for a network never used."""
@@ -65,7 +86,7 @@ class PoolState:
         pool = self.pool(network)
         assert pool is not None
         occ = policy.build_occupancy(
-            pool, self.store.list_entries(network, (ACTIVE, RELEASED, QUARANTINED)),
+            pool, self.store.list_entries(network, (ACTIVE, RELEASED, QUARANTINED, RESERVED)),
             [self.store.get_cursor(network, k) for k in range(len(pool.subnets))],
             now_ms=self.now_ms(), cooldown_ms=self.cooldown_ms(pool), quarantine_ms=self.quarantine_ms)
         self._occ[network] = occ

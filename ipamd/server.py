@@ -8,7 +8,11 @@ Why these steps, in this order:
   takes about a second): no request pays for it; then what survived start-up is frozen
   (gc.freeze) so that a full cyclic-GC collection during an RPC no longer scans it (measured:
   7 ms -> ~0 at 60,000 leases);
-- health (`grpc.health.v1`) is SERVING only while the store answers, checked periodically;
+- health (`grpc.health.v1`) is SERVING only while the store answers, checked periodically; with
+  the etcd store, while this node can allocate at all (online, or offline with addresses of its
+  own left: an etcd outage alone is not NOT_SERVING);
+- with the etcd store: the node's heartbeat, the watch and the outage recovery run on the store's
+  threads, and the outage reserve is topped up every RESERVE_INTERVAL_S;
 - SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), close the store.
 """
 
@@ -37,12 +41,31 @@ from ipamd.config import DaemonConfig, listen_address
 from ipamd.metrics import Labels, Metrics, serve_metrics
 from ipamd.probe import Prober
 from ipamd.service import IpamService
-from ipamd.store import Store
+from ipamd.store import Cluster, Store
 from ipamd.store_sqlite import SqliteStore
 
 log = logging.getLogger("ipamd.server")
 SERVICE_NAME = "ovs_underlay.ipam.v1.Ipam"
 HEALTH_INTERVAL_S = 5.0
+RESERVE_INTERVAL_S = 2.0
+
+
+def open_store(cfg: DaemonConfig) -> tuple[Store, Cluster | None]:
+    """The store the config names: SQLite in the state dir, or etcd (with its journal there)."""
+    if cfg.store != "etcd":
+        return SqliteStore(os.path.join(cfg.state_dir, cfg.db_file), node=cfg.node_name), None
+    from core.etcd import EtcdClient, EtcdConfig
+    from ipamd.store_etcd import EtcdStore
+
+    client = EtcdClient(EtcdConfig(cfg.endpoints(), cfg.etcd_cacert, cfg.etcd_cert, cfg.etcd_key))
+    try:
+        store = EtcdStore(client, prefix=cfg.etcd_prefix, node=cfg.node_name,
+                          journal_path=os.path.join(cfg.state_dir, "etcd-journal.db"),
+                          block_size=cfg.block_size, outage_reserve=cfg.outage_reserve)
+    except BaseException:
+        client.close()
+        raise
+    return store, store
 
 
 class StartupError(RuntimeError):
@@ -88,20 +111,34 @@ class Daemon:
         self.cfg = cfg
         self._stop = threading.Event()
         self._lock_fd = _take_socket(cfg.socket)
+        self.cluster: Cluster | None = None
         try:
-            self.store: Store = store or SqliteStore(os.path.join(cfg.state_dir, cfg.db_file))
+            if store is None:
+                store, self.cluster = open_store(cfg)
+            self.store: Store = store
+            if self.cluster is not None:
+                start = getattr(self.cluster, "start", None)
+                if start is not None:
+                    start()
         except Exception as exc:
             os.close(self._lock_fd)
-            raise StartupError(f"cannot open the store in {cfg.state_dir}: {exc}") from exc
+            where = f"etcd at {cfg.etcd_endpoints}" if cfg.store == "etcd" else cfg.state_dir
+            raise StartupError(f"cannot open the store ({where}): {exc}") from exc
         self.metrics = Metrics()
         self.prober = Prober(self.metrics, cache_ttl_s=cfg.gateway_cache_seconds)
         self.allocator = Allocator(self.store, default_cooldown_s=cfg.cooldown_seconds,
-                                   quarantine_s=cfg.quarantine_seconds, prober=self.prober)
+                                   quarantine_s=cfg.quarantine_seconds, prober=self.prober,
+                                   node=cfg.node_name, cluster=self.cluster)
         self.metrics.add_gauges(self._pool_gauges)
         self.metrics.describe("ipamd_commit_batches_total", "counter",
                               "Store transactions committed or failed (group commits: one fsync each)")
         self.metrics.describe("ipamd_commit_writes_total", "counter",
                               "Requests' store writes made durable or failed in those transactions")
+        self.metrics.describe("ipamd_etcd_requests_total", "counter",
+                              "etcd requests by kind (txn: one per group commit), attempts included")
+        self.metrics.describe("ipamd_etcd_online", "gauge", "1 while etcd answers, 0 during an outage")
+        self.metrics.describe("ipamd_etcd_replayed_total", "counter",
+                              "Writes made during etcd outages and replayed when it came back")
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="rpc"))
@@ -119,6 +156,11 @@ class Daemon:
                     ("ipamd_pool_utilisation", labels, u.used / u.total if u.total else 1.0)]
         out += [("ipamd_commit_batches_total", (), self.allocator.commits.batches),
                 ("ipamd_commit_writes_total", (), self.allocator.commits.writes)]
+        if self.cluster is not None:
+            counts: dict[str, int] = getattr(self.store, "counts", dict)()
+            out += [("ipamd_etcd_requests_total", (("kind", kind),), n) for kind, n in sorted(counts.items())]
+            out += [("ipamd_etcd_online", (), 1.0 if self.cluster.online else 0.0),
+                    ("ipamd_etcd_replayed_total", (), self.cluster.replayed)]
         return out
 
     def _bind(self) -> None:
@@ -144,12 +186,20 @@ class Daemon:
         while not self._stop.wait(HEALTH_INTERVAL_S):
             try:
                 self.store.networks()
-                ok = True
+                ok = self.cluster.serving() if self.cluster is not None else True
             except Exception as exc:
                 log.error("msg=%s error=%s", "store check failed: NOT_SERVING", exc)
                 ok = False
             if not self._stop.is_set():
                 self._set_health(ok)
+
+    def _keep_reserve(self) -> None:
+        """The outage reserve follows the pools (store.Cluster.reserve_target)."""
+        while not self._stop.wait(RESERVE_INTERVAL_S):
+            try:
+                self.allocator.maintain_reserve()
+            except Exception as exc:  # etcd down, a conflict: next round
+                log.info("error=%s msg=%s", exc, "outage reserve not updated this round")
 
     def run(self) -> int:
         nets = self.allocator.warm()
@@ -163,10 +213,13 @@ class Daemon:
             self._metrics_srv = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host)
         self._set_health(True)
         threading.Thread(target=self._watch_store, name="health", daemon=True).start()
+        if self.cluster is not None:
+            threading.Thread(target=self._keep_reserve, name="outage-reserve", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("socket=%s state_dir=%s metrics_port=%s msg=%s", self.cfg.socket, self.cfg.state_dir,
-                 self.cfg.metrics_port or "-", "ipamd serving")
+        log.info("socket=%s state_dir=%s store=%s node=%s metrics_port=%s msg=%s", self.cfg.socket,
+                 self.cfg.state_dir, self.cfg.store, self.cfg.node_name, self.cfg.metrics_port or "-",
+                 "ipamd serving")
         self._stop.wait()
         self.shutdown()
         return 0

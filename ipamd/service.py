@@ -27,10 +27,11 @@ from core._proto import ipam_pb2_grpc
 from core.spec import ConfigError, PoolDef
 from core.wire import REASON_KEY, Reason
 from ipamd.allocator import Allocator, Request
-from ipamd.errors import InvalidPool, InvalidRequest, IpamError, LeaseNotFound, wire_status
+from ipamd.errors import InvalidPool, InvalidRequest, IpamError, LeaseNotFound, NotClustered, wire_status
 from ipamd.metrics import Metrics
-from ipamd.model import QUARANTINED, Entry
+from ipamd.model import QUARANTINED, RESERVED, Entry
 from ipamd.probe import Prober
+from ipamd.store import Cluster
 
 log = logging.getLogger("ipamd.service")
 POOL_CACHE_MAX = 256  # distinct pool definitions kept parsed (cleared when full)
@@ -173,6 +174,28 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             leases=leases_to_pb(self.allocator.leases(request.network or None, request.all)))
 
     @_rpc
+    def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        cluster = self._cluster()
+        return pb.ListNodesResponse(
+            node=cluster.node, online=cluster.online, replayed=cluster.replayed, nodes=[
+            pb.NodeInfo(name=n.name, alive=n.alive, leases=n.leases, reserved=n.reserved,
+                        blocks=[pb.Block(network=b.network, subnet=b.subnet, index=b.index, first=b.first,
+                                         last=b.last) for b in n.blocks])
+            for n in cluster.nodes()])
+
+    @_rpc
+    def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: Any) -> pb.ReleaseNodeResponse:
+        _required(node=request.node)
+        r = self._cluster().release_node(request.node)
+        return pb.ReleaseNodeResponse(leases=r.leases, blocks=r.blocks, reserved=r.reserved)
+
+    def _cluster(self) -> Cluster:
+        if self.allocator.cluster is None:
+            raise NotClustered("this ipamd keeps its leases in SQLite (one node): there are no cluster "
+                               "nodes; run every node's ipamd with --store etcd")
+        return self.allocator.cluster
+
+    @_rpc
     def ProbeGateway(self, request: pb.ProbeGatewayRequest, context: Any) -> pb.ProbeGatewayResponse:
         _required(netns=request.netns, ifname=request.ifname, gateway=request.gateway)
         gw = wire.ip_from_pb(request.gateway, "gateway")
@@ -190,10 +213,11 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
 
 def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
     """Group address entries into one Lease per (network, attachment, state)."""
-    grouped: dict[tuple[str, str, str, str], list[Entry]] = {}
+    grouped: dict[tuple[str, str, str, str, str], list[Entry]] = {}
     for e in entries:
         # Quarantined addresses are listed one by one: each has its own answering MAC.
-        key = (e.network, e.container_id, e.ifname, e.state + (str(e.ip) if e.state == QUARANTINED else ""))
+        key = (e.network, e.container_id, e.ifname,
+               e.state + (str(e.ip) if e.state in (QUARANTINED, RESERVED) else ""), e.node)
         grouped.setdefault(key, []).append(e)
     out = []
     for group in grouped.values():
@@ -206,6 +230,6 @@ def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:
                  for e in group],
             mac=next((e.mac for e in group if e.mac), ""), state=first.state,
             created_unix_ms=first.created_ms, netns=first.netns,
-            conflict_mac=first.conflict_mac,
+            conflict_mac=first.conflict_mac, node=first.node,
         ))
     return out

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from netaddr import IPAddress
+
 from core.spec import PoolDef
+from ipamd.blocks import Placement
 from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 
 
 class Store(Protocol):
+    max_batch: int  # writes per group commit at most (0: no limit); etcd caps a transaction's ops
+
     def get_pool(self, network: str) -> PoolDef | None: ...
 
     def put_pool(self, network: str, pool: PoolDef) -> None: ...
@@ -60,7 +65,10 @@ class Store(Protocol):
 
     def get_entry(self, network: str, ip: str) -> Entry | None: ...
 
-    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,)) -> list[Entry]: ...
+    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,),
+                     node: str | None = None) -> list[Entry]:
+        """Entries in `states` (of one network, of one node's leases when given)."""
+        ...
 
     def get_cursor(self, network: str, subnet_index: int) -> str | None: ...
 
@@ -70,9 +78,78 @@ class Store(Protocol):
 _MISSING: Any = object()
 
 
+# A cluster store tells the allocator about other nodes' writes: (network, changes), where changes
+# are (address, its entry now or None when gone); None means "forget the network, read it again".
+ChangeListener = Callable[[str, "list[tuple[IPAddress, Entry | None]] | None"], None]
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    network: str
+    subnet: str
+    index: int
+    first: str
+    last: str
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    alive: bool
+    blocks: tuple[BlockInfo, ...]
+    leases: int
+    reserved: int
+
+
+@dataclass(frozen=True)
+class NodeRelease:
+    leases: int
+    blocks: int
+    reserved: int
+
+
+class Cluster(Protocol):
+    """What a store shared by every node (etcd) adds to `Store`. The allocator asks it where this
+    node may pick (`placement`) and keeps its outage reserve through it (`reserve_target`,
+    `hold`, `give_back`, called from writes in a batch); it reports other nodes' writes to the
+    `subscribe`d listener."""
+
+    node: str
+    online: bool  # etcd answers (False: an outage: serving from this node's own addresses)
+    replayed: int  # writes made during outages and replayed since start
+
+    def placement(self, network: str, subnet_index: int) -> Placement | None: ...
+
+    def subscribe(self, listener: ChangeListener) -> None: ...
+
+    def reserve_target(self, network: str, subnet_index: int, free: int, total: int) -> int:
+        """How many addresses this node should hold as its outage reserve in that subnet entry."""
+        ...
+
+    def reserved_by_me(self, network: str, subnet_index: int) -> list[Entry]: ...
+
+    def hold(self, entries: Sequence[Entry]) -> None:
+        """Record free addresses as this node's outage reserve (compare-and-swap)."""
+        ...
+
+    def give_back(self, network: str, ips: Sequence[str]) -> None:
+        """Free addresses of this node's outage reserve."""
+        ...
+
+    def nodes(self) -> list[NodeInfo]: ...
+
+    def release_node(self, node: str) -> NodeRelease: ...
+
+    def serving(self) -> bool:
+        """False only when this node can allocate nothing at all."""
+        ...
+
+
 class MemoryStore:
     """Reference implementation; also the fake for unit tests. Thread-safe; a batch holds the
     store's lock for its whole block and undoes its writes from a journal when it fails."""
+
+    max_batch = 0
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -183,11 +260,13 @@ class MemoryStore:
         with self._lock:
             return self._entries.get((network, ip))
 
-    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,)) -> list[Entry]:
+    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,),
+                     node: str | None = None) -> list[Entry]:
         wanted = set(states)
         with self._lock:
             return sorted((e for e in self._entries.values()
-                           if e.state in wanted and (network is None or e.network == network)),
+                           if e.state in wanted and (network is None or e.network == network)
+                           and (node is None or e.node == node)),
                           key=lambda e: (e.network, e.subnet_index, int(e.ip)))
 
     def get_cursor(self, network: str, subnet_index: int) -> str | None:

@@ -35,7 +35,7 @@ from core.spec import PodRef, PoolDef
 from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: entries.node (issue 10: every lease records its node)
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default; measured best here (a larger WAL slows commits)
 
 _SCHEMA = f"""
@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS entries (
     created_ms INTEGER NOT NULL DEFAULT 0,
     changed_ms INTEGER NOT NULL DEFAULT 0,
     conflict_mac TEXT NOT NULL DEFAULT '',
+    node TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (network, ip)
 );
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (container_id, ifname) WHERE state = '{ACTIVE}';
@@ -73,18 +74,25 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 _COLS = ("network, ip, prefixlen, subnet_index, gateway, container_id, ifname, state, pod_namespace, "
-         "pod_name, pod_uid, mac, netns, created_ms, changed_ms, conflict_mac")
+         "pod_name, pod_uid, mac, netns, created_ms, changed_ms, conflict_mac, node")
 
 _UPSERT = f"""
-INSERT INTO entries ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, '{ACTIVE}', ?, ?, ?, ?, ?, ?, ?, '')
+INSERT INTO entries ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, '{ACTIVE}', ?, ?, ?, ?, ?, ?, ?, '', ?)
 ON CONFLICT (network, ip) DO UPDATE SET
     prefixlen = excluded.prefixlen, subnet_index = excluded.subnet_index, gateway = excluded.gateway,
     container_id = excluded.container_id, ifname = excluded.ifname, state = '{ACTIVE}',
     pod_namespace = excluded.pod_namespace, pod_name = excluded.pod_name, pod_uid = excluded.pod_uid,
     mac = excluded.mac, netns = excluded.netns, created_ms = excluded.created_ms,
-    changed_ms = excluded.changed_ms, conflict_mac = ''
+    changed_ms = excluded.changed_ms, conflict_mac = '', node = excluded.node
 WHERE entries.state != '{ACTIVE}'
 """
+
+# Migrations from the version in the key to the next one, run in the opening transaction.
+# `node` is this node's name: rows written before leases recorded their node were all its own.
+_MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE entries ADD COLUMN node TEXT NOT NULL DEFAULT ''",
+        "UPDATE entries SET node = :node"],
+}
 
 
 _CURSOR_UPSERT = ("INSERT INTO cursors (network, subnet_index, ip) VALUES (?, ?, ?) "
@@ -96,8 +104,11 @@ class SchemaError(RuntimeError):
 
 
 class SqliteStore:
-    def __init__(self, path: str) -> None:
+    max_batch = 0
+
+    def __init__(self, path: str, node: str = "") -> None:
         self.path = path
+        self.node = node
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self._lock = threading.Lock()  # the writer connection
         self._batch_owner: int | None = None  # thread running a batch (holds _lock)
@@ -107,15 +118,22 @@ class SqliteStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._tx() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cur.execute("SELECT version FROM schema_version").fetchone()
+            if row is not None and row[0] > SCHEMA_VERSION:
+                raise SchemaError(f"{path}: schema version {row[0]} is newer than this ipamd "
+                                  f"({SCHEMA_VERSION}); refusing to touch it")
+            version = row[0] if row is not None else None
+            while version is not None and version < SCHEMA_VERSION:  # an older database: migrate
+                for stmt in _MIGRATIONS[version]:
+                    cur.execute(stmt, {"node": node} if ":node" in stmt else {})
+                version += 1
+                cur.execute("UPDATE schema_version SET version = ?", (version,))
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     cur.execute(stmt)
-            row = cur.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise SchemaError(f"{path}: schema version {row[0]} is newer than this ipamd "
-                                  f"({SCHEMA_VERSION}); refusing to touch it")
         os.chmod(path, 0o600)
         self._rlock = threading.Lock()  # the reader connection
         self._rdb = self._connect(path)
@@ -218,7 +236,8 @@ class SqliteStore:
                 cur.execute(_UPSERT, (
                     e.network, str(e.ip), e.address.prefixlen, e.subnet_index,
                     str(e.gateway) if e.gateway is not None else "", e.container_id, e.ifname,
-                    e.pod.namespace, e.pod.name, e.pod.uid, e.mac, e.netns, e.created_ms, e.changed_ms))
+                    e.pod.namespace, e.pod.name, e.pod.uid, e.mac, e.netns, e.created_ms, e.changed_ms,
+                    e.node or self.node))
                 if cur.rowcount != 1:
                     raise StoreConflict(e.network, str(e.ip))  # rolls the whole reservation back
                 if advance_cursor and tx.nested:
@@ -255,7 +274,8 @@ class SqliteStore:
         rows = self._read(f"SELECT {_COLS} FROM entries WHERE network = ? AND ip = ?", (network, ip))
         return _entry(rows[0]) if rows else None
 
-    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,)) -> list[Entry]:
+    def list_entries(self, network: str | None = None, states: Iterable[str] = (ACTIVE,),
+                     node: str | None = None) -> list[Entry]:
         wanted = list(states)
         if not wanted:
             return []
@@ -264,6 +284,9 @@ class SqliteStore:
         if network is not None:
             sql += " AND network = ?"
             args.append(network)
+        if node is not None:
+            sql += " AND node = ?"
+            args.append(node)
         out = [_entry(r) for r in self._read(sql, args)]
         out.sort(key=lambda e: (e.network, e.subnet_index, int(e.ip)))
         return out
@@ -281,11 +304,11 @@ class SqliteStore:
 
 def _entry(r: Sequence[Any]) -> Entry:
     (network, ip, prefixlen, subnet_index, gateway, cid, ifname, state, pns, pname, puid, mac, netns,
-     created_ms, changed_ms, conflict_mac) = r
+     created_ms, changed_ms, conflict_mac, node) = r
     addr = IPAddress(ip)
     return Entry(
         network=network, address=IPNetwork((int(addr), prefixlen), addr.version), subnet_index=subnet_index,
         container_id=cid, ifname=ifname, state=state,
         gateway=IPAddress(gateway) if gateway else None, pod=PodRef(pns, pname, puid), mac=mac,
-        netns=netns, created_ms=created_ms, changed_ms=changed_ms, conflict_mac=conflict_mac,
+        netns=netns, created_ms=created_ms, changed_ms=changed_ms, conflict_mac=conflict_mac, node=node,
     )

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PKGS=(openvswitch-switch iproute2 iputils-ping tcpdump containernetworking-plugins
-      golang-go dpkg-dev arping etcd-server procps psmisc kmod podman runc busybox-static gcc libc6-dev)
+      golang-go dpkg-dev arping etcd-server etcd-client openssl procps psmisc kmod podman runc busybox-static gcc libc6-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

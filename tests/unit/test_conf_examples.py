@@ -210,3 +210,25 @@ def test_node_ovn_settings_example() -> None:
     assert nb is not None and len(nb.remotes()) == 3 and all(r.startswith("ssl:") for r in nb.remotes())
     # the DaemonSet's warm container mounts the node's /etc/ovs-underlay: the TLS files live there
     assert all(f.startswith("/etc/ovs-underlay/") for f in (nb.private_key, nb.certificate, nb.ca_cert) if f)
+
+
+def test_ipamd_etcd_example_loads() -> None:
+    """conf-examples/ipamd-etcd.json: the cluster store, three TLS endpoints, the node's name
+    defaulting to the hostname (started against a real etcd in test_ipamd_cluster.py)."""
+    from ipamd.config import load
+
+    cfg = load(str(EXAMPLES / "ipamd-etcd.json"), {})
+    assert cfg.store == "etcd" and len(cfg.endpoints()) == 3
+    assert all(e.startswith("https://") for e in cfg.endpoints())
+    assert cfg.etcd_prefix == "/ovs-underlay" and cfg.node_name and cfg.block_size == 16
+    assert {cfg.etcd_cacert, cfg.etcd_cert, cfg.etcd_key} <= {
+        f"/etc/ovs-underlay-etcd/{n}" for n in ("ca.crt", "client.crt", "client.key")}
+
+
+def test_etcd_client_secret_validates_against_the_kubernetes_schema() -> None:
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / "etcd-client-secret.yaml").read_text()) if d]
+    assert [d["kind"] for d in docs] == ["Secret"]
+    assert set(docs[0]["stringData"]) == {"ca.crt", "client.crt", "client.key"}
+    kubernetes_validate.validate(docs[0], "1.33.0", strict=True)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
 from core.spec import PoolDef, parse_ipam
+from ipamd import policy
 from ipamd.allocator import Allocator, Request
 from ipamd.conflicts import ConflictOutcome
 from ipamd.errors import (
@@ -247,7 +248,21 @@ def test_pool_definition_changes() -> None:
     assert store.get_pool("n1") == p2
     # unsafe: exclusion covering a live lease
     with pytest.raises(PoolDefinitionConflict, match=r"10.0.0.2 \(a/eth0\)"):
-        alloc(a, pool(subnets=[{**base, "exclude": ["10.0.0.2"]}]), "c")
+        alloc(a, pool(subnets=[{**base, "exclude": ["10.0.0.2", "10.0.0.100-10.0.0.200"]}]), "c")
+    # unsafe (issue 11 item 8): a second config with fewer exclusions must not hand out what the
+    # stored one excludes, not even on request
+    with pytest.raises(PoolDefinitionConflict, match=r"10.0.0.100 \(held back by the stored definition\)"):
+        alloc(a, p1, "c", requested_ips=(IPAddress("10.0.0.150"),))
+    with pytest.raises(PoolDefinitionConflict, match="fewer addresses"):
+        alloc(a, pool(subnets=[{**base, "exclude": ["10.0.0.100-10.0.0.199"]}]), "c")
+    # a wider range is the same as narrower exclusions
+    narrow = pool(subnets=[{**base, "rangeEnd": "10.0.0.99"}]).subnets[0]
+    assert "10.0.0.100" in policy.widened(narrow, p1.subnets[0]) and not policy.widened(p1.subnets[0], narrow)
+    # excluded -> reserved (Kube-OVN's excludeIps spelling) is a change too, and says so
+    excl = pool(subnets=[{**base, "exclude": ["10.0.0.5"]}]).subnets[0]
+    res = pool(subnets=[{**base, "reserved": ["10.0.0.5"]}]).subnets[0]
+    assert "only reserves it" in policy.widened(excl, res) and not policy.widened(res, excl)
+    assert store.get_entry("n1", "10.0.0.150") is None
     # unsafe: another subnet or gateway
     with pytest.raises(PoolDefinitionConflict, match="subnets and gateways"):
         alloc(a, pool(subnets=[{"subnet": "10.0.0.0/24", "gateway": "10.0.0.254"}]), "c")
@@ -353,3 +368,26 @@ def test_slash16_with_60k_leases_allocates_like_a_slash24() -> None:
     small = _mean_alloc_ms(24, 100)
     big = _mean_alloc_ms(16, 60_000)
     assert big < small * 3 + 0.5, f"/16 with 60k leases: {big:.3f} ms vs /24: {small:.3f} ms"
+
+
+def test_reserved_class_is_granted_on_request_only() -> None:
+    """Kube-OVN excludeIps / ovn-kubernetes reservedSubnets: never picked automatically, a static
+    request is granted; excluded addresses (excludeSubnets, excludeIPs, exclude) never are."""
+    a, _, _ = make()
+    p = pool(subnets=[{"subnet": "10.0.0.0/29", "gateway": "10.0.0.1", "reserved": ["10.0.0.2-10.0.0.3"],
+                       "exclude": ["10.0.0.6"]}])
+    assert sorted(alloc(a, p, c)[0] for c in "ab") == ["10.0.0.4", "10.0.0.5"]
+    with pytest.raises(PoolExhausted):
+        alloc(a, p, "c")
+    assert alloc(a, p, "c", requested_ips=(IPAddress("10.0.0.3"),)) == ["10.0.0.3"]
+    with pytest.raises(AddressOutOfPool, match="is excluded"):
+        alloc(a, p, "d", requested_ips=(IPAddress("10.0.0.6"),))
+    assert [u.used for u in a.usage("n1")] == [3]
+    a.release("n1", "c", "eth0")
+    assert [u.used for u in a.usage("n1")] == [2]
+    with pytest.raises(PoolExhausted):  # a released reserved address is not picked automatically
+        alloc(a, p, "e")
+    # reserved may not shrink either while leases live
+    with pytest.raises(PoolDefinitionConflict, match="picked automatically"):
+        alloc(a, pool(subnets=[{"subnet": "10.0.0.0/29", "gateway": "10.0.0.1", "reserved": ["10.0.0.2"],
+                                "exclude": ["10.0.0.6"]}]), "e")

@@ -61,3 +61,30 @@ def test_metrics_render() -> None:
     assert 'ipamd_probe_duration_ms_bucket{kind="gateway",result="reachable",le="10"} 1' in text
     assert 'ipamd_probe_duration_ms_bucket{kind="gateway",result="reachable",le="5"} 0' in text
     assert 'ipamd_pool_used{network="n1"} 3' in text
+
+
+def test_cluster_config_keys_and_checks(tmp_path: Path) -> None:
+    cfg = load(None, {})
+    assert cfg.store == "sqlite" and cfg.node_name and cfg.etcd_prefix == "/ovs-underlay"
+    cfg = load(None, {"store": "etcd", "etcd_endpoints": "http://127.0.0.1:2379, http://127.0.0.1:22379",
+                      "etcd_prefix": "/x/y/", "node_name": "worker-1.example"})
+    assert cfg.endpoints() == ("http://127.0.0.1:2379", "http://127.0.0.1:22379") and cfg.etcd_prefix == "/x/y"
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"store": "etcd", "etcdEndpoints": "https://e:2379", "etcdCACert": "/ca",
+                             "etcdCert": "/c", "etcdKey": "/k", "nodeName": "n1", "blockSize": 64,
+                             "outageReserve": 0}))
+    cfg = load(str(f), {"node_name": "n2"})  # a flag wins over the file
+    assert (cfg.node_name, cfg.block_size, cfg.outage_reserve, cfg.etcd_key) == ("n2", 64, 0, "/k")
+    for overrides, msg in [
+        ({"store": "etcd"}, "no etcd endpoints"),
+        ({"store": "etcd", "etcd_endpoints": "127.0.0.1:2379"}, "expected http://HOST:PORT"),
+        ({"store": "etcd", "etcd_endpoints": "http://e:2379", "etcd_cert": "/c"}, "go together"),
+        ({"store": "etcd", "etcd_endpoints": "http://e:2379", "etcd_cacert": "/ca"}, "not https"),
+        ({"etcd_endpoints": "http://e:2379"}, "store is sqlite"),
+        ({"store": "zookeeper"}, "expected sqlite or etcd"),
+        ({"node_name": "bad/name"}, "nodeName"),
+        ({"etcd_prefix": "relative"}, "etcdPrefix"),
+        ({"block_size": 0}, "blockSize"),
+    ]:
+        with pytest.raises(DaemonConfigError, match=msg):
+            load(None, overrides)

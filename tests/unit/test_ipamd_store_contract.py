@@ -1,5 +1,5 @@
-"""One contract, every store: each test runs over every store in conftest.STORES (MemoryStore and
-SqliteStore today; etcd joins with one row there)."""
+"""One contract, every store: each test runs over every store in conftest.STORES (MemoryStore,
+SqliteStore and the etcd store against a real etcd)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.store import Store
 from ipamd.store_sqlite import SchemaError, SqliteStore
+from tests.unit.conftest import NODE
 
 POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}, "fd00::/64"],
                    "routes": [{"dst": "0.0.0.0/0"}], "dns": {"nameservers": ["10.0.0.53"]}}).pool
@@ -24,7 +25,7 @@ POOL = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "gateway": "10.0.0.1"},
 def entry(ip: str, cid: str = "c1", ifname: str = "eth0", net: str = "n1", k: int = 0) -> Entry:
     return Entry(network=net, address=IPNetwork(ip), subnet_index=k, container_id=cid, ifname=ifname,
                  pod=PodRef("ns", "pod", "uid-1"), mac="0a:58:0a:00:00:05", netns="/run/netns/x",
-                 created_ms=1000, changed_ms=1000)
+                 created_ms=1000, changed_ms=1000, node=NODE)
 
 
 def test_pool_round_trip(store: Store) -> None:
@@ -198,3 +199,48 @@ def test_sqlite_batch_readers_see_only_committed_state_and_full_sync(tmp_path: P
     s2 = SqliteStore(str(tmp_path / "x.db"))
     assert s2.get_cursor("n1", 0) == "10.0.0.5"  # written once, at the batch's end
     s2.close()
+
+
+def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
+    """A database written before leases recorded their node (schema 1) is migrated in place: its
+    rows become this node's, and nothing else changes."""
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE schema_version (version INTEGER NOT NULL);
+        INSERT INTO schema_version VALUES (1);
+        CREATE TABLE pools (network TEXT PRIMARY KEY, definition TEXT NOT NULL);
+        CREATE TABLE entries (
+            network TEXT NOT NULL, ip TEXT NOT NULL, prefixlen INTEGER NOT NULL, subnet_index INTEGER NOT NULL,
+            gateway TEXT NOT NULL DEFAULT '', container_id TEXT NOT NULL, ifname TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('active', 'released', 'quarantined')),
+            pod_namespace TEXT NOT NULL DEFAULT '', pod_name TEXT NOT NULL DEFAULT '', pod_uid TEXT NOT NULL DEFAULT '',
+            mac TEXT NOT NULL DEFAULT '', netns TEXT NOT NULL DEFAULT '', created_ms INTEGER NOT NULL DEFAULT 0,
+            changed_ms INTEGER NOT NULL DEFAULT 0, conflict_mac TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (network, ip));
+        CREATE INDEX entries_owner ON entries (container_id, ifname) WHERE state = 'active';
+        CREATE TABLE cursors (network TEXT NOT NULL, subnet_index INTEGER NOT NULL, ip TEXT NOT NULL,
+                              PRIMARY KEY (network, subnet_index));
+        INSERT INTO entries (network, ip, prefixlen, subnet_index, container_id, ifname, state, created_ms)
+            VALUES ('n1', '10.0.0.5', 24, 0, 'old', 'eth0', 'active', 7);
+        INSERT INTO cursors VALUES ('n1', 0, '10.0.0.5');
+    """)
+    db.commit()
+    db.close()
+    s = SqliteStore(str(path), node="node-x")
+    try:
+        (e,) = s.get_by_owner("n1", "old", "eth0")
+        assert e.node == "node-x" and e.created_ms == 7 and str(e.address) == "10.0.0.5/24"
+        assert s.get_cursor("n1", 0) == "10.0.0.5"
+        s.reserve([entry("10.0.0.6/24", cid="new")])
+        assert [x.node for x in s.list_entries("n1", node=NODE)] == [NODE]
+        assert s._db.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    finally:
+        s.close()
+    s2 = SqliteStore(str(path), node="node-y")  # migrated once: a reopen changes nothing
+    try:
+        assert s2.get_entry("n1", "10.0.0.5").node == "node-x"  # type: ignore[union-attr]
+    finally:
+        s2.close()

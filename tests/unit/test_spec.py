@@ -63,7 +63,10 @@ def test_kube_ovn_spellings() -> None:
     conf = parse_ipam({"cidrBlock": "192.168.1.0/24", "gateway": "192.168.1.254",
                        "excludeIps": ["192.168.1.1..192.168.1.100"], "disableGatewayCheck": True})
     (s,) = conf.pool.subnets
-    assert s.gateway == IPAddress("192.168.1.254") and s.exclude == (R("192.168.1.1", "192.168.1.100"),)
+    # Kube-OVN's excludeIps means *reserved*: never picked automatically, granted on request
+    assert s.gateway == IPAddress("192.168.1.254") and s.reserved_ranges == (R("192.168.1.1", "192.168.1.100"),)
+    assert s.exclude == () and not s.allocatable(IPAddress("192.168.1.50"))
+    assert s.grantable(IPAddress("192.168.1.50"))
     assert not conf.gateway_check
 
 
@@ -195,3 +198,35 @@ def test_canonical_form_round_trips(ipam: dict[str, object]) -> None:
 def test_garbage_only_ever_raises_config_error(raw: object) -> None:
     with contextlib.suppress(ConfigError):
         parse_ipam(raw if isinstance(raw, dict) else {"subnets": raw})  # type: ignore[arg-type]
+
+
+def test_exclusion_classes_follow_the_spelling() -> None:
+    """Which spelling means what (issue 10 item 8): excluded = never granted; reserved = only on
+    request. Both classes merge across spellings; excluded wins where they overlap."""
+    conf = parse_ipam(None, {"subnets": "10.22.0.0/24", "excludeSubnets": "10.22.0.5/32",
+                             "reservedSubnets": "10.22.0.8/30"})
+    (s,) = conf.pool.subnets
+    assert s.exclude == (R("10.22.0.5", "10.22.0.5"),) and s.reserved_ranges == (R("10.22.0.8", "10.22.0.11"),)
+    ip = IPAddress
+    assert not s.grantable(ip("10.22.0.5")) and s.grantable(ip("10.22.0.9")) and not s.allocatable(ip("10.22.0.9"))
+    (s,) = parse_ipam({"subnets": ["10.0.0.0/24"], "excludeIPs": ["10.0.0.5"], "exclude": ["10.0.0.6"],
+                       "reserved": ["10.0.0.5-10.0.0.7"], "excludeIps": ["10.0.0.20"]}).pool.subnets
+    assert s.exclude == (R("10.0.0.5", "10.0.0.6"),)  # Spiderpool + ours
+    assert s.reserved_ranges == (R("10.0.0.5", "10.0.0.7"), R("10.0.0.20", "10.0.0.20"))
+    assert not s.grantable(ip("10.0.0.5")) and s.grantable(ip("10.0.0.7")) and not s.allocatable(ip("10.0.0.7"))
+    (s,) = parse_ipam({"range": "10.0.0.0/24", "exclude": ["10.0.0.16/30"]}).pool.subnets  # whereabouts
+    assert not s.grantable(ip("10.0.0.17"))
+    with pytest.raises(ConfigError, match="ambiguous"):  # excludeips: Kube-OVN's or Spiderpool's?
+        parse_ipam({"subnets": ["10.0.0.0/24"], "excludeips": ["10.0.0.5"]})
+    with pytest.raises(ConfigError, match=r"reserved range 10\.1\.0\.1-10\.1\.0\.1 is not inside any subnet"):
+        parse_ipam({"subnets": ["10.0.0.0/24"], "reserved": ["10.1.0.1"]})
+
+
+def test_reserved_survives_the_wire_and_storage() -> None:
+    from core import wire
+
+    pool = parse_ipam({"subnets": [{"subnet": "10.0.0.0/24", "reserved": ["10.0.0.2..10.0.0.9"]}]}).pool
+    assert wire.pool_from_pb(wire.pool_to_pb(pool)) == pool
+    assert wire.pool_from_json(wire.pool_to_json(pool)) == pool
+    plain = parse_ipam({"subnets": ["10.0.0.0/24"]}).pool
+    assert "reserved" not in wire.pool_to_json(plain)  # definitions stored before it compare equal
