@@ -381,6 +381,9 @@ def serve_one(plugins: Mapping[str, Verbs], conn: socket.socket, close_fds: Sequ
         verbs = plugins.get(req.plugin)
         if verbs is None:
             raise ValueError(f"unknown plugin {req.plugin!r}")
+        if log is not None:
+            log.debug("worker %d: %s %s container_id=%s", os.getpid(), req.plugin, req.env.get("CNI_COMMAND"),
+                      req.env.get("CNI_CONTAINERID"))
         conn.sendall(b"R")
         msg, fds, flags, _ = socket.recv_fds(conn, 1, 4)
         if msg != b"G":

@@ -84,9 +84,12 @@ def host_path_of(c: dict[str, Any], path: str) -> str | None:
 
 
 def bundle_programs() -> set[str]:
-    """The programs `make binary` puts in the bundle: the spec's PROGRAMS plus the native client."""
+    """The programs `make binary` puts in the bundle: the spec's PROGRAMS plus the native client
+    (built by scripts/build-bundle.sh once per plugin name)."""
     spec = (ROOT / "packaging" / "ovs-underlay.spec").read_text()
-    return {"ovs-underlay", *re.findall(r'\("(ovs-underlay-[a-z-]+)", "\w+\.py"\)', spec)}
+    build = (ROOT / "scripts" / "build-bundle.sh").read_text()
+    (names,) = re.findall(r"^for name in ([a-z -]+); do$", build, re.M)
+    return {*names.split(), *re.findall(r'\("(ovs-underlay-[a-z-]+)", "\w+\.py"\)', spec)}
 
 
 def ipamd_config() -> dict[str, Any]:
@@ -140,7 +143,7 @@ def test_image_is_the_one_make_image_builds() -> None:
 def test_containers_run_commands_of_the_image() -> None:
     entrypoint = (ROOT / "packaging" / "image" / "entrypoint.sh").read_text()
     programs = bundle_programs()
-    assert {"ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipamd"} <= programs
+    assert {"ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipam-py", "ovs-underlay-ipamd"} <= programs
     spec = pod_spec()
     for c in spec["initContainers"] + spec["containers"]:
         # args only: the image's entry point dispatches, and exec's the program (it gets SIGTERM).
