@@ -13,7 +13,8 @@ which setns requires, and nothing in it has started a thread yet. So a delegated
 (host-local), CNI_PATH, the log file, the ipamd and OVSDB sockets and a relative path resolve as
 they would in-process, and a warm call and an in-process call share host-local's state. Python
 still imports lazily after that switch, so the worker first checks that its own code (the
-executable and every sys.path entry) is the very same files in the caller's view (dev, inode);
+executable, every sys.path entry and package directory) is the very same files in the caller's
+view (dev, inode);
 otherwise it answers "N" (did not run) and the caller runs in-process. In a container that means:
 run the bundle installed on the node, from the same path (see the README, "Install on a node").
 Entering a mount namespace needs CAP_SYS_ADMIN and CAP_SYS_CHROOT (a privileged container).
@@ -452,16 +453,20 @@ def _read_request(conn: socket.socket) -> tuple[warm.Request, bytes]:
 
 def code_identity() -> list[tuple[str, tuple[int, int]]]:
     """(path, (dev, inode)) of what this process may still import from: its executable (the
-    frozen bundle's archive) and every sys.path entry. A worker in another mount namespace runs
-    only where these are the same files."""
+    frozen bundle's archive), every sys.path entry and the directory of every package it has
+    imported (a mount over one of them shows too). A worker in another mount namespace runs only
+    where these are the same files."""
+    paths = {sys.executable, *sys.path}
+    for name, mod in list(sys.modules.items()):
+        where = getattr(mod, "__file__", None)
+        if "." not in name and getattr(mod, "__path__", None) and isinstance(where, str):
+            paths.add(os.path.dirname(where))
     out = []
-    for path in [sys.executable, *sys.path]:
-        if not path or not os.path.isabs(path):
-            continue
+    for path in sorted(p for p in paths if p and os.path.isabs(p)):
         try:
             st = os.stat(path)
         except OSError:
-            continue
+            continue  # not a file here either (a frozen module's virtual path)
         out.append((path, (st.st_dev, st.st_ino)))
     return out
 

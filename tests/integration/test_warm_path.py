@@ -8,8 +8,10 @@ warm server (their tests are imported here under a module-wide warm fixture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -263,6 +265,91 @@ def test_warm_and_in_process_calls_share_host_local_state(
     finally:
         attacher.cleanup()
         s.stop()
+
+
+def test_worker_declines_where_the_callers_view_holds_other_code(
+        tmp_path: Path, ovs_bridge: str, pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
+    """A server whose code is not the caller's files (here: its own copy of cni/ mounted over
+    the checkout in its mount namespace, as an image's bundle differs from the node's) must not
+    import from the caller's files: its worker answers "N" and the call runs in-process."""
+    copy = tmp_path / "cni-copy"
+    subprocess.run(["cp", "-a", str(ph.ROOT / "cni"), str(copy)], check=True)
+    s = netbed.WarmServer(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount --bind "$0" "$1" && shift && exec "$@"', str(copy), str(ph.ROOT / "cni"),
+                           ph.PYTHON, "-m", "cni"],
+                          str(tmp_path / "run" / "cni-warm.sock"), tmp_path / "warm.log", cwd=str(ph.ROOT))
+    s.start()
+    try:
+        a = attacher.new(ph.network(ovs_bridge), pod_netns.path)
+        rc, out, err = a.run("ADD", extra_env={**_env(s.path), "OVS_UNDERLAY_WARM_QUIET": "0"})
+        assert rc == 0, (out, err)
+        a.result = out
+        assert "warm worker declined the call" in err
+        assert "is not this server's own file in the caller's mount namespace" in s.log.read_text()
+        assert netbed.port(a.host) is not None
+    finally:
+        attacher.cleanup()
+        s.stop()
+
+
+def test_client_never_talks_to_a_server_of_another_user(
+        shim: Path, ovs_bridge: str, pod_netns: netbed.Netns, attacher: ph.Attacher) -> None:
+    """A socket in a shared directory could be anybody's: both clients check the server's uid
+    (SO_PEERCRED) and send it nothing (no env, no stdin, no fds) unless it is root's."""
+    import socket
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix=f"ou-test-{netbed.TOKEN}-"))
+    shared.chmod(0o1777)
+    path = str(shared / "warm.sock")
+    ready_r, ready_w = os.pipe()
+    counts_r, counts_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a "server" of uid 65534: tells how many bytes each of two callers sent
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            lsock = socket.socket(socket.AF_UNIX)
+            lsock.bind(path)
+            lsock.listen(8)
+            os.write(ready_w, b"x")
+            counts = []
+            for _ in range(2):
+                conn, _ = lsock.accept()
+                conn.settimeout(5)
+                n = 0
+                with contextlib.suppress(OSError):
+                    while chunk := conn.recv(65536):
+                        n += len(chunk)
+                counts.append(n)
+                conn.close()
+            os.write(counts_w, json.dumps(counts).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(counts_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        a = attacher.new(ph.network(ovs_bridge), pod_netns.path)
+        rc, out, err = a.run("ADD", extra_env={**_env(path), "OVS_UNDERLAY_WARM_QUIET": "0"})
+        assert rc == 0 and "runs as uid 65534" in err, (out, err)
+        a.result = out
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": "DEL", "CNI_CONTAINERID": a.container_id,
+               "CNI_NETNS": a.netns, "CNI_IFNAME": "eth0", "CNI_PATH": ph.CNI_PATH,
+               "OVS_UNDERLAY_LOG_FILE": ph.LOG_FILE, "OVS_UNDERLAY_WARM_SOCKET": path}
+        res = subprocess.run([str(shim)], env=env, input=json.dumps(a.conf).encode(), capture_output=True, timeout=60)
+        assert res.returncode == 0 and b"the server runs as another user" in res.stderr, res.stderr
+        a.deleted = True
+        assert json.loads(os.read(counts_r, 100)) == [0, 0]  # neither client sent it a single byte
+    finally:
+        os.close(ready_r)
+        os.close(counts_r)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
