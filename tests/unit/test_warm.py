@@ -367,6 +367,13 @@ def test_recover_variable_from_the_environment_is_ignored(tmp_path: Path) -> Non
     assert code == 0 and json.loads(out.getvalue())["pid"] == TEST_PID
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _serve_briefly(path: str) -> int:
     """Run a server on `path` until it listens, stop it; its exit code (1 = refused to start)."""
     pid = os.fork()
@@ -377,9 +384,10 @@ def _serve_briefly(path: str) -> int:
         finally:
             os._exit(code)
     deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return 1
+    while not _is_socket(path) and time.monotonic() < deadline:
+        done, raw = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(raw)
         time.sleep(0.01)
     os.kill(pid, signal.SIGTERM)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -442,3 +450,11 @@ def test_fork_or_pidfd_failure_answers_the_call_and_keeps_serving(tmp_path: Path
         code, out, calls = run(env_for("ADD", tmp_path), path, tmp_path)
         assert code == 0 and json.loads(out)["pid"] != TEST_PID  # and the server still serves
         assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+
+
+def test_a_file_that_is_not_a_socket_is_never_removed(tmp_path: Path) -> None:
+    victim = tmp_path / "run" / "important.conf"
+    victim.parent.mkdir()
+    victim.write_text("keep me")
+    assert _serve_briefly(str(victim)) == 1  # refused, not "a stale socket"
+    assert victim.read_text() == "keep me"
