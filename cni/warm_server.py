@@ -196,11 +196,6 @@ class Server:
         if threads != 1:
             self.log.error("%d threads after the pre-imports; a fork server must be single-threaded", threads)
             return 1
-        try:
-            lsock = self.bind()
-        except (OSError, RuntimeError) as exc:
-            self.log.error("cannot listen on %s: %s", self.path, exc)
-            return 1
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.private_fds = [wake_r, wake_w]
 
@@ -208,8 +203,14 @@ class Server:
             self.stopping = True
             os.write(wake_w, b"x")
 
+        # Before the socket exists: a SIGTERM right after it appears must still remove it.
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        try:
+            lsock = self.bind()
+        except (OSError, RuntimeError) as exc:
+            self.log.error("cannot listen on %s: %s", self.path, exc)
+            return 1
         poller = select.poll()
         poller.register(lsock.fileno(), select.POLLIN)
         poller.register(wake_r, select.POLLIN)
