@@ -54,7 +54,8 @@ integration: setup
 test: setup
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
-# PyInstaller bundle (ovs-underlay-py, -ipam, -ipamd) + the native client ovs-underlay (gcc).
+# PyInstaller bundle (ovs-underlay-py, -ipam-py, -ipamd) + the native client, built as
+# ovs-underlay and ovs-underlay-ipam (gcc).
 binary: setup
 	@$(STEP) "bundle dist/ovs-underlay (PyInstaller, gcc)" env PYTHON_BIN=$(abspath $(BIN)) scripts/build-bundle.sh
 

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 __all__ = ["netbed"]
 
 
-FROZEN = ROOT / "dist" / "ovs-underlay" / "ovs-underlay"
+# The bundle under test; OU_BENCH_DIST measures another build (e.g. main's, for a before/after).
+DIST = Path(os.environ.get("OU_BENCH_DIST") or ROOT / "dist" / "ovs-underlay")
+FROZEN = DIST / "ovs-underlay"
 REF_DIR = "/usr/lib/cni"
 
 

@@ -1,5 +1,6 @@
 """Rows 1, 2, 4 and 6: ADD/DEL latency and CPU of the frozen `ovs-underlay` (warm path and
-in-process) next to the reference `bridge` + `host-local`, port-count scale, probe cost.
+in-process) next to the reference `bridge` + `host-local`, the reference `bridge` with
+`ovs-underlay-ipam` as its IPAM (warm path and in-process), port-count scale, probe cost.
 
 Set-up comes from testbed/netbed.py (underlay bridge + ToR + router netns, ipamd process, pod
 netns); every object carries the bench's token and is removed in `Bed.close()`.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FROZEN, REF_DIR, Exec, children_cpu_ms, netbed, run_exec, summary
+from bench.common import DIST, FROZEN, REF_DIR, Exec, children_cpu_ms, netbed, run_exec, summary
 
 VLAN = 100
 SUBNET, GATEWAY = "10.77.0.0/16", "10.77.0.1"
@@ -45,6 +46,8 @@ class Bed:
             time.sleep(0.02)
         self.ref_bridge = netbed.uniq("rb")
         self.cleanup.append(lambda: netbed.delete_link(self.ref_bridge))
+        self.ipam_bridge = netbed.uniq("ib")  # the reference bridge plugin with ovs-underlay-ipam
+        self.cleanup.append(lambda: netbed.delete_link(self.ipam_bridge))
         self.netns: list[netbed.Netns] = []
         for _ in range(n_netns):
             ns = netbed.make_netns("b")
@@ -68,6 +71,20 @@ class Bed:
     # ---- configs ----------------------------------------------------------------------------
 
     def conf(self, mode: str, *, bridge: str | None = None, probes: bool = False) -> dict[str, Any]:
+        if mode.startswith("ipam-"):  # the reference bridge plugin, our IPAM plugin (no probes: as ref)
+            return {
+                "cniVersion": "1.0.0",
+                "name": f"bipam{netbed.TOKEN}",
+                "type": "bridge",
+                "bridge": self.ipam_bridge,
+                "ipam": {
+                    "type": "ovs-underlay-ipam",
+                    "daemonSocket": self.ipamd.socket,
+                    "subnets": [{"subnet": "10.79.0.0/16", "gateway": "10.79.0.1"}],
+                    "gatewayCheck": False,
+                    "conflictCheck": False,
+                },
+            }
         if mode == "ref":
             return {
                 "cniVersion": "1.0.0",
@@ -104,12 +121,12 @@ class Bed:
             "CNI_CONTAINERID": cid,
             "CNI_NETNS": ns.path,
             "CNI_IFNAME": "eth0",
-            "CNI_PATH": REF_DIR,
+            "CNI_PATH": f"{DIST}:{REF_DIR}" if mode.startswith("ipam-") else REF_DIR,
             "OVS_UNDERLAY_LOG_FILE": str(self.work / "plugin.log"),
             "OVS_UNDERLAY_WARM_SOCKET": self.warm_sock,
-            "OVS_UNDERLAY_WARM": "0" if mode == "inproc" else "1",
+            "OVS_UNDERLAY_WARM": "0" if mode.endswith("inproc") else "1",
         }
-        argv = [f"{REF_DIR}/bridge"] if mode == "ref" else [str(FROZEN)]
+        argv = [f"{REF_DIR}/bridge"] if mode == "ref" or mode.startswith("ipam-") else [str(FROZEN)]
         return run_exec(argv, env, json.dumps(conf).encode())
 
 
@@ -155,6 +172,21 @@ def latency_rows(bed: Bed, n_serial: int, n_conc: int, conc: int = 8) -> list[di
                 res, wall = _batch(bed, mode, command, conf, pods, c)
                 worker_cpu = children_cpu_ms(bed.warm.pid) - cpu0 if mode == "warm" else 0.0
                 rows.append(_row(f"{command} {label} {mode}", res, wall, worker_cpu))
+    return rows
+
+
+def ipam_rows(bed: Bed, n: int) -> list[dict[str, Any]]:
+    """`bridge` + ovs-underlay-ipam (warm path, in-process) next to `bridge` + host-local, serial."""
+    rows = []
+    for mode in ("ref", "ipam-warm", "ipam-inproc"):
+        conf = bed.conf(mode)
+        pods = [(netbed.container_id("i"), bed.netns[i]) for i in range(n)]
+        for command in ("ADD", "DEL"):
+            cpu0 = children_cpu_ms(bed.warm.pid) if mode == "ipam-warm" else 0.0
+            res, wall = _batch(bed, mode, command, conf, pods, 1)
+            worker_cpu = children_cpu_ms(bed.warm.pid) - cpu0 if mode == "ipam-warm" else 0.0
+            rows.append(_row(f"{command} serial {'ref (ipam rows)' if mode == 'ref' else mode}", res, wall,
+                             worker_cpu))
     return rows
 
 

@@ -1,7 +1,8 @@
 """`make bench` / `make bench-quick`: measure, compare, report. Never fails on numbers.
 
 Writes bench/results/bench-<timestamp>.{md,json} and bench/results/latest.md. Sections:
-1+2 ADD/DEL latency, pods/s and CPU (frozen binary warm + in-process, reference bridge+host-local)
+1+2 ADD/DEL latency, pods/s and CPU (frozen binary warm + in-process, reference bridge+host-local),
+    and the reference bridge with ovs-underlay-ipam (warm + in-process)
 3   start-up: VERSION cold start, import-time breakdown, phase breakdown of one ADD
 4   scale: ADD/DEL with 10/100/1000 ports on the bridge next to OVS's raw port-add cost
 5   ipamd allocate/release (1 and 16 clients, /24 and /16, 0 and 60k leases), RSS
@@ -137,6 +138,11 @@ def targets(rows: list[dict[str, Any]], scale_counts: list[int]) -> list[dict[st
             20,
         ),
         t("VERSION cold <= 80 ms", get(rows, "VERSION cold, frozen binary"), 80, "ms"),
+        t(
+            "bridge + ovs-underlay-ipam (warm) ADD p50 <= 2x bridge + host-local",
+            get(rows, "ADD serial ipam-warm") / get(rows, "ADD serial ref (ipam rows)"),
+            2,
+        ),
     ]
     if len(scale_counts) >= 2:
         lo, hi = scale_counts[0], scale_counts[-1]
@@ -260,7 +266,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (seconds)")
-    ap.add_argument("--only", default="latency,startup,scale,ipamd,cluster,probes")
+    ap.add_argument("--only", default="latency,ipam,startup,scale,ipamd,cluster,probes")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (netns, veth, OVS)", file=sys.stderr)
@@ -281,7 +287,7 @@ def main() -> int:
         "errors": [],
     }
     work = Path(tempfile.mkdtemp(prefix="ovs-underlay-bench-"))
-    from bench.plugin_rows import Bed, latency_rows, probe_rows, scale_rows
+    from bench.plugin_rows import Bed, ipam_rows, latency_rows, probe_rows, scale_rows
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -312,9 +318,10 @@ def main() -> int:
 
     bed = None
     try:
-        if only & {"latency", "scale", "probes", "startup"}:
+        if only & {"latency", "ipam", "scale", "probes", "startup"}:
             bed = Bed(work, max(n_serial, n_conc, 20))
         doc["rows"] += section("latency", lambda: latency_rows(bed, n_serial, n_conc)) or []
+        doc["rows"] += section("ipam", lambda: ipam_rows(bed, n_serial)) or []
         save()  # partial results survive an interrupted run
 
         def st() -> list[dict[str, Any]]:

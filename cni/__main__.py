@@ -30,8 +30,13 @@ def main() -> None:
     code = usage.handle(VERBS, "ovs-underlay", sys.argv[1:], os.environ, warm=True)
     if code is not None:
         sys.exit(code)
-    from cni import warm  # warm path (stdlib only): `--warm-server`, or hand the call to that server
+    from cni import warm  # warm path (stdlib only): hand the call to the warm server
 
+    if sys.argv[1:2] == [warm.SERVE_FLAG]:  # the server, for both plugins
+        from cni import ipam_main, warm_server
+
+        sys.exit(warm_server.serve_main({"ovs-underlay": VERBS, "ovs-underlay-ipam": ipam_main.VERBS},
+                                        sys.argv[2:]))
     code = warm.dispatch(VERBS, sys.argv[1:], os.environ, sys.stdin.buffer, sys.stdout)
     if code is not None:
         sys.exit(code)

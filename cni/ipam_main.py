@@ -31,6 +31,12 @@ def main() -> None:
     code = usage.handle(VERBS, "ovs-underlay-ipam", sys.argv[1:], os.environ)
     if code is not None:
         sys.exit(code)
+    from cni import warm  # warm path (stdlib only): `ovs-underlay --warm-server` serves us too
+
+    code = warm.dispatch(VERBS, sys.argv[1:], os.environ, sys.stdin.buffer, sys.stdout,
+                         plugin="ovs-underlay-ipam")
+    if code is not None:
+        sys.exit(code)
     sys.exit(skel.main(VERBS, env=os.environ, stdin=sys.stdin.buffer, stdout=sys.stdout))
 
 

@@ -39,10 +39,12 @@ OVN_HELP = """
 WARM_USAGE = " | --warm-server [--socket PATH] [--max-workers N]"
 WARM_HELP = """
 
-  --warm-server    serve calls from a fork server with the verb code already imported (the
-                   warm path); plugin execs hand their call to it over a root-only socket
-                   (default /run/ovs-underlay/cni-warm.sock, env OVS_UNDERLAY_WARM_SOCKET) and
-                   run in-process whenever it is absent. OVS_UNDERLAY_WARM=0 disables it."""
+  --warm-server    serve calls of both plugins (ovs-underlay, ovs-underlay-ipam) from a fork
+                   server with the verb code already imported (the warm path); plugin execs
+                   hand their call to it over a root-only socket (default
+                   /run/ovs-underlay/cni-warm.sock, env OVS_UNDERLAY_WARM_SOCKET) and run
+                   in-process whenever it is absent. Workers enter the caller's mount
+                   namespace. OVS_UNDERLAY_WARM=0 disables it."""
 
 
 def handle(verbs: Verbs, prog: str, argv: Sequence[str], env: Mapping[str, str],
@@ -57,7 +59,9 @@ def handle(verbs: Verbs, prog: str, argv: Sequence[str], env: Mapping[str, str],
         stdout.write(f"{prog} {PRODUCT_VERSION} (CNI {', '.join(verbs.supported_versions)})\n")
         return 0
     if warm and argv and argv[0] == "--warm-server":
-        return None  # server mode: cni.warm parses its own flags; no CNI_COMMAND there
+        return None  # server mode: cni.warm_server parses its own flags; no CNI_COMMAND there
+    if argv and argv[0] == "--warm-recover":
+        return None  # the native client's recovery hand-over (cni.warm.read_recovery checks it)
     if argv:
         stderr.write(f"{prog}: unknown argument {argv[0]!r} (see --help)\n")
         return 2

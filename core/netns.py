@@ -7,6 +7,8 @@ so we create the socket on a short-lived thread that enters the netns, makes the
 exits. The thread never returns to a pool and runs no other code, so no other work (gRPC
 handlers, SQLite, logging) ever runs in a pod's netns, and the process's own netns never changes.
 No fork: the daemon is multi-threaded (pyroute2's fork-based helpers are unsafe there).
+The one process-wide switch here, `enter_mount_namespace`, is for a freshly forked
+single-threaded warm-path worker that must see its caller's filesystem.
 
 stdlib only: the plugin imports this on the ADD path.
 """
@@ -25,6 +27,7 @@ import struct
 import threading
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
 NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs fd: the namespace type (linux/nsfs.h)
 SIOCGIFINDEX = 0x8933
 
@@ -55,6 +58,18 @@ def check_netns(path: str) -> int:
         return os.fstat(fd).st_ino
     finally:
         os.close(fd)
+
+
+def enter_mount_namespace(fd: int) -> None:
+    """Move this whole process into the mount namespace `fd` refers to (setns(CLONE_NEWNS)).
+
+    Why here: the warm path's forked worker must see its caller's filesystem. Unlike the netns
+    sockets above this switches the *process* (root and cwd are reset to the namespace's root),
+    which the kernel allows only in a single-threaded process: call it in a fresh fork, before
+    anything starts a thread. Needs CAP_SYS_ADMIN and CAP_SYS_CHROOT."""
+    if _libc.setns(fd, CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNS): {os.strerror(err)}")
 
 
 def own_netns_inode() -> int:

@@ -5,8 +5,8 @@
 # POSIX sh: runs under bash on a host and under busybox ash in the image.
 #
 # Usage: install-bundle.sh SOURCE ROOT PREFIX CNI_BIN_DIR [EXTRA]
-#   SOURCE       the bundle: ovs-underlay, ovs-underlay-py, ovs-underlay-ipam, ovs-underlay-ipamd,
-#                _internal/ (dist/ovs-underlay, or /opt/ovs-underlay inside the image)
+#   SOURCE       the bundle: ovs-underlay, ovs-underlay-py, ovs-underlay-ipam, ovs-underlay-ipam-py,
+#                ovs-underlay-ipamd, _internal/ (dist/ovs-underlay, or /opt/ovs-underlay inside the image)
 #   ROOT         where the target's / is mounted: "" for this machine, $DESTDIR when packaging,
 #                /host in the init container (the node's /opt mounted at /host/opt)
 #   PREFIX       the bundle's path as the target sees it (/opt/ovs-underlay)
@@ -29,7 +29,7 @@
 #   - PREFIX is switched by rename(2) of a new symlink over the old one: an exec sees the old
 #     release or the new one, never a mix and never nothing;
 #   - a process resolves its executable when it starts (/proc/self/exe), and both the native
-#     client and the PyInstaller bootloader find ovs-underlay-py, _internal/ and the Python
+#     client and the PyInstaller bootloader find <name>-py, _internal/ and the Python
 #     archive from that resolved path, so a plugin call or daemon that started from the old
 #     release reads the old release to its end;
 #   - the previous release is kept (calls in flight, daemons not yet restarted); older ones and
@@ -61,7 +61,7 @@ check_path CNI_BIN_DIR "$CNI_BIN_DIR"
 case $VERSION in
   *[!A-Za-z0-9._+-]* | "") die "OVS_UNDERLAY_VERSION: refusing '$VERSION'" ;;
 esac
-for p in ovs-underlay ovs-underlay-py ovs-underlay-ipam ovs-underlay-ipamd; do
+for p in ovs-underlay ovs-underlay-py ovs-underlay-ipam ovs-underlay-ipam-py ovs-underlay-ipamd; do
   [ -x "$SOURCE/$p" ] || die "$SOURCE/$p missing: not a bundle (run \`make binary\`)"
 done
 [ -d "$SOURCE/_internal" ] || die "$SOURCE/_internal missing: not a bundle (run \`make binary\`)"

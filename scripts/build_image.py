@@ -148,7 +148,8 @@ def check_static(binary: Path) -> None:
 
 def stage_rootfs(bundle: Path, busybox: Path, dest: Path) -> dict[str, Path]:
     """Fill `dest` (removed first) with the image's files; returns the libraries it copied."""
-    for exe in ("ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipamd"):
+    for exe in ("ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipam-py",
+                "ovs-underlay-ipamd"):
         if not os.access(bundle / exe, os.X_OK):
             raise BuildError(f"{bundle / exe} missing: run `make binary` first")
     check_static(busybox)

@@ -7,14 +7,19 @@ What it builds (all names start with `demo-`; the work dir is /tmp/ovs-underlay-
     demo-pod2 (VLAN 100) --+-- [demo-br] ==trunk== [demo-tor] --+
     demo-pod3 (VLAN 200) --+   (OVS, netdev)        (OVS "ToR") +-- demo-r200  192.168.200.1/24
 
-1. starts ipamd (the frozen `dist/ovs-underlay/ovs-underlay-ipamd serve`) on a private socket,
+It runs the product as a node runs it once installed, only on private sockets and state:
+1. starts ipamd (the frozen `dist/ovs-underlay/ovs-underlay-ipamd serve`) and the warm-path
+   server (`dist/ovs-underlay/ovs-underlay --warm-server`, as ovs-underlay-warm.service does),
 2. builds the underlay: node bridge, trunk uplink veth, ToR bridge, one router netns per VLAN,
-3. writes two CNI network configs (vlan100, vlan200) into a private NETCONFPATH,
+3. writes two CNI network configs (vlan100, vlan200) into a private NETCONFPATH with the
+   defaults: no datapathType (the bridge is accepted as it is), gateway and conflict checks on,
 4. attaches three pods with `cnitool add` (the reference runtime CLI; `make cnitool`), exec'ing
-   the frozen plugin from CNI_PATH=dist/ovs-underlay,
+   the plugin from CNI_PATH=dist/ovs-underlay (the native client, handing each call to the warm
+   server), and prints each pod's ADD time and which process ran it,
 5. shows addresses, the gateway checks, a ping matrix (same VLAN: yes, across VLANs: no), the
    OVS ports with their tags and ipamd's lease table,
-6. tears everything down (cnitool del, ipamd stop, bridges, netns), also on Ctrl-C / SIGTERM.
+6. tears everything down (cnitool del, ipamd and warm server stop, bridges, netns), also on
+   Ctrl-C / SIGTERM.
 
 `--keep` leaves it running and prints how to look around; `--cleanup` removes a kept demo.
 Needs root, Open vSwitch running, and `make setup binary cnitool` done. Exits non-zero when any
@@ -43,6 +48,8 @@ CNITOOL = ROOT / "build" / "cnitool" / "cnitool"
 REFERENCE_PLUGINS = "/usr/lib/cni"
 WORK = Path("/tmp/ovs-underlay-demo")
 SOCKET = WORK / "ipamd.sock"
+WARM_SOCKET = WORK / "warm" / "cni-warm.sock"
+WARM_LOG = WORK / "warm-server.log"
 PLUGIN_LOG = WORK / "ovs-underlay.log"  # the plugin's log file (OVS_UNDERLAY_LOG_FILE)
 NETCONF = WORK / "net.d"
 BRIDGE, TOR = "demo-br", "demo-tor"
@@ -113,7 +120,7 @@ def cnitool_env(pod: Pod) -> dict[str, str]:
     return {**os.environ, "NETCONFPATH": str(NETCONF), "CNI_PATH": f"{DIST}:{REFERENCE_PLUGINS}",
             "CNI_IFNAME": "eth0", "CNI_CONTAINERID": pod.container_id,
             "CNI_ARGS": f"IgnoreUnknown=true;K8S_POD_NAMESPACE=demo;K8S_POD_NAME={pod.name}",
-            "OVS_UNDERLAY_LOG_FILE": str(PLUGIN_LOG)}
+            "OVS_UNDERLAY_LOG_FILE": str(PLUGIN_LOG), "OVS_UNDERLAY_WARM_SOCKET": str(WARM_SOCKET)}
 
 
 def gateway_answer(container_id: str) -> str | None:
@@ -125,6 +132,17 @@ def gateway_answer(container_id: str) -> str | None:
         return None
     found = [ln for ln in lines if f"container_id={container_id} " in ln and " reachable (" in ln]
     return found[-1].split(": ", 1)[-1].strip() if found else None
+
+
+def warm_worker(container_id: str) -> str | None:
+    """The warm server's record (debug log) of the worker that ran this pod's ADD."""
+    try:
+        lines = WARM_LOG.read_text().splitlines()
+    except OSError:
+        return None
+    found = [ln.split("worker ", 1)[1].split(":", 1)[0] for ln in lines
+             if f": ovs-underlay ADD container_id={container_id}" in ln]
+    return found[-1] if found else None
 
 
 def ipamd_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -169,6 +187,22 @@ def start_ipamd() -> subprocess.Popen[bytes]:
     raise DemoFailed(f"ipamd not healthy after 20 s; log:\n{tail(WORK / 'ipamd.log')}")
 
 
+def start_warm_server() -> subprocess.Popen[bytes]:
+    step("Start the warm-path server")
+    log = open(WARM_LOG, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([str(DIST / "ovs-underlay"), "--warm-server", "--socket", str(WARM_SOCKET),
+                             "--log-level", "debug"], stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    (WORK / "warm.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 30
+    while not WARM_SOCKET.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise DemoFailed(f"the warm server did not start; log:\n{tail(WARM_LOG)}")
+        time.sleep(0.05)
+    info(f"warm server pid {proc.pid}, socket {WARM_SOCKET}, log {WARM_LOG}: plugin calls are forked from it")
+    return proc
+
+
 def build_underlay() -> None:
     step("Build the underlay: node bridge, trunk uplink, ToR, one router per VLAN")
     for br in (BRIDGE, TOR):
@@ -202,15 +236,13 @@ def write_configs() -> None:
                 "type": "ovs-underlay",
                 "bridge": BRIDGE,
                 "vlan": v.vid,
-                "ipam": {
+                "ipam": {  # the defaults: gateway check and conflict check on
                     "type": "ovs-underlay-ipam",
                     "daemonSocket": str(SOCKET),
                     "subnets": [{"subnet": v.subnet, "gateway": v.gateway,
                                  "rangeStart": v.subnet.replace(".0/24", ".10"),
                                  "rangeEnd": v.subnet.replace(".0/24", ".99")}],
                     "routes": [{"dst": "0.0.0.0/0"}],
-                    "gatewayCheck": True,
-                    "gatewayCheckTimeoutMs": 2000,
                 },
             }],
         }
@@ -231,7 +263,9 @@ def attach_pods() -> dict[str, dict[str, Any]]:
         result = json.loads(res.stdout)
         results[pod.name] = result
         addrs = ", ".join(ip["address"] for ip in result.get("ips", []))
-        info(f"{pod.name}: eth0 {addrs} on VLAN {pod.vlan.vid} ({elapsed:.0f} ms)")
+        worker = warm_worker(pod.container_id)
+        path = f"warm path, worker pid {worker}" if worker else "in-process (the warm server did not take it)"
+        info(f"{pod.name}: eth0 {addrs} on VLAN {pod.vlan.vid}: ADD {elapsed:.0f} ms ({path})")
         answer = gateway_answer(pod.container_id)
         if answer is None:
             raise DemoFailed(f"{pod.name}: the plugin log {PLUGIN_LOG} has no gateway check result")
@@ -311,7 +345,7 @@ def show_leases() -> None:
 # ---------------------------------------------------------------------------------------------
 # Teardown
 
-def teardown(ipamd: subprocess.Popen[bytes] | None) -> list[str]:
+def teardown(ipamd: subprocess.Popen[bytes] | None, warm: subprocess.Popen[bytes] | None = None) -> list[str]:
     """Remove everything, in reverse order, continuing after errors. Returns the problems."""
     problems: list[str] = []
     for pod in reversed(PODS):
@@ -322,7 +356,8 @@ def teardown(ipamd: subprocess.Popen[bytes] | None) -> list[str]:
             if r.returncode != 0:
                 problems.append(f"cnitool del {pod.name}: {r.stdout.strip()} {r.stderr.strip()}")
         quiet("ip", "netns", "del", pod.name)
-    _stop_ipamd(ipamd)
+    _stop(ipamd, "ipamd.pid", b"ovs-underlay-ipamd", SOCKET)
+    _stop(warm, "warm.pid", b"--warm-server", WARM_SOCKET)
     for v in VLANS:
         quiet("ip", "link", "del", f"demo-rt{v.vid}")
         quiet("ip", "netns", "del", v.router)
@@ -343,20 +378,14 @@ def teardown(ipamd: subprocess.Popen[bytes] | None) -> list[str]:
     return problems
 
 
-def _pidfile_alive() -> bool:
-    try:
-        os.kill(int((WORK / "ipamd.pid").read_text()), 0)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _stop_ipamd(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None:  # a kept demo: only the pid we wrote ourselves
+def _stop(proc: subprocess.Popen[bytes] | None, pidfile: str, marker: bytes, socket: Path) -> None:
+    """Stop a daemon we started: `proc`, or for a kept demo only the pid we recorded ourselves
+    (its command line must still name our socket)."""
+    if proc is None:
         with contextlib.suppress(OSError, ValueError):
-            pid = int((WORK / "ipamd.pid").read_text())
+            pid = int((WORK / pidfile).read_text())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"ovs-underlay-ipamd" in cmdline and str(SOCKET).encode() in cmdline:
+            if marker in cmdline and str(socket).encode() in cmdline:
                 os.kill(pid, signal.SIGTERM)
                 for _ in range(100):
                     if not Path(f"/proc/{pid}").exists():
@@ -381,7 +410,7 @@ def tail(path: Path, n: int = 30) -> str:
 
 def print_keep_help() -> None:
     step("Kept running. Look around:")
-    env = f"NETCONFPATH={NETCONF} CNI_PATH={DIST}:{REFERENCE_PLUGINS}"
+    env = f"NETCONFPATH={NETCONF} CNI_PATH={DIST}:{REFERENCE_PLUGINS} OVS_UNDERLAY_WARM_SOCKET={WARM_SOCKET}"
     p1 = PODS[0]
     print(f"""   ip netns exec {p1.name} ip addr show eth0
    ip netns exec {p1.name} ping -c2 {p1.vlan.gateway}
@@ -391,7 +420,7 @@ def print_keep_help() -> None:
    {IPAMD} pools --socket {SOCKET}
    CNI_CONTAINERID={p1.container_id} {env} \\
        {CNITOOL} check {p1.vlan.network} {p1.netns}      # CNI CHECK through the runtime
-   ipamd log: {WORK / 'ipamd.log'}
+   ipamd log: {WORK / 'ipamd.log'}; warm server log: {WARM_LOG}; plugin log: {PLUGIN_LOG}
  Clean up with:
    {sys.executable} {Path(__file__).resolve()} --cleanup""")
 
@@ -415,12 +444,14 @@ def main() -> int:
         return 1 if problems else 0
 
     ipamd: subprocess.Popen[bytes] | None = None
+    warm: subprocess.Popen[bytes] | None = None
     ok = False
     try:
         preflight()
         teardown(None)  # leftovers of an aborted or kept earlier run
         WORK.mkdir(parents=True)
         ipamd = start_ipamd()
+        warm = start_warm_server()
         build_underlay()
         write_configs()
         results = attach_pods()
@@ -441,11 +472,11 @@ def main() -> int:
             print_keep_help()
         else:
             step("Clean up")
-            problems = teardown(ipamd)
+            problems = teardown(ipamd, warm)
             for p in problems:
                 print(f"   cleanup problem: {p}", file=sys.stderr)
             ok = ok and not problems
-            info("removed pods, ipamd, bridges, router namespaces and the work dir")
+            info("removed pods, ipamd, the warm server, bridges, router namespaces and the work dir")
     if ok:
         print("\n\033[32mdemo passed\033[0m")
     return 0 if ok else 1

@@ -13,8 +13,9 @@
 # Layout (paths below DESTDIR; packaging/install-bundle.sh places the bundle and explains why
 # every step is atomic on a live node):
 #   PREFIX.releases/<version>-<hash>/    the bundle, one immutable directory per content:
-#     ovs-underlay (native warm-path client; execs ovs-underlay-py from its own real dir),
-#     ovs-underlay-py, ovs-underlay-ipam, ovs-underlay-ipamd, _internal/, README.md,
+#     ovs-underlay and ovs-underlay-ipam (the native warm-path client, built once per name;
+#     each execs its -py program from its own real dir), ovs-underlay-py,
+#     ovs-underlay-ipam-py, ovs-underlay-ipamd, _internal/, README.md,
 #     bin/ovs-underlay-ipamd -> ../ovs-underlay-ipamd, examples/ (EXAMPLES=1)
 #   PREFIX                               -> PREFIX.releases/<version>-<hash> (switched by rename)
 #   CNI_BIN_DIR/ovs-underlay             -> PREFIX/ovs-underlay       (absolute symlinks: they
@@ -26,7 +27,7 @@
 #
 # Symlinks work because the PyInstaller bootloader finds _internal/ from the resolved path of
 # the running executable (/proc/self/exe), not from argv[0], and the native client finds
-# ovs-underlay-py the same way.
+# its -py program the same way.
 set -euo pipefail
 
 DESTDIR=${1-}

@@ -409,10 +409,11 @@ class WarmServer:
     log: Path
     cwd: str = "/"
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # more server flags, e.g. ("--log-level", "debug")
 
     def start(self, wait_s: float = 30) -> None:
         with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen([*self.argv, "--warm-server", "--socket", self.path],
+            self.proc = subprocess.Popen([*self.argv, "--warm-server", "--socket", self.path, *self.args],
                                          stdout=f, stderr=f, cwd=self.cwd)
         PROCS.append(self.proc)
         deadline = time.monotonic() + wait_s

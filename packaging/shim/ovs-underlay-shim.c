@@ -1,24 +1,33 @@
-/* ovs-underlay: the native hand-off client of the warm path (cni/warm.py has the protocol).
+/* The native hand-off client of the warm path (cni/warm.py has the protocol), for both CNI
+ * plugins: built twice from this one source, as `ovs-underlay` (default) and as
+ * `ovs-underlay-ipam` (-DPLUGIN_NAME='"ovs-underlay-ipam"'); each sends its name with the call,
+ * and one warm server serves both.
  *
  * Why C: the plugin exec'd by the runtime used to be the frozen Python binary, whose bootstrap
  * alone costs ~40 ms before it can hand a call to the warm server. This program is that client
  * and nothing else: it sends exactly what warm.call() sends and reads the same replies. ALL
  * policy stays in Python (dispatch/run_call in cni/warm.py); whenever the call is not a plain
- * successful hand-off, it execs the Python plugin `ovs-underlay-py` that sits next to its own
+ * successful hand-off, it execs the Python plugin `<PLUGIN_NAME>-py` that sits next to its own
  * real path:
  *   - argv given, CNI_COMMAND not ADD/DEL/CHECK/STATUS/GC, OVS_UNDERLAY_WARM=0, no socket file:
  *     exec at once, stdin untouched (VERSION and human calls);
- *   - any failure before "G" (nothing ran): stdin restored, OVS_UNDERLAY_WARM=0, exec;
- *   - the worker died after "G" without "X": stdin restored,
- *     OVS_UNDERLAY_WARM_RECOVER=<output seen 0|1>:<status|unknown>, exec; warm.dispatch applies
- *     the post-commit rules (re-run, DEL-then-ADD, or exit 1 when output was written).
+ *   - any failure before "G", or the worker's "N" (nothing ran): stdin restored,
+ *     OVS_UNDERLAY_WARM=0, exec;
+ *   - the worker died after "G" without its report ("X"): stdin restored, exec with
+ *     `--warm-recover FD`, FD a sealed memfd holding what we saw (warm.read_recovery); the
+ *     record names this process's pid, which exec keeps, so it is valid for this exec only and
+ *     no environment variable can fake it. warm.dispatch applies the post-commit rules (re-run,
+ *     DEL-then-ADD, or exit 1 when output was written).
+ * The runtime's stdout/stderr and the netns and mount namespace fds travel with "G", after the
+ * server has answered: a stopped or hung server never holds the runtime's pipes.
  * stdout is the CNI protocol: this program never writes to it, except the error JSON when the
  * Python plugin cannot be exec'd at all.
  *
  * Environment encoding: Python's client sends os.environ through json.dumps (ensure_ascii),
  * where undecodable bytes are surrogate escapes (U+DC80..U+DCFF); the worker turns them back
  * into the same bytes. We emit byte-identical JSON: strict UTF-8, one \udcXX per invalid byte,
- * first occurrence of a duplicated name (Python's os.environ keeps the first too).
+ * first occurrence of a duplicated name (Python's os.environ keeps the first too), found in
+ * O(n log n) by sorting the names.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -35,6 +44,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifndef PLUGIN_NAME
+#define PLUGIN_NAME "ovs-underlay"
+#endif
 #define MAX_REQUEST (16u * 1024 * 1024) /* warm.MAX_REQUEST: json + stdin */
 #define DEFAULT_SOCKET "/run/ovs-underlay/cni-warm.sock"
 /* Must match cni/warm.py DEFAULT_HANDOFF_MS (tests/unit/test_shim.py checks). */
@@ -110,7 +122,7 @@ __attribute__((noreturn)) static void exec_py(char **argv) {
     char *def[] = {py, NULL};
     execv(py, argv && argv[0] ? argv : def);
     char msg[PATH_MAX + 256];
-    snprintf(msg, sizeof msg, "ovs-underlay: cannot exec %s: %s", py, strerror(errno));
+    snprintf(msg, sizeof msg, PLUGIN_NAME ": cannot exec %s: %s", py, strerror(errno));
     struct buf b = {0};
     if (puts_(&b, "{\"cniVersion\":\"1.0.0\",\"code\":999,\"msg\":") == 0 && json_str(&b, msg, strlen(msg)) == 0 &&
         puts_(&b, "}\n") == 0 && write(1, b.p, b.len) < 0) { /* nothing left to tell */ }
@@ -120,7 +132,7 @@ __attribute__((noreturn)) static void exec_py(char **argv) {
 
 static void note(const char *msg) {
     const char *q = getenv("OVS_UNDERLAY_WARM_QUIET");
-    if (!q || strcmp(q, "1") != 0) fprintf(stderr, "ovs-underlay: %s\n", msg);
+    if (!q || strcmp(q, "1") != 0) fprintf(stderr, PLUGIN_NAME ": %s\n", msg);
 }
 
 /* Put the stdin bytes back on fd 0 (then `tail`, then the unread rest of fd `more` if >= 0), exec. */
@@ -148,13 +160,13 @@ __attribute__((noreturn)) static void exec_py_with_stdin(char **argv, const stru
         }
     }
     char msg[256];
-    snprintf(msg, sizeof msg, "{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"ovs-underlay: cannot "
+    snprintf(msg, sizeof msg, "{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"" PLUGIN_NAME ": cannot "
              "restore stdin for the in-process run: %s\"}\n", strerror(errno));
     if (write(1, msg, strlen(msg)) < 0) { /* nothing left to tell */ }
     _exit(1);
 }
 
-struct reply { int ready, output, have_exit, exit_code, have_status, status; unsigned char pend[5]; size_t npend; };
+struct reply { int ready, declined, output, have_exit, exit_code, have_status, status; unsigned char pend[5]; size_t npend; };
 
 /* warm.Reply.feed: -1 on an unexpected byte. */
 static int feed(struct reply *r, const unsigned char *d, size_t n) {
@@ -162,6 +174,7 @@ static int feed(struct reply *r, const unsigned char *d, size_t n) {
         r->pend[r->npend++] = d[i];
         unsigned char t = r->pend[0];
         if (t == 'R') r->ready = 1, r->npend = 0;
+        else if (t == 'N') r->declined = 1, r->npend = 0;
         else if (t == 'O') r->output = 1, r->npend = 0;
         else if (t == 'X' && r->npend == 2) r->have_exit = 1, r->exit_code = r->pend[1], r->npend = 0;
         else if (t == 'E' && r->npend == 5) {
@@ -189,7 +202,8 @@ static int wait_fd(int fd, short ev, long long deadline) {
     }
 }
 
-/* Everything up to and including "G". 0: committed; -1: nothing ran (*why says why). */
+/* Everything up to and including "G". 0: committed; -1: nothing ran (*why says why). The
+ * fds ride on "G" only: before the server has answered it holds nothing of the caller's. */
 static int handoff(int s, const char *path, const struct buf *req, const int *fds, int nfds, int ms,
                    struct reply *r, const char **why) {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -202,20 +216,12 @@ static int handoff(int s, const char *path, const struct buf *req, const int *fd
         if (errno != EINPROGRESS || wait_fd(s, POLLOUT, deadline) < 0) return *why = strerror(errno), -1;
         if (getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) return *why = strerror(err ? err : errno), -1;
     }
-    char cbuf[CMSG_SPACE(3 * sizeof(int))] = {0};
+    struct ucred cred;
+    socklen_t cl = sizeof cred;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0) return *why = strerror(errno), -1;
+    if (cred.uid != 0 && cred.uid != geteuid()) return *why = "the server runs as another user", -1;
     for (size_t off = 0; off < req->len;) {
-        ssize_t n;
-        if (off == 0) { /* the fds ride on the first bytes, as socket.send_fds does */
-            struct iovec iov = {.iov_base = req->p, .iov_len = req->len};
-            struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-                                .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
-            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-            cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS, cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
-            memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
-            n = sendmsg(s, &mh, MSG_NOSIGNAL);
-        } else {
-            n = send(s, req->p + off, req->len - off, MSG_NOSIGNAL);
-        }
+        ssize_t n = send(s, req->p + off, req->len - off, MSG_NOSIGNAL);
         if (n > 0) off += (size_t)n;
         else if (n < 0 && errno != EAGAIN && errno != EINTR) return *why = strerror(errno), -1;
         else if (n < 0 && errno == EAGAIN && wait_fd(s, POLLOUT, deadline) < 0) return *why = strerror(errno), -1;
@@ -228,16 +234,75 @@ static int handoff(int s, const char *path, const struct buf *req, const int *fd
         if (n < 0 && errno != EAGAIN && errno != EINTR) return *why = strerror(errno), -1;
         if (n > 0 && feed(r, d, (size_t)n) < 0) return *why = "bad reply", -1;
     }
-    if (send(s, "G", 1, MSG_NOSIGNAL) != 1) return *why = strerror(errno), -1;
+    char cbuf[CMSG_SPACE(4 * sizeof(int))] = {0};
+    struct iovec iov = {.iov_base = "G", .iov_len = 1};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                        .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS, cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
+    if (wait_fd(s, POLLOUT, deadline) < 0 || sendmsg(s, &mh, MSG_NOSIGNAL) != 1) return *why = strerror(errno), -1;
     return 0;
+}
+
+struct name { const char *s; size_t len, idx; };
+
+static int by_name(const void *a, const void *b) {
+    const struct name *x = a, *y = b;
+    int c = memcmp(x->s, y->s, x->len < y->len ? x->len : y->len);
+    if (c) return c;
+    if (x->len != y->len) return x->len < y->len ? -1 : 1;
+    return x->idx < y->idx ? -1 : x->idx > y->idx; /* equal names: the first occurrence first */
+}
+
+/* skip[i] = 1 for environ[i] without "=" or whose name appeared before: O(n log n). */
+static unsigned char *env_skips(size_t *count) {
+    size_t n = 0;
+    while (environ[n]) n++;
+    *count = n;
+    unsigned char *skip = calloc(n + 1, 1);
+    struct name *names = malloc((n + 1) * sizeof *names);
+    if (!skip || !names) return free(skip), free(names), NULL;
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *eq = strchr(environ[i], '=');
+        if (!eq) skip[i] = 1;
+        else names[m++] = (struct name){environ[i], (size_t)(eq - environ[i]), i};
+    }
+    qsort(names, m, sizeof *names, by_name);
+    for (size_t k = 1; k < m; k++)
+        if (names[k].len == names[k - 1].len && memcmp(names[k].s, names[k - 1].s, names[k].len) == 0)
+            skip[names[k].idx] = 1;
+    free(names);
+    return skip;
+}
+
+/* The recovery record for warm.read_recovery on a sealed memfd (fd >= 3, inherited by the exec);
+ * -1 when it cannot be made (the Python plugin then answers 11: it cannot know what ran). */
+static int recovery_fd(const struct reply *r) {
+    char rec[96];
+    int len;
+    if (r->have_status) len = snprintf(rec, sizeof rec, "OUWR1 pid=%d output=%d status=%d\n", (int)getpid(), r->output, r->status);
+    else len = snprintf(rec, sizeof rec, "OUWR1 pid=%d output=%d status=unknown\n", (int)getpid(), r->output);
+    int fd = memfd_create("ovs-underlay-warm-recover", MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    if (fd < 3) { /* never on stdin/stdout/stderr */
+        int moved = fcntl(fd, F_DUPFD, 3);
+        close(fd);
+        if ((fd = moved) < 0) return -1;
+    }
+    if (write(fd, rec, (size_t)len) != len || lseek(fd, 0, SEEK_SET) != 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) < 0)
+        return close(fd), -1;
+    return fd;
 }
 
 int main(int argc, char **argv) {
     char self[PATH_MAX];
     ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
     char *slash = sl > 0 ? (self[sl] = 0, strrchr(self, '/')) : NULL;
-    if (!slash || snprintf(py, sizeof py, "%.*s/ovs-underlay-py", (int)(slash - self), self) >= (int)sizeof py)
-        snprintf(py, sizeof py, "ovs-underlay-py (/proc/self/exe unreadable)");
+    if (!slash || snprintf(py, sizeof py, "%.*s/" PLUGIN_NAME "-py", (int)(slash - self), self) >= (int)sizeof py)
+        snprintf(py, sizeof py, PLUGIN_NAME "-py (/proc/self/exe unreadable)");
 
     const char *cmd = getenv("CNI_COMMAND"), *on = getenv("OVS_UNDERLAY_WARM");
     const char *path = getenv("OVS_UNDERLAY_WARM_SOCKET"), *hms = getenv("OVS_UNDERLAY_WARM_HANDOFF_MS");
@@ -249,7 +314,7 @@ int main(int argc, char **argv) {
         exec_py(argv);
 
     struct buf in = {0}, req = {0};
-    char chunk[65536], why_buf[128];
+    char chunk[65536], why_buf[160];
     const char *why = "cannot read stdin";
     for (;;) {
         ssize_t n = read(0, chunk, sizeof chunk);
@@ -263,26 +328,29 @@ int main(int argc, char **argv) {
             exec_py_with_stdin(argv, &in, chunk, stored || n < 0 ? 0 : (size_t)n, n < 0 ? -1 : 0);
         }
     }
-    int ns_fd = -1, fds[3] = {1, 2, -1}, nfds = 2;
+    /* stdout, stderr, our mount namespace (the worker enters it: it sees our filesystem) and the
+     * pod netns. O_NONBLOCK: a FIFO named as CNI_NETNS must not block the open. */
+    int fds[4] = {1, 2, open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC), -1}, nfds = 3, ns_fd = -1;
     const char *netns = getenv("CNI_NETNS");
-    if (netns && *netns && (ns_fd = open(netns, O_RDONLY | O_CLOEXEC)) >= 0) fds[nfds++] = ns_fd;
+    if (netns && *netns && (ns_fd = open(netns, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) >= 0) fds[nfds++] = ns_fd;
 
     char cwd[PATH_MAX];
     if (!getcwd(cwd, sizeof cwd)) strcpy(cwd, "/");
-    int rc = put(&req, "OUW1\0\0\0\0\0\0\0\0", 12) || puts_(&req, "{\"env\": {");
+    int rc = put(&req, "OUW2\0\0\0\0\0\0\0\0", 12) || puts_(&req, "{\"env\": {");
+    size_t nenv = 0;
+    unsigned char *skip = env_skips(&nenv);
+    rc = rc || !skip;
     int first = 1;
-    for (char **e = environ; *e && rc == 0; e++) {
-        const char *eq = strchr(*e, '=');
-        size_t klen = eq ? (size_t)(eq - *e) : 0;
-        int dup = !eq;
-        for (char **p = environ; p < e && !dup; p++)
-            dup = strncmp(*p, *e, klen + 1) == 0;
-        if (dup) continue;
-        rc = (first ? 0 : put(&req, ", ", 2)) || json_str(&req, *e, klen) || put(&req, ": ", 2) ||
+    for (size_t i = 0; i < nenv && rc == 0; i++) {
+        if (skip[i]) continue;
+        const char *e = environ[i], *eq = strchr(e, '=');
+        rc = (first ? 0 : put(&req, ", ", 2)) || json_str(&req, e, (size_t)(eq - e)) || put(&req, ": ", 2) ||
              json_str(&req, eq + 1, strlen(eq + 1));
         first = 0;
     }
+    free(skip);
     rc = rc || puts_(&req, "}, \"cwd\": ") || json_str(&req, cwd, strlen(cwd)) ||
+         puts_(&req, ", \"plugin\": \"" PLUGIN_NAME "\"") ||
          puts_(&req, ns_fd >= 0 ? ", \"netns_fd\": true}" : ", \"netns_fd\": false}");
     uint32_t jlen = (uint32_t)(req.len - 12), slen = (uint32_t)in.len;
     rc = rc || (size_t)jlen + slen > MAX_REQUEST || put(&req, in.p, in.len);
@@ -293,13 +361,14 @@ int main(int argc, char **argv) {
     long ms = hms ? strtol(hms, &end, 10) : DEFAULT_HANDOFF_MS;
     if (!hms || end == hms || *end || ms > 600000) ms = DEFAULT_HANDOFF_MS;
     if (rc) why = "request too large";
+    else if (fds[2] < 0) why = "cannot open /proc/self/ns/mnt";
     else if (s < 0) why = strerror(errno);
     else {
         unsigned char be[8] = {jlen >> 24, jlen >> 16, jlen >> 8, jlen, slen >> 24, slen >> 16, slen >> 8, slen};
         memcpy(req.p + 4, be, 8);
         rc = handoff(s, path, &req, fds, nfds, ms < 1 ? 1 : (int)ms, &r, &why);
     }
-    if (s < 0 || rc) { /* nothing ran: in-process, and Python must not try the warm path again */
+    if (s < 0 || rc || fds[2] < 0) { /* nothing ran: in-process, and Python must not try the warm path again */
         if (s >= 0) close(s);
         snprintf(why_buf, sizeof why_buf, "warm path not used (%s); running in-process", why);
         note(why_buf);
@@ -308,18 +377,21 @@ int main(int argc, char **argv) {
     }
     int fl = fcntl(s, F_GETFL);
     if (fl >= 0) fcntl(s, F_SETFL, fl & ~O_NONBLOCK);
-    while (!r.have_exit && !r.have_status) { /* committed: wait as long as the runtime lets us */
+    while (!r.have_exit && !r.declined && !r.have_status) { /* committed: wait as long as the runtime lets us */
         unsigned char d[64];
         ssize_t n = recv(s, d, sizeof d, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0 || feed(&r, d, (size_t)n) < 0) break;
     }
-    if (r.have_exit) return r.exit_code;
-    if (r.have_status && r.status >= 0) return r.status;
+    if (r.have_exit) return r.exit_code; /* only the worker's own report is a result */
     close(s);
-    char rec[32];
-    if (r.have_status) snprintf(rec, sizeof rec, "%d:%d", r.output, r.status);
-    else snprintf(rec, sizeof rec, "%d:unknown", r.output);
-    setenv("OVS_UNDERLAY_WARM_RECOVER", rec, 1);
-    exec_py_with_stdin(argv, &in, NULL, 0, -1);
+    if (r.declined) { /* the worker did not run the verb (it says why in the server's log) */
+        note("warm path not used (the warm worker declined the call); running in-process");
+        setenv("OVS_UNDERLAY_WARM", "0", 1);
+        exec_py_with_stdin(argv, &in, NULL, 0, -1);
+    }
+    int rfd = recovery_fd(&r);
+    char num[16], *rargv[] = {argv[0] ? argv[0] : py, "--warm-recover", num, NULL};
+    snprintf(num, sizeof num, "%d", rfd);
+    exec_py_with_stdin(rargv, &in, NULL, 0, -1);
 }

@@ -37,8 +37,9 @@ EXAMPLES = ROOT / "conf-examples"
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 BUILD = ROOT / "scripts" / "build-bundle.sh"
 SHIM_SOURCE = ROOT / "packaging" / "shim" / "ovs-underlay-shim.c"
-# ovs-underlay is the native warm-path client; it execs ovs-underlay-py (the Python plugin).
-PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipamd", "ovs-underlay-py")
+# ovs-underlay and ovs-underlay-ipam are the native warm-path client (one C source, built once
+# per name); each execs its Python plugin, ovs-underlay-py / ovs-underlay-ipam-py.
+PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipam-py", "ovs-underlay-ipamd", "ovs-underlay-py")  # sorted
 LIBCNI_CACHE = Path("/var/lib/cni")
 # Inputs of the bundle: a newer file means dist/ is stale (packaging/ holds the shim's .c).
 _SOURCES = ("core", "cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")

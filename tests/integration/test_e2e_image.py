@@ -11,7 +11,8 @@ TCP port on the host network of a shared machine would collide).
 What runs: `podman load` of the OCI archive (named as the manifests say), `--version` and every
 role's `--help`, the install-cni init container into the node root (twice: idempotent), ipamd
 with its three probes and `kubectl exec`-style commands, and a pod attached through the warm
-container: the plugin exec'd on the "node" hands the call to the warm server in the image, ipamd
+container: the plugin exec'd on the "node" (a process whose mount namespace shows the node root's
+directories at their node paths) hands the call to the warm server in the image, ipamd
 in the image allocates and checks the gateway inside a netns made after both containers started
 (the HostToContainer mounts), then DEL. Stopping the containers must leave no process behind.
 
@@ -21,6 +22,7 @@ a unique cgroup parent; the image, containers and storage go with the dir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -305,19 +307,28 @@ def test_a_pod_is_attached_through_the_warm_container(node: Node, underlay: netb
             "datapathType": "netdev",
             "ipam": {"type": "ovs-underlay-ipam", "gatewayCheckTimeoutMs": 5000,
                      "subnets": [{"subnet": "192.168.100.0/24", "gateway": GATEWAY}]}}
-    plugin = node.path("/opt") / "ovs-underlay" / "ovs-underlay"  # what the runtime execs (via /opt/cni/bin)
+    # The runtime on the node: a process whose view of the node paths is the node's (this run's
+    # node root bound at /opt, /run/ovs-underlay, /var/log/ovs-underlay in a private mount
+    # namespace). The warm worker enters that mount namespace, as it enters the node's.
+    views = ("/opt", "/run/ovs-underlay", "/var/log/ovs-underlay")
+    made = [v for v in views if not os.path.isdir(v)]  # mount points: the product's own dirs
+    for v in made:
+        os.makedirs(v)
+    binds = " && ".join(f'mount --bind "{node.path(v)}" "{v}"' for v in views)
 
     def call(command: str) -> subprocess.CompletedProcess[str]:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
-               "CNI_NETNS": f"/run/netns/{pod.name}", "CNI_IFNAME": "net1", "CNI_PATH": str(node.path("/opt/cni/bin")),
+               "CNI_NETNS": f"/run/netns/{pod.name}", "CNI_IFNAME": "net1", "CNI_PATH": "/opt/cni/bin",
                "CNI_ARGS": "IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_UID=u1",
-               "OVS_UNDERLAY_WARM_SOCKET": str(run / "cni-warm.sock"), "OVS_UNDERLAY_WARM_HANDOFF_MS": "5000"}
-        return subprocess.run([str(plugin)], env=env, input=json.dumps(conf), capture_output=True, text=True,
-                              timeout=60, cwd="/")
+               "OVS_UNDERLAY_WARM_HANDOFF_MS": "5000", "OVS_UNDERLAY_WARM_QUIET": "0"}
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               f"{binds} && exec /opt/cni/bin/ovs-underlay"],  # what the runtime execs
+                              env=env, input=json.dumps(conf), capture_output=True, text=True, timeout=60, cwd="/")
 
     try:
         add = call("ADD")
         assert add.returncode == 0, f"{add.stdout}\n{add.stderr}\nwarm:\n{node.logs(warm)}\nipamd:\n{node.logs(ipamd)}"
+        assert "running in-process" not in add.stderr, f"{add.stderr}\nwarm:\n{node.logs(warm)}"
         result = json.loads(add.stdout)
         (ip,) = [i["address"] for i in result["ips"]]
         assert ip.startswith("192.168.100.") and ip.endswith("/24"), result
@@ -325,8 +336,8 @@ def test_a_pod_is_attached_through_the_warm_container(node: Node, underlay: netb
         (port,) = netbed.ovs_rows("Port", "name", "tag", where=[f"external_ids:container_id={cid}"])
         assert port["tag"] == 100 and port["name"] in netbed.bridge_ports(underlay.bridge)
         # Served by the containers, not by an in-process fallback on the node: the lease is in
-        # the image's ipamd (the config names the container path /run/ovs-underlay/ipamd.sock),
-        # and the plugin log is in the node's /var/log/ovs-underlay, written by a warm worker.
+        # the image's ipamd (the config names the node path /run/ovs-underlay/ipamd.sock), and
+        # the plugin log is in the node's /var/log/ovs-underlay, written by a warm worker.
         leases = json.loads(e2e.run_frozen("ovs-underlay-ipamd", "leases", "-o", "json", "--network", network,
                                            "--socket", str(run / "ipamd.sock")).stdout)
         assert [(le["containerID"], le["ifname"], le["ip"]) for le in leases] == [(cid, "net1", ip.split("/")[0])]
@@ -334,6 +345,7 @@ def test_a_pod_is_attached_through_the_warm_container(node: Node, underlay: netb
         assert cid in log.read_text(), "no plugin log line in the node's log dir"
         delete = call("DEL")
         assert delete.returncode == 0, f"{delete.stdout}\n{delete.stderr}"
+        assert "running in-process" not in delete.stderr, delete.stderr
         assert not netbed.ovs_rows("Port", "name", where=[f"external_ids:container_id={cid}"])
         assert json.loads(e2e.run_frozen("ovs-underlay-ipamd", "leases", "-o", "json", "--network", network,
                                          "--socket", str(run / "ipamd.sock")).stdout) == []
@@ -342,6 +354,9 @@ def test_a_pod_is_attached_through_the_warm_container(node: Node, underlay: netb
             netbed.vsctl("--if-exists", "del-port", row["name"], check=False)
             netbed.delete_link(row["name"])
         pod.delete()
+        for v in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(v)
     # Deleting the DaemonSet: SIGTERM to each container, then nothing of ours may run.
     pids = node.processes()
     assert len(pids) >= 2

@@ -143,3 +143,54 @@ def test_frozen_shim_version_and_help_go_straight_to_python(bundle: Path) -> Non
     assert res.returncode == 0 and "1.1.0" in json.loads(res.stdout)["supportedVersions"], res.stderr
     res = subprocess.run([str(bundle / "ovs-underlay"), "--help"], capture_output=True, timeout=30, cwd="/")
     assert res.returncode == 0 and b"--warm-server" in res.stdout
+
+
+def _worker_of(server_log: Path, plugin: str, command: str, cid: str) -> set[int]:
+    """Worker pids the server logged (debug) for one call."""
+    return {int(line.split("worker ", 1)[1].split(":", 1)[0]) for line in server_log.read_text().splitlines()
+            if f": {plugin} {command} container_id={cid}" in line}
+
+
+def test_frozen_ipam_shim_under_the_reference_bridge_is_served_warm(
+        bundle: Path, frozen_ipamd: netbed.Ipamd, netns_factory: Callable[[str], netbed.Netns],
+        tmp_path: Path) -> None:
+    """`ovs-underlay-ipam` is the same native client: under the reference `bridge` plugin its
+    ADD and DEL are served by the one warm server (the worker that the server logs is the pid
+    that logs the IPAM verb), with the address in the pod and the lease in ipamd, and gone after DEL."""
+    server = netbed.WarmServer([str(bundle / "ovs-underlay")], str(tmp_path / "run" / "cni-warm.sock"),
+                               tmp_path / "warm-server.log", args=("--log-level", "debug"))
+    server.start()
+    br, ns, cid = netbed.uniq("ib"), netns_factory("ib"), netbed.container_id("ib")
+    log = tmp_path / "plugin.log"
+    conf = {"cniVersion": "1.0.0", "name": f"ib{netbed.TOKEN}", "type": "bridge", "bridge": br,
+            "ipam": {"type": "ovs-underlay-ipam", "daemonSocket": frozen_ipamd.socket,
+                     "subnets": [{"subnet": "10.233.0.0/24", "gateway": "10.233.0.1"}], "gatewayCheck": False}}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_CONTAINERID": cid, "CNI_NETNS": ns.path, "CNI_IFNAME": "eth0",
+           "CNI_PATH": f"{bundle}:{e2e.REFERENCE_PLUGINS}", "OVS_UNDERLAY_LOG_FILE": str(log),
+           "OVS_UNDERLAY_WARM_SOCKET": server.path}
+
+    def bridge(command: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(e2e.REFERENCE_PLUGINS / "bridge")], env={**env, "CNI_COMMAND": command},
+                              input=json.dumps(conf).encode(), capture_output=True, timeout=60, cwd="/")
+
+    def plugin_pids(command: str) -> set[int]:
+        return {int(line.split(" pid=", 1)[1].split()[0]) for line in log.read_text().splitlines()
+                if f" cmd={command} container_id={cid} " in line}
+
+    try:
+        res = bridge("ADD")
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        ip = json.loads(res.stdout)["ips"][0]["address"]
+        assert ip.startswith("10.233.0.") and netbed.addrs("eth0", ns=ns.name) == [ip]
+        assert _leases(frozen_ipamd, cid) == [ip.split("/")[0]]
+        workers = _worker_of(server.log, "ovs-underlay-ipam", "ADD", cid)
+        assert len(workers) == 1 and plugin_pids("ADD") == workers
+        res = bridge("DEL")
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert _leases(frozen_ipamd, cid) == []
+        workers = _worker_of(server.log, "ovs-underlay-ipam", "DEL", cid)
+        assert len(workers) == 1 and plugin_pids("DEL") == workers
+    finally:
+        bridge("DEL")
+        netbed.delete_link(br)
+        server.stop()

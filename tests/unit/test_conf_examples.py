@@ -208,7 +208,7 @@ def test_node_ovn_settings_example() -> None:
     path = EXAMPLES / "ovn.json"
     nb = load_northbound({"OVS_UNDERLAY_OVN_CONFIG": str(path)}, owner_uid=os.stat(path).st_uid)
     assert nb is not None and len(nb.remotes()) == 3 and all(r.startswith("ssl:") for r in nb.remotes())
-    # the DaemonSet's warm container mounts the node's /etc/ovs-underlay: the TLS files live there
+    # the node's settings directory holds the TLS files too (warm workers read the node's files)
     assert all(f.startswith("/etc/ovs-underlay/") for f in (nb.private_key, nb.certificate, nb.ca_cert) if f)
 
 

@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 import yaml
 
-from cni import log as cni_log
 from cni import warm
 from cni.netconf import parse_netconf
 from cni.types import CmdArgs
@@ -38,8 +37,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import build_image  # noqa: E402
 
 VERSION = build_image.project_version()
-NODE_PATHS_OF_A_PLUGIN_CALL = {"/opt/cni/bin", "/etc/cni/net.d", "/var/lib/cni", "/run/netns", "/run/openvswitch",
-                               "/run/ovs-underlay", "/var/log/ovs-underlay", "/etc/ovs-underlay"}
 
 
 def docs_of(path: Path) -> list[dict[str, Any]]:
@@ -84,9 +81,12 @@ def host_path_of(c: dict[str, Any], path: str) -> str | None:
 
 
 def bundle_programs() -> set[str]:
-    """The programs `make binary` puts in the bundle: the spec's PROGRAMS plus the native client."""
+    """The programs `make binary` puts in the bundle: the spec's PROGRAMS plus the native client
+    (built by scripts/build-bundle.sh once per plugin name)."""
     spec = (ROOT / "packaging" / "ovs-underlay.spec").read_text()
-    return {"ovs-underlay", *re.findall(r'\("(ovs-underlay-[a-z-]+)", "\w+\.py"\)', spec)}
+    build = (ROOT / "scripts" / "build-bundle.sh").read_text()
+    (names,) = re.findall(r"^for name in ([a-z -]+); do$", build, re.M)
+    return {*names.split(), *re.findall(r'\("(ovs-underlay-[a-z-]+)", "\w+\.py"\)', spec)}
 
 
 def ipamd_config() -> dict[str, Any]:
@@ -140,7 +140,7 @@ def test_image_is_the_one_make_image_builds() -> None:
 def test_containers_run_commands_of_the_image() -> None:
     entrypoint = (ROOT / "packaging" / "image" / "entrypoint.sh").read_text()
     programs = bundle_programs()
-    assert {"ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipamd"} <= programs
+    assert {"ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipam-py", "ovs-underlay-ipamd"} <= programs
     spec = pod_spec()
     for c in spec["initContainers"] + spec["containers"]:
         # args only: the image's entry point dispatches, and exec's the program (it gets SIGTERM).
@@ -191,31 +191,37 @@ def test_install_cni_writes_where_the_node_and_the_daemons_look() -> None:
     # CNI bin dir, must be on the node path of the same name, through the init container's mounts.
     for node_path in (prefix, posixpath.dirname(prefix), cni_bin):
         assert host_path_of(init, root + node_path) == node_path, node_path
-    # The runtime execs CNI_BIN_DIR/ovs-underlay; the warm container delegates from the same dir.
-    assert host_path_of(container("warm"), cni_bin) == cni_bin
-    # The daemons run the image's own bundle: nothing may hide it.
+    # The runtime execs CNI_BIN_DIR/ovs-underlay -> PREFIX; the warm server runs that very
+    # release, at the same path (its workers check that their code is the node's files).
+    assert host_path_of(container("warm"), prefix) == prefix == f"/{build_image.BUNDLE_DIR}"
+    # The other daemons run the image's own bundle: nothing may hide it.
     bundle = f"/{build_image.BUNDLE_DIR}"
     for c in pod_spec()["containers"]:
+        if c["name"] == "warm":
+            continue
         for m in c.get("volumeMounts", []):
             mp = m["mountPath"]
             assert not (bundle == mp or bundle.startswith(mp + "/")), f"{c['name']}: {mp} hides {bundle}"
 
 
-def test_warm_container_sees_the_node_paths_of_a_plugin_call_at_the_same_path() -> None:
+def test_warm_container_runs_the_nodes_bundle_and_its_workers_enter_the_nodes_mounts() -> None:
+    """The workers enter the mount namespace of the plugin exec that called (the node's), so the
+    container needs privileged (setns), the node's PIDs and network, the node's bundle at its
+    node path (the workers' code must be the same files there) and the socket's directory;
+    no other node path: a delegated IPAM, the CNI dirs, the log dir are the node's own."""
     spec = pod_spec()
     assert spec["hostNetwork"] is True and spec["hostPID"] is True  # /proc/<pid>/ns/net netns paths
     w = container("warm")
+    assert w["securityContext"]["privileged"] is True
     mounts = {m["mountPath"]: m for m in w["volumeMounts"]}
-    assert set(mounts) >= NODE_PATHS_OF_A_PLUGIN_CALL, NODE_PATHS_OF_A_PLUGIN_CALL - set(mounts)
+    assert set(mounts) == {"/opt", "/run/ovs-underlay"}
     for path in mounts:
-        # A worker must resolve every path the runtime and the config name as the node would.
         assert host_path_of(w, path) == path, f"warm: {path} is not the node's {path}"
-    assert mounts["/run/netns"]["mountPropagation"] == "HostToContainer"  # netns made after start
+    assert mounts["/opt"].get("readOnly") is True
     assert w["args"][w["args"].index("--socket") + 1] == warm.DEFAULT_SOCKET
-    assert posixpath.dirname(cni_log.DEFAULT_LOG_FILE) in mounts
-    # The image maps /var/run to /run as the node does, so /var/run/netns/<x> (containerd, CRI-O)
-    # resolves through the /run/netns mount.
-    assert "/var/run/netns" not in mounts
+    entrypoint = (ROOT / "packaging" / "image" / "entrypoint.sh").read_text()
+    assert re.search(r'^\s*exec "\$BUNDLE/ovs-underlay" --warm-server "\$@"', entrypoint, re.M)
+    assert "BUNDLE=/opt/ovs-underlay\n" in entrypoint  # i.e. the node's, under the /opt mount
 
 
 def test_ipamd_runs_the_configmap_config_on_node_paths() -> None:

@@ -1,5 +1,6 @@
-"""The warm path (cni/warm.py) without root: wire format, and a real fork server on a temp
-socket running fake verbs, including every fallback rule (before and after the commit)."""
+"""The warm path (cni/warm.py, cni/warm_server.py) without root: wire format, and a real fork
+server on a temp socket running fake verbs, including every fallback rule (before and after the
+commit) and the review's defects (issue 11)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cni import skel, warm
+from cni import skel, warm, warm_server
 from cni.errors import CniError, Code
 
 # ---------------------------------------------------------------------------------------------
@@ -25,11 +26,11 @@ from cni.errors import CniError, Code
 
 
 def test_request_roundtrip() -> None:
-    raw = warm.encode_request({"CNI_COMMAND": "ADD", "X": "é"}, b'{"a":1}', "/tmp", True)
+    raw = warm.encode_request({"CNI_COMMAND": "ADD", "X": "é"}, b'{"a":1}', "/tmp", True, "ovs-underlay-ipam")
     jlen, slen = warm.decode_header(raw[:12])
-    env, cwd, has_ns = warm.decode_meta(raw[12:12 + jlen])
-    assert env == {"CNI_COMMAND": "ADD", "X": "é"} and cwd == "/tmp" and has_ns
-    assert raw[12 + jlen:] == b'{"a":1}' and slen == 7
+    req = warm.decode_meta(raw[12:12 + jlen])
+    assert req == warm.Request({"CNI_COMMAND": "ADD", "X": "é"}, "/tmp", "ovs-underlay-ipam", True)
+    assert req.nfds == 4 and raw[12 + jlen:] == b'{"a":1}' and slen == 7
 
 
 @pytest.mark.parametrize("head", [b"XXXX" + b"\0" * 8, b"OUW1", b"OUW1" + (2**31).to_bytes(4, "big") + b"\0" * 4])
@@ -38,9 +39,15 @@ def test_bad_headers(head: bytes) -> None:
         warm.decode_header(head)
 
 
-def test_meta_rejects_non_string_env() -> None:
+@pytest.mark.parametrize("meta", [{"env": {"A": 1}, "plugin": "ovs-underlay"}, {"env": {}}])
+def test_meta_rejects_non_string_env_or_plugin(meta: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        warm.decode_meta(json.dumps({"env": {"A": 1}}).encode())
+        warm.decode_meta(json.dumps(meta).encode())
+
+
+def test_old_protocol_is_not_ours() -> None:
+    with pytest.raises(ValueError):
+        warm.decode_header(b"OUW1" + b"\0" * 8)
 
 
 def test_reply_parses_split_chunks() -> None:
@@ -59,15 +66,28 @@ def test_reply_signal_means_unknown() -> None:
         warm.Reply().feed(b"?")
 
 
+@pytest.mark.parametrize("status", [0, warm.NOT_RUN])
+def test_reply_exit_status_without_the_workers_report_is_no_result(status: int) -> None:
+    r = warm.Reply()
+    r.feed(b"R" + b"E" + status.to_bytes(4, "big"))
+    assert r.done and r.final_code() is None
+
+
+def test_reply_declined() -> None:
+    r = warm.Reply()
+    r.feed(b"RN")
+    assert r.done and r.declined and r.final_code() is None
+
+
 def test_netns_path_keeps_original_when_same_file(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("a")
     b.write_text("b")
     fd = os.open(a, os.O_RDONLY)
     try:
-        assert warm.netns_path(str(a), fd) == str(a)
-        assert warm.netns_path(str(b), fd) == f"/proc/{os.getpid()}/fd/{fd}"  # path now names another
-        assert warm.netns_path(str(tmp_path / "gone"), fd) == f"/proc/{os.getpid()}/fd/{fd}"
+        assert warm_server.netns_path(str(a), fd) == str(a)
+        assert warm_server.netns_path(str(b), fd) == f"/proc/{os.getpid()}/fd/{fd}"  # path now names another
+        assert warm_server.netns_path(str(tmp_path / "gone"), fd) == f"/proc/{os.getpid()}/fd/{fd}"
     finally:
         os.close(fd)
 
@@ -119,6 +139,8 @@ def _behave(args: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if how == "sleep":
         time.sleep(30)
+    if how == "exit0":  # ends without reporting, as a worker that never ran the verb used to
+        os._exit(0)
 
 
 def fake_add(args: Any) -> FakeResult:
@@ -137,15 +159,20 @@ def fake_del(args: Any) -> None:
 
 
 VERBS = skel.Verbs(add=fake_add, delete=fake_del, check=fake_del)
+PLUGINS = {"ovs-underlay": VERBS}
 
 
 @contextlib.contextmanager
-def server(path: str, **kw: Any) -> Iterator[int]:
+def server(path: str, before: Callable[[], None] | None = None, **kw: Any) -> Iterator[int]:
+    """A real fork server in a child process; `before` runs in that child first (fault injection
+    stays inside the server process)."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            code = warm.Server(VERBS, path, preimport=(), **kw).run()
+            if before is not None:
+                before()
+            code = warm_server.Server(PLUGINS, path, preimport=(), **kw).run()
         finally:
             os._exit(code)
     try:
@@ -283,9 +310,11 @@ def test_caller_hangup_kills_the_worker(sock: str, tmp_path: Path) -> None:
     out = open(tmp_path / "o", "w")  # noqa: SIM115
     s = socket.socket(socket.AF_UNIX)
     s.connect(sock)
-    socket.send_fds(s, [warm.encode_request(env, CONF, "/", False)], [out.fileno(), out.fileno()])
+    s.sendall(warm.encode_request(env, CONF, "/", False))
     assert s.recv(1) == b"R"
-    s.sendall(b"G")
+    mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    socket.send_fds(s, [b"G"], [out.fileno(), out.fileno(), mnt])
+    os.close(mnt)
     deadline = time.monotonic() + 5
     while not (tmp_path / "calls.log").exists():
         assert time.monotonic() < deadline
@@ -310,5 +339,122 @@ def test_server_stops_on_sigterm_and_removes_socket(tmp_path: Path) -> None:
 
 
 def test_second_server_refuses_a_live_socket(sock: str) -> None:
-    assert warm.Server(VERBS, sock, preimport=()).run() == 1
+    assert warm_server.Server(PLUGINS, sock, preimport=()).run() == 1
     assert os.path.exists(sock)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: review defects
+
+
+def test_worker_that_ends_without_its_report_is_never_success(sock: str, tmp_path: Path) -> None:
+    """A worker that exits 0 without the verb's own report ("X") did not prove that ADD ran:
+    the call is treated as a worker death (clean up, re-run), never as success with no result."""
+    code, out, calls = run(env_for("ADD", tmp_path, WORKER_DOES="exit0"), sock, tmp_path)
+    assert code == 0 and json.loads(out)["pid"] == TEST_PID
+    assert [(c["what"], c["pid"] == TEST_PID) for c in calls] == [("ADD", False), ("DEL", True), ("ADD", True)]
+
+
+def test_recover_variable_from_the_environment_is_ignored(tmp_path: Path) -> None:
+    """OVS_UNDERLAY_WARM_RECOVER in a runtime's or user's environment must not decide the
+    outcome (it used to make ADD exit 0 with no result): the verb runs."""
+    env = env_for("ADD", tmp_path, OVS_UNDERLAY_WARM_RECOVER="0:0",
+                  **{warm.ENV_SOCKET: str(tmp_path / "none.sock")})
+    out = io.StringIO()
+    code = warm.dispatch(VERBS, [], env, io.BytesIO(CONF), out)
+    if code is None:  # not handled by the warm path: the entry point runs skel in-process
+        code = skel.main(VERBS, env=env, stdin=io.BytesIO(CONF), stdout=out)
+    assert code == 0 and json.loads(out.getvalue())["pid"] == TEST_PID
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _serve_briefly(path: str) -> int:
+    """Run a server on `path` until it listens, stop it; its exit code (1 = refused to start)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = warm_server.Server(PLUGINS, path, preimport=()).run()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while not _is_socket(path) and time.monotonic() < deadline:
+        done, raw = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(raw)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGTERM)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_existing_socket_directory_is_never_chmodded(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    assert _serve_briefly(str(shared / "x.sock")) == 0
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o755  # `--socket /tmp/x.sock` left /tmp alone
+
+
+def test_sticky_shared_directory_is_used_as_it_is(tmp_path: Path) -> None:
+    tmp_like = tmp_path / "tmp"
+    tmp_like.mkdir()
+    tmp_like.chmod(0o1777)
+    assert _serve_briefly(str(tmp_like / "x.sock")) == 0
+    assert stat.S_IMODE(os.stat(tmp_like).st_mode) == 0o1777
+
+
+def test_writable_socket_directory_without_sticky_bit_is_refused(tmp_path: Path) -> None:
+    """Anyone could replace the socket there and receive the runtime's calls: refuse, change nothing."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    assert _serve_briefly(str(open_dir / "x.sock")) == 1
+    assert stat.S_IMODE(os.stat(open_dir).st_mode) == 0o777 and not (open_dir / "x.sock").exists()
+
+
+def test_missing_socket_directory_is_created_private(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "run" / "x.sock"
+    assert _serve_briefly(str(path)) == 0
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+def _fail_once(name: str) -> Callable[[], None]:
+    def patch() -> None:  # runs inside the server process only
+        real = getattr(os, name)
+        state = {"failed": False}
+
+        def failing(*a: Any) -> Any:
+            if not state["failed"]:
+                state["failed"] = True
+                raise OSError(11 if name == "fork" else 24, f"injected {name} failure")
+            return real(*a)
+
+        setattr(os, name, failing)
+
+    return patch
+
+
+@pytest.mark.parametrize("name", ["fork", "pidfd_open"])
+def test_fork_or_pidfd_failure_answers_the_call_and_keeps_serving(tmp_path: Path, name: str) -> None:
+    path = str(tmp_path / "run" / "warm.sock")
+    with server(path, before=_fail_once(name)) as pid:
+        code, out, calls = run(env_for("ADD", tmp_path), path, tmp_path)
+        assert code == 0 and json.loads(out)["pid"] == TEST_PID  # that call ran in-process
+        assert [c["pid"] for c in calls][-1] == TEST_PID
+        code, out, calls = run(env_for("ADD", tmp_path), path, tmp_path)
+        assert code == 0 and json.loads(out)["pid"] != TEST_PID  # and the server still serves
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+
+
+def test_a_file_that_is_not_a_socket_is_never_removed(tmp_path: Path) -> None:
+    victim = tmp_path / "run" / "important.conf"
+    victim.parent.mkdir()
+    victim.write_text("keep me")
+    assert _serve_briefly(str(victim)) == 1  # refused, not "a stale socket"
+    assert victim.read_text() == "keep me"
