@@ -41,8 +41,8 @@ $(ETCD_PROTO_OUT): proto/etcd/rpc.proto proto/etcd/kv.proto proto/etcd/auth.prot
 	@$(STEP) "etcd gRPC code (protoc)" $(PY) scripts/gen_etcd_proto.py
 
 lint: setup
-	$(BIN)/ruff check core cni ipamd tests scripts bench testbed
-	$(BIN)/mypy core cni ipamd
+	$(BIN)/ruff check core cni ipamd agent tests scripts bench testbed
+	$(BIN)/mypy core cni ipamd agent
 
 unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

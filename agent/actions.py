@@ -49,11 +49,14 @@ class EnsureBridge:
         s = self.spec
         if not self.create:
             return f"ovs-vsctl set Bridge {s.name} {_ids(s.external_ids)}" + (
-                f" -- set Interface {s.name} mtu_request={s.mtu}" if s.mtu else "")
+                f" -- set Interface {s.name} mtu_request={s.mtu}" if s.mtu else ""
+            )
         mac = f" other_config:hwaddr={s.hwaddr}" if s.hwaddr else ""
         mtu = f" -- set Interface {s.name} mtu_request={s.mtu}" if s.mtu else ""
-        return (f"ovs-vsctl add-br {s.name} -- set Bridge {s.name} datapath_type={s.datapath_type}{mac} "
-                f"{_ids(s.external_ids)}{mtu}")
+        return (
+            f"ovs-vsctl add-br {s.name} -- set Bridge {s.name} datapath_type={s.datapath_type}{mac} "
+            f"{_ids(s.external_ids)}{mtu}"
+        )
 
     def run(self, d: Drivers) -> None:
         d.ovs.ensure_bridge(self.spec)
@@ -83,11 +86,15 @@ class AddInternalPort:
 
     def text(self) -> str:
         tag = f" tag={self.tag}" if self.tag is not None else ""
-        return (f"ovs-vsctl add-port {self.bridge} {self.port}{tag} -- set Interface {self.port} type=internal "
-                f"mac={self.mac} mtu_request={self.mtu}")
+        return (
+            f"ovs-vsctl add-port {self.bridge} {self.port}{tag} -- set Interface {self.port} type=internal "
+            f"mac={self.mac} mtu_request={self.mtu}"
+        )
 
     def run(self, d: Drivers) -> None:
-        d.ovs.add_internal_port(self.bridge, self.port, tag=self.tag, mac=self.mac, mtu=self.mtu, ids=self.ids)
+        d.ovs.add_internal_port(
+            self.bridge, self.port, tag=self.tag, mac=self.mac, mtu=self.mtu, ids=self.ids
+        )
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,15 @@ class MarkBridge:
 
     def text(self) -> str:
         gone = [k for k, v in self.ids.items() if v is None]
-        out = f"ovs-vsctl set Bridge {self.bridge} {_ids(self.ids)}" if any(v is not None for v in self.ids.values()) \
+        out = (
+            f"ovs-vsctl set Bridge {self.bridge} {_ids(self.ids)}"
+            if any(v is not None for v in self.ids.values())
             else ""
+        )
         if gone:
-            out += (" -- " if out else "ovs-vsctl ") + f"remove Bridge {self.bridge} external_ids {' '.join(gone)}"
+            out += (
+                " -- " if out else "ovs-vsctl "
+            ) + f"remove Bridge {self.bridge} external_ids {' '.join(gone)}"
         return out
 
     def run(self, d: Drivers) -> None:
@@ -238,11 +250,18 @@ class VerifyGateways:
             t0 = time.monotonic()
             mac = d.probe.gateway(self.dev, gw, sender, left)
             if mac is None:
-                raise VerifyFailed(f"gateway {gw} did not answer {'ARP' if gw.version == 4 else 'NDP'} on "
-                                   f"{self.dev} within {self.timeout_ms} ms",
-                                   "is the NIC's switch port a trunk carrying the node's VLAN untagged?")
-            _log.info("verify: gateway %s is at %s on %s (%.0f ms)", gw, mac, self.dev,
-                      (time.monotonic() - t0) * 1000)
+                raise VerifyFailed(
+                    f"gateway {gw} did not answer {'ARP' if gw.version == 4 else 'NDP'} on "
+                    f"{self.dev} within {self.timeout_ms} ms",
+                    "is the NIC's switch port a trunk carrying the node's VLAN untagged?",
+                )
+            _log.info(
+                "verify: gateway %s is at %s on %s (%.0f ms)",
+                gw,
+                mac,
+                self.dev,
+                (time.monotonic() - t0) * 1000,
+            )
 
 
 @dataclass(frozen=True)

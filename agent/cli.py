@@ -49,31 +49,56 @@ def _options(p: argparse.ArgumentParser, top: bool) -> None:
     # Defined on the top parser and every subcommand, so options work before or after the command;
     # SUPPRESS on subcommands keeps a value given before the command.
     d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
-    p.add_argument("--config", default=d(DEFAULT_CONFIG), metavar="FILE",
-                   help=f"provider networks, JSON or YAML (default {DEFAULT_CONFIG})")
-    p.add_argument("--node-name", default=d(None), metavar="NAME",
-                   help="this node's name in the file (default: $NODE_NAME, else the hostname)")
-    p.add_argument("--ovsdb", default=d(DEFAULT_OVSDB), metavar="REMOTE",
-                   help=f"OVSDB endpoint (default {DEFAULT_OVSDB})")
-    p.add_argument("--state-dir", default=d(DEFAULT_STATE_DIR), metavar="DIR",
-                   help=f"journal and snapshots; must survive reboots (default {DEFAULT_STATE_DIR})")
-    p.add_argument("--host-run", default=d(None), metavar="DIR",
-                   help="the host's /run, to see NetworkManager/networkd state (default /run; in a "
-                        "container mount the host's /run there)")
+    p.add_argument(
+        "--config",
+        default=d(DEFAULT_CONFIG),
+        metavar="FILE",
+        help=f"provider networks, JSON or YAML (default {DEFAULT_CONFIG})",
+    )
+    p.add_argument(
+        "--node-name",
+        default=d(None),
+        metavar="NAME",
+        help="this node's name in the file (default: $NODE_NAME, else the hostname)",
+    )
+    p.add_argument(
+        "--ovsdb",
+        default=d(DEFAULT_OVSDB),
+        metavar="REMOTE",
+        help=f"OVSDB endpoint (default {DEFAULT_OVSDB})",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=d(DEFAULT_STATE_DIR),
+        metavar="DIR",
+        help=f"journal and snapshots; must survive reboots (default {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument(
+        "--host-run",
+        default=d(None),
+        metavar="DIR",
+        help="the host's /run, to see NetworkManager/networkd state (default /run; in a "
+        "container mount the host's /run there)",
+    )
     p.add_argument("--log-level", default=d("info"), choices=("debug", "info", "warning", "error"))
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="ovs-underlay node agent: bridge this node's NICs into OVS provider-network "
+        prog=PROG,
+        description="ovs-underlay node agent: bridge this node's NICs into OVS provider-network "
         "bridges (br-<name>) transactionally: snapshot, apply, verify the gateway, roll back on failure.",
         epilog="Exit codes: 0 ok, 1 failed and rolled back, 2 usage/config/refused (nothing changed), "
-               "3 rollback failed, 4 OVSDB or state dir unusable (nothing changed).")
+        "3 rollback failed, 4 OVSDB or state dir unusable (nothing changed).",
+    )
     _options(p, top=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     a = sub.add_parser("apply", help="apply the provider networks for this node")
-    a.add_argument("--dry-run", action="store_true", help="print the plan and the persistent configuration; "
-                   "change nothing")
+    a.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and the persistent configuration; change nothing",
+    )
     a.add_argument("names", nargs="*", metavar="NAME", help="only these networks")
     s = sub.add_parser("status", help="readiness per provider network")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -81,7 +106,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("name", metavar="NAME")
     r.add_argument("--dry-run", action="store_true", help="print what remove would do; change nothing")
     v = sub.add_parser("serve", help="apply, then keep applied (OVS restarts, file changes)")
-    v.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between checks (default 2)")
+    v.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="seconds between checks (default 2)"
+    )
     for sp in (a, s, r, v):
         _options(sp, top=False)
     return p
@@ -101,7 +128,7 @@ def _setup_logging(level: str) -> None:
 def real_drivers(ovsdb: str) -> Drivers:
     from core.bridges import Bridges
     from core.gateway import GatewayProbe
-    from core.hostnet import HostNet
+    from core.netlink import HostNet
 
     return Drivers(HostNet(), Bridges(ovsdb), GatewayProbe())
 
@@ -114,8 +141,9 @@ def _opts(args: argparse.Namespace) -> E.Options:
     host_run = Path(args.host_run or "/run")
     # Explicit --host-run: trust it. Default /run: only meaningful in the host's netns.
     check = bool(args.host_run) or netmgr.in_host_netns()
-    return E.Options(host_run=host_run, check_managers=check,
-                     failpoints=E.Options.failpoints_from_env(os.environ))
+    return E.Options(
+        host_run=host_run, check_managers=check, failpoints=E.Options.failpoints_from_env(os.environ)
+    )
 
 
 def _err(msg: str) -> None:
@@ -171,8 +199,10 @@ def _apply(args: argparse.Namespace, nets: list[C.NodeNetwork], store: StateDir,
             for nn in nets:
                 try:
                     out = E.apply_network(nn, d, store, opts)
-                    print(f"{nn.name}: {'applied' if out.changed else 'nothing to do'} "
-                          f"({nn.nic} -> {nn.bridge}; was: {out.state}; {out.seconds:.2f} s)")
+                    print(
+                        f"{nn.name}: {'applied' if out.changed else 'nothing to do'} "
+                        f"({nn.nic} -> {nn.bridge}; was: {out.state}; {out.seconds:.2f} s)"
+                    )
                 except E.ApplyFailed as exc:
                     _err(str(exc))
                     rc = max(rc, 1 if exc.restored else 3)
@@ -199,8 +229,13 @@ def _persistent(nn: C.NodeNetwork, plan: P.Plan) -> str:
     return "\n".join(out)
 
 
-def _status(args: argparse.Namespace, cfg: C.AgentConfig, nets: list[C.NodeNetwork], excluded: list[str],
-            store: StateDir) -> int:
+def _status(
+    args: argparse.Namespace,
+    cfg: C.AgentConfig,
+    nets: list[C.NodeNetwork],
+    excluded: list[str],
+    store: StateDir,
+) -> int:
     from agent import status as S
 
     opts = _opts(args)
@@ -221,7 +256,9 @@ def _status(args: argparse.Namespace, cfg: C.AgentConfig, nets: list[C.NodeNetwo
     table: list[list[Any]] = [["NETWORK", "BRIDGE", "INTERFACE", "MTU", "READY", "STATE"]]
     for r in rows:
         state = r.state + (f" ({r.error})" if r.error else "")
-        table.append([r.network, r.bridge, r.interface or "-", r.mtu or "-", "yes" if r.ready else "no", state])
+        table.append(
+            [r.network, r.bridge, r.interface or "-", r.mtu or "-", "yes" if r.ready else "no", state]
+        )
     widths = [max(len(str(row[i])) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + str(row[5]))
@@ -236,8 +273,10 @@ def _remove(args: argparse.Namespace, cfg: C.AgentConfig, store: StateDir, node:
     elif j is not None:  # not in the file any more: the journal knows the NIC
         nn = C.NodeNetwork(C.ProviderNetwork(args.name, j.nic), j.nic)
     else:
-        raise P.Refused(f"provider network {args.name} is neither in {args.config} for node {node} nor "
-                        f"journaled in {store.path}")
+        raise P.Refused(
+            f"provider network {args.name} is neither in {args.config} for node {node} nor "
+            f"journaled in {store.path}"
+        )
     opts = _opts(args)
     d = real_drivers(args.ovsdb)
     try:
@@ -250,7 +289,10 @@ def _remove(args: argparse.Namespace, cfg: C.AgentConfig, store: StateDir, node:
             except E.RemoveFailed as exc:
                 _err(str(exc))
                 return 1
-        print(f"{nn.name}: {'removed' if out.changed else 'nothing to do'} ({nn.nic} restored; was: {out.state})")
+        print(
+            f"{nn.name}: {'removed' if out.changed else 'nothing to do'} "
+            f"({nn.nic} restored; was: {out.state})"
+        )
         return 0
     finally:
         d.close()
@@ -260,7 +302,13 @@ def _serve(args: argparse.Namespace) -> int:
     from agent.serve import Server
 
     node = _node(args)
-    srv = Server(Path(args.config), node, lambda: real_drivers(args.ovsdb), StateDir(args.state_dir), _opts(args),
-                 interval_s=args.interval)
+    srv = Server(
+        Path(args.config),
+        node,
+        lambda: real_drivers(args.ovsdb),
+        StateDir(args.state_dir),
+        _opts(args),
+        interval_s=args.interval,
+    )
     srv.install_signals()
     return srv.run()

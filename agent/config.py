@@ -118,8 +118,10 @@ class AgentConfig:
                 continue
             for iface in (nic, *n.vlan_interfaces):
                 if iface in owner:
-                    raise ConfigError(f"node {node}: interface {iface} is claimed by provider networks "
-                                      f"{owner[iface]} and {n.name}; an interface can be in one bridge only")
+                    raise ConfigError(
+                        f"node {node}: interface {iface} is claimed by provider networks "
+                        f"{owner[iface]} and {n.name}; an interface can be in one bridge only"
+                    )
                 owner[iface] = n.name
             out.append(NodeNetwork(n, nic))
         return out, excluded
@@ -129,14 +131,28 @@ class AgentConfig:
 # Parsing
 
 
-_NETWORK_KEYS = {"name", "defaultInterface", "customInterfaces", "excludeNodes", "vlanInterfaces",
-                 "datapathType", "mtu", "verify", "manage"}
+_NETWORK_KEYS = {
+    "name",
+    "defaultInterface",
+    "customInterfaces",
+    "excludeNodes",
+    "vlanInterfaces",
+    "datapathType",
+    "mtu",
+    "verify",
+    "manage",
+}
 # Kube-OVN keys we know: accepted at the value that asks for nothing, refused otherwise.
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "exchangeLinkName": (False, "the NIC keeps its name and the bridge is br-<name>"),
-    "autoCreateVlanSubinterfaces": (False, "create the VLAN interfaces yourself and list them in vlanInterfaces"),
-    "preserveVlanInterfaces": (False, "the agent touches only interfaces the file names: list them in "
-                                      "vlanInterfaces"),
+    "autoCreateVlanSubinterfaces": (
+        False,
+        "create the VLAN interfaces yourself and list them in vlanInterfaces",
+    ),
+    "preserveVlanInterfaces": (
+        False,
+        "the agent touches only interfaces the file names: list them in vlanInterfaces",
+    ),
     "nodeSelector": (None, "the agent has no node labels: use customInterfaces and excludeNodes"),
 }
 
@@ -230,8 +246,10 @@ def parse_network(item: Any, at: str) -> ProviderNetwork:
         raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)}")
     name = item.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > NAME_MAX:
-        raise ConfigError(f"{at}.name: {name!r} must be a lowercase name of 1-{NAME_MAX} characters "
-                          "(letters, digits, '-'): the bridge is br-<name>")
+        raise ConfigError(
+            f"{at}.name: {name!r} must be a lowercase name of 1-{NAME_MAX} characters "
+            "(letters, digits, '-'): the bridge is br-<name>"
+        )
     at = f"{at} ({name})"
     default = _ifname(item.get("defaultInterface"), f"{at}.defaultInterface")
     custom = []
@@ -242,10 +260,14 @@ def parse_network(item: Any, at: str) -> ProviderNetwork:
         cat = f"{at}.customInterfaces[{j}]"
         if not isinstance(c, Mapping) or set(c) - {"interface", "nodes"}:
             raise ConfigError(f"{cat}: expected {{interface, nodes}}, got {c!r}")
-        custom.append((_ifname(c.get("interface"), f"{cat}.interface"), _names(c.get("nodes"), f"{cat}.nodes")))
+        custom.append(
+            (_ifname(c.get("interface"), f"{cat}.interface"), _names(c.get("nodes"), f"{cat}.nodes"))
+        )
     exclude = frozenset(_names(item.get("excludeNodes", []), f"{at}.excludeNodes"))
-    vlans = tuple(_ifname(v, f"{at}.vlanInterfaces[{j}]")
-                  for j, v in enumerate(_list(item.get("vlanInterfaces", []), f"{at}.vlanInterfaces")))
+    vlans = tuple(
+        _ifname(v, f"{at}.vlanInterfaces[{j}]")
+        for j, v in enumerate(_list(item.get("vlanInterfaces", []), f"{at}.vlanInterfaces"))
+    )
     if len(set(vlans)) != len(vlans):
         raise ConfigError(f"{at}.vlanInterfaces: {list(vlans)} names an interface twice")
     dp = item.get("datapathType")
@@ -257,9 +279,17 @@ def parse_network(item: Any, at: str) -> ProviderNetwork:
     manage = item.get("manage", False)
     if not isinstance(manage, bool):
         raise ConfigError(f"{at}.manage: {manage!r} must be true or false")
-    return ProviderNetwork(name=name, default_interface=default, custom_interfaces=tuple(custom),
-                           exclude_nodes=exclude, vlan_interfaces=vlans, datapath_type=dp, mtu=mtu,
-                           verify=_verify(item.get("verify"), f"{at}.verify"), manage=manage)
+    return ProviderNetwork(
+        name=name,
+        default_interface=default,
+        custom_interfaces=tuple(custom),
+        exclude_nodes=exclude,
+        vlan_interfaces=vlans,
+        datapath_type=dp,
+        mtu=mtu,
+        verify=_verify(item.get("verify"), f"{at}.verify"),
+        manage=manage,
+    )
 
 
 def _verify(v: Any, at: str) -> Verify:
@@ -303,6 +333,7 @@ def _names(v: Any, at: str) -> tuple[str, ...]:
 
 def _ifname(v: Any, at: str) -> str:
     if not isinstance(v, str) or not v or len(v) > IFNAME_MAX or _IFNAME_BAD.search(v) or v in (".", ".."):
-        raise ConfigError(f"{at}: {v!r} is not an interface name (1-{IFNAME_MAX} characters, no '/', ':' "
-                          "or spaces)")
+        raise ConfigError(
+            f"{at}: {v!r} is not an interface name (1-{IFNAME_MAX} characters, no '/', ':' or spaces)"
+        )
     return v

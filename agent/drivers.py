@@ -15,8 +15,8 @@ from typing import Protocol
 
 from netaddr import IPAddress
 
-from core.netstate import Address, IfaceState, Link, Route, Rule
 from core.bridges import BridgeInfo, BridgeSpec
+from core.netstate import Address, IfaceState, Link, Route, Rule
 
 
 class HostNet(Protocol):
@@ -36,8 +36,9 @@ class HostNet(Protocol):
 
     def delete_rule(self, r: Rule) -> None: ...
 
-    def set_link(self, name: str, *, mac: str | None = None, mtu: int | None = None,
-                 up: bool | None = None) -> None: ...
+    def set_link(
+        self, name: str, *, mac: str | None = None, mtu: int | None = None, up: bool | None = None
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -51,8 +52,9 @@ class Switch(Protocol):
 
     def attach_port(self, bridge: str, port: str, ids: Mapping[str, str]) -> None: ...
 
-    def add_internal_port(self, bridge: str, name: str, *, tag: int | None, mac: str, mtu: int,
-                          ids: Mapping[str, str]) -> None: ...
+    def add_internal_port(
+        self, bridge: str, name: str, *, tag: int | None, mac: str, mtu: int, ids: Mapping[str, str]
+    ) -> None: ...
 
     def detach_port(self, bridge: str, port: str) -> None: ...
 

@@ -22,6 +22,7 @@ journal records the next step. Unset, it costs one dict lookup per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -45,16 +46,27 @@ _log = logging.getLogger("ovs-underlay.agent")
 class ApplyFailed(Exception):
     """apply failed at `step` and was rolled back (`restored`), or the rollback failed too."""
 
-    def __init__(self, network: str, step: str, cause: str, restored: bool, rollback_error: str = "",
-                 rollback_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        network: str,
+        step: str,
+        cause: str,
+        restored: bool,
+        rollback_error: str = "",
+        rollback_s: float = 0.0,
+    ) -> None:
         self.network, self.step, self.cause = network, step, cause
         self.restored, self.rollback_error, self.rollback_s = restored, rollback_error, rollback_s
         if restored:
-            msg = (f"provider network {network}: apply failed at step {step}: {cause}; rolled back in "
-                   f"{rollback_s:.1f} s, the NIC is as in its snapshot")
+            msg = (
+                f"provider network {network}: apply failed at step {step}: {cause}; rolled back in "
+                f"{rollback_s:.1f} s, the NIC is as in its snapshot"
+            )
         else:
-            msg = (f"provider network {network}: apply failed at step {step}: {cause}; ROLLBACK FAILED: "
-                   f"{rollback_error}. The journal keeps the snapshot: run apply or remove again")
+            msg = (
+                f"provider network {network}: apply failed at step {step}: {cause}; ROLLBACK FAILED: "
+                f"{rollback_error}. The journal keeps the snapshot: run apply or remove again"
+            )
         super().__init__(msg)
 
 
@@ -99,10 +111,8 @@ def observe(nn: NodeNetwork, d: Drivers, j: Journal | None, opts: Options) -> P.
     vlan_ports = [vp.port for vp in j.vlan_ports] if j else []
     for v, st in vlans.items():
         if st is not None and nic is not None:
-            try:
+            with contextlib.suppress(P.Refused):  # plan_apply refuses it, with the reason
                 vlan_ports.append(P.vlan_port_name(nn.bridge, P.vlan_id(v, st, nic)))
-            except P.Refused:
-                pass  # plan_apply refuses it with the reason
     vlan_ports = list(dict.fromkeys(vlan_ports))
     managed: dict[str, list[netmgr.Management]] = {}
     if opts.check_managers:
@@ -163,8 +173,12 @@ def apply_network(nn: NodeNetwork, d: Drivers, store: StateDir, opts: Options) -
     t0 = time.monotonic()
     j = store.read(nn.name)
     if j is not None and j.phase in ("rolling-back", "removing"):
-        _log.warning("%s: a %s was interrupted at step %s; finishing it first", nn.name,
-                     "rollback" if j.phase == "rolling-back" else "remove", j.step)
+        _log.warning(
+            "%s: a %s was interrupted at step %s; finishing it first",
+            nn.name,
+            "rollback" if j.phase == "rolling-back" else "remove",
+            j.step,
+        )
         _restore(nn, d, store, j, opts, "rollback" if j.phase == "rolling-back" else "remove")
         j = store.read(nn.name)
     if j is not None and j.phase == "rolled-back":
@@ -214,10 +228,17 @@ def apply_network(nn: NodeNetwork, d: Drivers, store: StateDir, opts: Options) -
 def _journal_for(nn: NodeNetwork, plan: P.Plan, j: Journal | None, obs: P.Observed) -> Journal:
     if j is not None and j.nic_snapshot is not None and j.phase in ("applying", "applied"):
         return j
-    return Journal(network=nn.name, bridge=nn.bridge, nic=nn.nic, phase="applying", nic_snapshot=plan.snapshot,
-                   vlan_snapshots=plan.vlan_snapshots, vlan_ports=plan.vlan_ports,
-                   bridge_created=obs.bridge is None or (j is not None and j.bridge_created),
-                   taken_at=time.time())
+    return Journal(
+        network=nn.name,
+        bridge=nn.bridge,
+        nic=nn.nic,
+        phase="applying",
+        nic_snapshot=plan.snapshot,
+        vlan_snapshots=plan.vlan_snapshots,
+        vlan_ports=plan.vlan_ports,
+        bridge_created=obs.bridge is None or (j is not None and j.bridge_created),
+        taken_at=time.time(),
+    )
 
 
 def _mark_error(d: Drivers, nn: NodeNetwork, error: str) -> None:
@@ -254,19 +275,24 @@ def remove_network(nn: NodeNetwork, d: Drivers, store: StateDir, opts: Options) 
     t0 = time.monotonic()
     j = store.read(nn.name)
     if j is None:
-        raise P.Refused(f"provider network {nn.name} has no journal in {store.path}: the agent did not apply "
-                        f"it on this node (or removed it already); {nn.nic} is not touched")
+        raise P.Refused(
+            f"provider network {nn.name} has no journal in {store.path}: the agent did not apply "
+            f"it on this node (or removed it already); {nn.nic} is not touched"
+        )
     if j.phase == "rolled-back":
         store.delete(nn.name)
-        return Outcome(nn.name, False, "not applied (the last apply was rolled back)", None,
-                       time.monotonic() - t0)
+        return Outcome(
+            nn.name, False, "not applied (the last apply was rolled back)", None, time.monotonic() - t0
+        )
     obs = observe(nn, d, j, opts)
     state = P.classify(nn, obs)
     try:
         _restore(nn, d, store, j, opts, "remove")
     except Exception as exc:
-        raise RemoveFailed(f"provider network {nn.name}: remove failed: {getattr(exc, 'msg', None) or exc}; "
-                           "the journal keeps the snapshot: run remove again") from exc
+        raise RemoveFailed(
+            f"provider network {nn.name}: remove failed: {getattr(exc, 'msg', None) or exc}; "
+            "the journal keeps the snapshot: run remove again"
+        ) from exc
     return Outcome(nn.name, True, state, None, time.monotonic() - t0)
 
 
@@ -278,7 +304,9 @@ def plan_only(nn: NodeNetwork, d: Drivers, store: StateDir, opts: Options, kind:
             raise P.Refused(f"provider network {nn.name} has no journal: nothing to remove")
         return P.plan_restore(nn, observe(nn, d, j, opts), j, "remove")
     if j is not None and j.phase in ("rolling-back", "removing"):
-        return P.plan_restore(nn, observe(nn, d, j, opts), j, "rollback" if j.phase == "rolling-back" else "remove")
+        return P.plan_restore(
+            nn, observe(nn, d, j, opts), j, "rollback" if j.phase == "rolling-back" else "remove"
+        )
     if j is not None and j.phase == "rolled-back":
         j = None
     return P.plan_apply(nn, observe(nn, d, j, opts), j, opts.datapath_default)

@@ -71,8 +71,13 @@ class Journal:
     history: tuple[str, ...] = field(default=())  # last outcomes, newest last
 
     def at(self, phase: str | None = None, step: str | None = None, **kw: Any) -> Journal:
-        return replace(self, phase=phase or self.phase, step=self.step if step is None else step,
-                       updated_at=time.time(), **kw)
+        return replace(
+            self,
+            phase=phase or self.phase,
+            step=self.step if step is None else step,
+            updated_at=time.time(),
+            **kw,
+        )
 
     def noted(self, outcome: str) -> Journal:
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {outcome}"
@@ -80,15 +85,23 @@ class Journal:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": VERSION, "network": self.network, "bridge": self.bridge, "nic": self.nic,
-            "phase": self.phase, "step": self.step,
+            "version": VERSION,
+            "network": self.network,
+            "bridge": self.bridge,
+            "nic": self.nic,
+            "phase": self.phase,
+            "step": self.step,
             "snapshot": {
                 "takenAt": self.taken_at,
                 "nic": netstate.to_json(self.nic_snapshot) if self.nic_snapshot else None,
                 "vlanInterfaces": [netstate.to_json(s) for s in self.vlan_snapshots],
             },
-            "vlanPorts": [{"interface": v.interface, "port": v.port, "vlan": v.vlan} for v in self.vlan_ports],
-            "bridgeCreated": self.bridge_created, "updatedAt": self.updated_at, "error": self.error,
+            "vlanPorts": [
+                {"interface": v.interface, "port": v.port, "vlan": v.vlan} for v in self.vlan_ports
+            ],
+            "bridgeCreated": self.bridge_created,
+            "updatedAt": self.updated_at,
+            "error": self.error,
             "history": list(self.history),
         }
 
@@ -100,15 +113,22 @@ class Journal:
             raise ValueError(f"unknown phase {d['phase']!r}")
         snap = d.get("snapshot") or {}
         return Journal(
-            network=str(d["network"]), bridge=str(d["bridge"]), nic=str(d["nic"]), phase=str(d["phase"]),
+            network=str(d["network"]),
+            bridge=str(d["bridge"]),
+            nic=str(d["nic"]),
+            phase=str(d["phase"]),
             step=str(d.get("step", "")),
             nic_snapshot=netstate.from_json(snap["nic"]) if snap.get("nic") else None,
             vlan_snapshots=tuple(netstate.from_json(s) for s in snap.get("vlanInterfaces", ())),
-            vlan_ports=tuple(VlanPort(str(v["interface"]), str(v["port"]), int(v["vlan"]))
-                             for v in d.get("vlanPorts", ())),
-            bridge_created=bool(d.get("bridgeCreated", False)), taken_at=float(snap.get("takenAt", 0.0)),
-            updated_at=float(d.get("updatedAt", 0.0)), error=str(d.get("error", "")),
-            history=tuple(str(h) for h in d.get("history", ())))
+            vlan_ports=tuple(
+                VlanPort(str(v["interface"]), str(v["port"]), int(v["vlan"])) for v in d.get("vlanPorts", ())
+            ),
+            bridge_created=bool(d.get("bridgeCreated", False)),
+            taken_at=float(snap.get("takenAt", 0.0)),
+            updated_at=float(d.get("updatedAt", 0.0)),
+            error=str(d.get("error", "")),
+            history=tuple(str(h) for h in d.get("history", ())),
+        )
 
     @property
     def interrupted(self) -> bool:
@@ -147,8 +167,9 @@ class StateDir:
                     if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                         raise
                     if time.monotonic() > deadline:
-                        raise JournalError(f"another agent holds {self.path}/lock for more than "
-                                           f"{timeout_s:g} s") from exc
+                        raise JournalError(
+                            f"another agent holds {self.path}/lock for more than {timeout_s:g} s"
+                        ) from exc
                     time.sleep(0.1)
             yield
         finally:
@@ -166,8 +187,10 @@ class StateDir:
             aside = f.with_name(f"{f.name}.corrupt-{int(time.time())}")
             with contextlib.suppress(OSError):
                 os.replace(f, aside)
-            raise JournalError(f"journal {f} is unreadable ({exc}); moved to {aside.name}. Check the "
-                               "interface by hand before applying again") from exc
+            raise JournalError(
+                f"journal {f} is unreadable ({exc}); moved to {aside.name}. Check the "
+                "interface by hand before applying again"
+            ) from exc
 
     def names(self) -> list[str]:
         """Networks that have a journal."""

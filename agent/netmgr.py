@@ -74,8 +74,11 @@ def _read(p: Path) -> str | None:
 
 
 def _gateways(state: IfaceState, family: int) -> list[str]:
-    return [r.gateway for r in state.routes
-            if r.family == family and r.gateway and r.table == 254 and r.dst in ("0.0.0.0/0", "::/0")]
+    return [
+        r.gateway
+        for r in state.routes
+        if r.family == family and r.gateway and r.table == 254 and r.dst in ("0.0.0.0/0", "::/0")
+    ]
 
 
 def _extra_routes(state: IfaceState) -> list[Route]:
@@ -93,20 +96,28 @@ def nm_keyfiles(bridge: str, nic: str, state: IfaceState, mtu: int, datapath: st
     br = f"[connection]\nid={bridge}\ntype=ovs-bridge\ninterface-name={bridge}\n\n[ovs-bridge]\n"
     if datapath == "netdev":
         br += "datapath-type=netdev\n"
-    iface = (f"[connection]\nid={bridge}-if\ntype=ovs-interface\ninterface-name={bridge}\n"
-             f"master={bridge}-port\nslave-type=ovs-port\n\n[ovs-interface]\ntype=internal\n\n"
-             f"[ethernet]\ncloned-mac-address={state.link.mac}\nmtu={mtu}\n\n")
+    iface = (
+        f"[connection]\nid={bridge}-if\ntype=ovs-interface\ninterface-name={bridge}\n"
+        f"master={bridge}-port\nslave-type=ovs-port\n\n[ovs-interface]\ntype=internal\n\n"
+        f"[ethernet]\ncloned-mac-address={state.link.mac}\nmtu={mtu}\n\n"
+    )
     iface += _nm_ip("ipv4", v4, _gateways(state, 2), _extra_routes_of(state, 2))
     iface += _nm_ip("ipv6", v6, _gateways(state, AF_INET6), _extra_routes_of(state, AF_INET6))
     return {
         f"{d}/{bridge}.nmconnection": br,
-        f"{d}/{bridge}-port.nmconnection": (f"[connection]\nid={bridge}-port\ntype=ovs-port\n"
-                                            f"interface-name={bridge}\nmaster={bridge}\nslave-type=ovs-bridge\n"),
+        f"{d}/{bridge}-port.nmconnection": (
+            f"[connection]\nid={bridge}-port\ntype=ovs-port\n"
+            f"interface-name={bridge}\nmaster={bridge}\nslave-type=ovs-bridge\n"
+        ),
         f"{d}/{bridge}-if.nmconnection": iface,
-        f"{d}/{nic}-port.nmconnection": (f"[connection]\nid={nic}-port\ntype=ovs-port\ninterface-name={nic}\n"
-                                         f"master={bridge}\nslave-type=ovs-bridge\n"),
-        f"{d}/{nic}.nmconnection": (f"[connection]\nid={nic}\ntype=ethernet\ninterface-name={nic}\n"
-                                    f"master={nic}-port\nslave-type=ovs-port\n\n[ethernet]\nmtu={mtu}\n"),
+        f"{d}/{nic}-port.nmconnection": (
+            f"[connection]\nid={nic}-port\ntype=ovs-port\ninterface-name={nic}\n"
+            f"master={bridge}\nslave-type=ovs-bridge\n"
+        ),
+        f"{d}/{nic}.nmconnection": (
+            f"[connection]\nid={nic}\ntype=ethernet\ninterface-name={nic}\n"
+            f"master={nic}-port\nslave-type=ovs-port\n\n[ethernet]\nmtu={mtu}\n"
+        ),
     }
 
 
@@ -116,12 +127,16 @@ def _extra_routes_of(state: IfaceState, family: int) -> list[Route]:
 
 def _nm_ip(section: str, addrs: Sequence[Address], gws: Sequence[str], routes: Sequence[Route]) -> str:
     if not addrs:
-        return f"[{section}]\nmethod={'disabled' if section == 'ipv6' else 'disabled'}\n\n"
+        return f"[{section}]\nmethod=disabled\n\n"
     out = f"[{section}]\nmethod=manual\n"
     for i, a in enumerate(addrs, 1):
         out += f"address{i}={a.address}" + (f",{gws[0]}" if i == 1 and gws else "") + "\n"
     for i, r in enumerate(routes, 1):
-        out += f"route{i}={r.dst}" + (f",{r.gateway}" if r.gateway else "") + (f",{r.metric}" if r.metric else "")
+        out += (
+            f"route{i}={r.dst}"
+            + (f",{r.gateway}" if r.gateway else "")
+            + (f",{r.metric}" if r.metric else "")
+        )
         out += "\n" + (f"route{i}_options=table={r.table}\n" if r.table != 254 else "")
     return out + "\n"
 
@@ -139,6 +154,8 @@ def networkd_files(bridge: str, nic: str, state: IfaceState, mtu: int) -> dict[s
     for r in _extra_routes(state):
         br += f"\n[Route]\nDestination={r.dst}\n" + (f"Gateway={r.gateway}\n" if r.gateway else "")
         br += (f"Metric={r.metric}\n" if r.metric else "") + (f"Table={r.table}\n" if r.table != 254 else "")
-    nicf = (f"[Match]\nName={nic}\n\n[Link]\nMTUBytes={mtu}\n\n[Network]\nLinkLocalAddressing=no\n"
-            "IPv6AcceptRA=no\nDHCP=no\n")
+    nicf = (
+        f"[Match]\nName={nic}\n\n[Link]\nMTUBytes={mtu}\n\n[Network]\nLinkLocalAddressing=no\n"
+        "IPv6AcceptRA=no\nDHCP=no\n"
+    )
     return {f"{d}/10-{bridge}.network": br, f"{d}/10-{nic}.network": nicf}

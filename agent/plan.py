@@ -145,21 +145,26 @@ def vlan_id(name: str, st: IfaceState, nic: IfaceState) -> int:
     be the NIC), else the `.N` suffix of its name (Kube-OVN's convention)."""
     if st.link.kind == "vlan" and st.link.vlan_id is not None:
         if st.link.vlan_link != nic.link.index:
-            raise Refused(f"VLAN interface {name} is not on {nic.link.name} (its parent is interface "
-                          f"index {st.link.vlan_link}); only VLAN interfaces of the bridged NIC can be kept")
+            raise Refused(
+                f"VLAN interface {name} is not on {nic.link.name} (its parent is interface "
+                f"index {st.link.vlan_link}); only VLAN interfaces of the bridged NIC can be kept"
+            )
         return st.link.vlan_id
     m = _VID_SUFFIX.search(name)
     if not m or not 1 <= int(m.group(1)) <= 4094:
-        raise Refused(f"{name} is not an 802.1Q interface and its name has no .<VLAN id> suffix: cannot "
-                      "tell its VLAN")
+        raise Refused(
+            f"{name} is not an 802.1Q interface and its name has no .<VLAN id> suffix: cannot tell its VLAN"
+        )
     return int(m.group(1))
 
 
 def vlan_port_name(bridge: str, vid: int) -> str:
     name = f"{bridge}.{vid}"
     if len(name) > IFNAME_MAX:
-        raise Refused(f"the internal port for VLAN {vid} would be {name!r}, longer than {IFNAME_MAX} "
-                      "characters: use a shorter provider network name")
+        raise Refused(
+            f"the internal port for VLAN {vid} would be {name!r}, longer than {IFNAME_MAX} "
+            "characters: use a shorter provider network name"
+        )
     return name
 
 
@@ -199,17 +204,25 @@ def plan_apply(nn: NodeNetwork, obs: Observed, j: Journal | None, datapath_defau
     for iface, mgrs in obs.managed.items():
         for m in mgrs:
             if not net.manage:
-                raise Refused(f"{iface} is managed by {m.manager} ({m.detail}): it would undo the bridge. "
-                              f"Set \"manage\": true for provider network {nn.name} to take it over, and "
-                              "persist the layout with the configuration `apply --dry-run` prints")
-            warnings.append(f"{iface} is managed by {m.manager} ({m.detail}); taking it over because of "
-                            "manage: true. Persist the configuration printed below or it will fight the bridge")
+                raise Refused(
+                    f"{iface} is managed by {m.manager} ({m.detail}): it would undo the bridge. "
+                    f'Set "manage": true for provider network {nn.name} to take it over, and '
+                    "persist the layout with the configuration `apply --dry-run` prints"
+                )
+            warnings.append(
+                f"{iface} is managed by {m.manager} ({m.detail}); taking it over because of "
+                "manage: true. Persist the configuration printed below or it will fight the bridge"
+            )
     if obs.bridge is not None and net.datapath_type and obs.bridge.datapath_type != net.datapath_type:
-        raise Refused(f"bridge {br} exists with datapath_type {obs.bridge.datapath_type}, the file says "
-                      f"{net.datapath_type}")
+        raise Refused(
+            f"bridge {br} exists with datapath_type {obs.bridge.datapath_type}, the file says "
+            f"{net.datapath_type}"
+        )
     if obs.bridge is not None and not obs.bridge.ours and (j is None or not j.bridge_created):
-        warnings.append(f"bridge {br} exists and was not created by the agent: using it as it is "
-                        "(its MAC is left alone; remove will not delete it)")
+        warnings.append(
+            f"bridge {br} exists and was not created by the agent: using it as it is "
+            "(its MAC is left alone; remove will not delete it)"
+        )
     if obs.nic.link.kind in ("tun", "openvswitch") or obs.nic.link.name == br:
         raise Refused(f"{nic} is an OVS device, not a NIC")
 
@@ -245,10 +258,13 @@ def plan_apply(nn: NodeNetwork, obs: Observed, j: Journal | None, datapath_defau
 
     create: list[A.Action] = []
     bstate = obs.bridge_state
-    need_bridge = (obs.bridge is None or (obs.bridge.ours and obs.bridge.hwaddr.lower() != mac.lower())
-                   or bstate is None or bstate.link.mtu != mtu
-                   or any(obs.bridge.external_ids.get(k) != v for k, v in _ids(nn, mtu, True).items()
-                          if k != B.READY))
+    need_bridge = (
+        obs.bridge is None
+        or (obs.bridge.ours and obs.bridge.hwaddr.lower() != mac.lower())
+        or bstate is None
+        or bstate.link.mtu != mtu
+        or any(obs.bridge.external_ids.get(k) != v for k, v in _ids(nn, mtu, True).items() if k != B.READY)
+    )
     ids = _ids(nn, mtu, ready=False)
     if obs.bridge is None:
         ids["owner"] = OWNER
@@ -259,16 +275,26 @@ def plan_apply(nn: NodeNetwork, obs: Observed, j: Journal | None, datapath_defau
         create.append(A.SetLink(br, up=True))
     steps.append(Step("create-bridge", f"OVS bridge {br} with {nic}'s MAC {mac}", tuple(create)))
 
-    steps.append(Step("copy-addresses", f"{nic}'s addresses also on {br} (both hold them for a moment)",
-                      tuple(A.AddAddress(br, a.on(nic, br)) for a in carry.addresses if not _has_addr(bstate, a))))
+    steps.append(
+        Step(
+            "copy-addresses",
+            f"{nic}'s addresses also on {br} (both hold them for a moment)",
+            tuple(A.AddAddress(br, a.on(nic, br)) for a in carry.addresses if not _has_addr(bstate, a)),
+        )
+    )
 
     attach: list[A.Action] = []
     if obs.bridge is None or not obs.bridge.has_port(nic):
         attach.append(A.AttachPort(br, nic, {"owner": OWNER, B.NETWORK: nn.name}))
     steps.append(Step("attach-nic", f"{nic} becomes a port of {br} (a trunk of every VLAN)", tuple(attach)))
 
-    steps.append(Step("move-routes", f"routes through {nic}, every table, now through {br} (atomic replace)",
-                      tuple(A.ReplaceRoute(r, idx, br) for r in carry.routes if not _has_route(bstate, r, idx))))
+    steps.append(
+        Step(
+            "move-routes",
+            f"routes through {nic}, every table, now through {br} (atomic replace)",
+            tuple(A.ReplaceRoute(r, idx, br) for r in carry.routes if not _has_route(bstate, r, idx)),
+        )
+    )
 
     rules: list[A.Action] = []
     have_rules = {r.config() for r in (bstate.rules if bstate else ())}
@@ -279,8 +305,13 @@ def plan_apply(nn: NodeNetwork, obs: Observed, j: Journal | None, datapath_defau
     rules += [A.DelRule(r) for r in obs.nic.rules]
     steps.append(Step("move-rules", f"policy rules naming {nic} now name {br}", tuple(rules)))
 
-    steps.append(Step("clear-nic", f"{nic} keeps no addresses (they live on {br})",
-                      tuple(A.DelAddress(nic, a) for a in netstate.movable(obs.nic).addresses)))
+    steps.append(
+        Step(
+            "clear-nic",
+            f"{nic} keeps no addresses (they live on {br})",
+            tuple(A.DelAddress(nic, a) for a in netstate.movable(obs.nic).addresses),
+        )
+    )
 
     for vs, vp in zip(vlan_snaps, vports, strict=True):
         steps.append(_vlan_apply_step(nn, vs, vp, obs))
@@ -289,8 +320,11 @@ def plan_apply(nn: NodeNetwork, obs: Observed, j: Journal | None, datapath_defau
     if net.verify.enabled:
         gws = list(net.verify.gateways) if net.verify.gateways is not None else default_gateways(carry)
         if gws:
-            verify.append(A.VerifyGateways(br, tuple((g, sender_for(g, carry.addresses)) for g in gws),
-                                           net.verify.timeout_ms))
+            verify.append(
+                A.VerifyGateways(
+                    br, tuple((g, sender_for(g, carry.addresses)) for g in gws), net.verify.timeout_ms
+                )
+            )
         else:
             warnings.append(f"{nic} has no default route and the file names no gateway: nothing to verify")
     else:
@@ -298,12 +332,16 @@ def plan_apply(nn: NodeNetwork, obs: Observed, j: Journal | None, datapath_defau
 
     work = any(s.actions for s in steps)
     ready = obs.bridge is not None and obs.bridge.ready and not work
-    mark = () if ready else (A.MarkBridge(br, {B.READY: "true", B.MTU: str(mtu), B.INTERFACE: nic,
-                                                B.ERROR: None}),)
+    mark = (
+        ()
+        if ready
+        else (A.MarkBridge(br, {B.READY: "true", B.MTU: str(mtu), B.INTERFACE: nic, B.ERROR: None}),)
+    )
     steps.append(Step("verify", "the gateways answer from the bridge", tuple(verify) if not ready else ()))
     steps.append(Step("mark-ready", f"{br} is ready (the CNI plugin may attach pods)", mark))
-    return Plan(nn, "apply", classify(nn, obs), tuple(steps), snap, tuple(vlan_snaps), tuple(vports),
-                tuple(warnings))
+    return Plan(
+        nn, "apply", classify(nn, obs), tuple(steps), snap, tuple(vlan_snaps), tuple(vports), tuple(warnings)
+    )
 
 
 def _vlan_apply_step(nn: NodeNetwork, vs: IfaceState, vp: VlanPort, obs: Observed) -> Step:
@@ -312,24 +350,34 @@ def _vlan_apply_step(nn: NodeNetwork, vs: IfaceState, vp: VlanPort, obs: Observe
     carry = _merge(vs, live)
     acts: list[A.Action] = []
     if obs.bridge is None or not obs.bridge.has_port(vp.port):
-        acts.append(A.AddInternalPort(nn.bridge, vp.port, vp.vlan, vs.link.mac, vs.link.mtu,
-                                      {"owner": OWNER, B.NETWORK: nn.name}))
+        acts.append(
+            A.AddInternalPort(
+                nn.bridge, vp.port, vp.vlan, vs.link.mac, vs.link.mtu, {"owner": OWNER, B.NETWORK: nn.name}
+            )
+        )
     if port is None or not port.link.up:
         acts.append(A.SetLink(vp.port, up=True))
-    acts += [A.AddAddress(vp.port, a.on(vp.interface, vp.port)) for a in carry.addresses
-             if not _has_addr(port, a)]
+    acts += [
+        A.AddAddress(vp.port, a.on(vp.interface, vp.port)) for a in carry.addresses if not _has_addr(port, a)
+    ]
     idx = carry.link.index
     acts += [A.ReplaceRoute(r, idx, vp.port) for r in carry.routes if not _has_route(port, r, idx)]
     have = {r.config() for r in (port.rules if port else ())}
-    acts += [A.AddRule(r.renamed(vp.interface, vp.port)) for r in carry.rules
-             if r.renamed(vp.interface, vp.port).config() not in have]
+    acts += [
+        A.AddRule(r.renamed(vp.interface, vp.port))
+        for r in carry.rules
+        if r.renamed(vp.interface, vp.port).config() not in have
+    ]
     if live is not None:
         acts += [A.DelRule(r) for r in live.rules]
         acts += [A.DelAddress(vp.interface, a) for a in netstate.movable(live).addresses]
         if live.link.up:
             acts.append(A.SetLink(vp.interface, up=False))
-    return Step(f"vlan-{vp.interface}", f"VLAN {vp.vlan} interface {vp.interface} carried by {vp.port} "
-                                        f"(tag {vp.vlan} on {nn.bridge})", tuple(acts))
+    return Step(
+        f"vlan-{vp.interface}",
+        f"VLAN {vp.vlan} interface {vp.interface} carried by {vp.port} (tag {vp.vlan} on {nn.bridge})",
+        tuple(acts),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,16 +409,28 @@ def plan_restore(nn: NodeNetwork, obs: Observed, j: Journal, kind: str) -> Plan:
         link.append(A.SetLink(nic, up=True))
     steps.append(Step("restore-nic-link", f"{nic}'s MTU and MAC as in the snapshot", tuple(link)))
 
-    steps.append(Step("restore-addresses", f"{nic}'s addresses back",
-                      tuple(A.AddAddress(nic, a) for a in base.addresses if not _has_addr(live, a))))
+    steps.append(
+        Step(
+            "restore-addresses",
+            f"{nic}'s addresses back",
+            tuple(A.AddAddress(nic, a) for a in base.addresses if not _has_addr(live, a)),
+        )
+    )
     routes = [r.moved(snap.link.index, idx) for r in base.routes]
-    steps.append(Step("restore-routes", f"routes through {nic} again (atomic replace)",
-                      tuple(A.ReplaceRoute(r, idx, nic) for r in routes if not _has_route(live, r, idx))))
+    steps.append(
+        Step(
+            "restore-routes",
+            f"routes through {nic} again (atomic replace)",
+            tuple(A.ReplaceRoute(r, idx, nic) for r in routes if not _has_route(live, r, idx)),
+        )
+    )
     rules: list[A.Action] = []
     have = {r.config() for r in live.rules}
     rules += [A.AddRule(r) for r in snap.rules if r.config() not in have]
     bridge_rules = {r.config() for r in (bstate.rules if bstate else ())}
-    rules += [A.DelRule(r.renamed(nic, br)) for r in snap.rules if r.renamed(nic, br).config() in bridge_rules]
+    rules += [
+        A.DelRule(r.renamed(nic, br)) for r in snap.rules if r.renamed(nic, br).config() in bridge_rules
+    ]
     steps.append(Step("restore-rules", f"policy rules name {nic} again", tuple(rules)))
 
     vports = {vp.interface: vp for vp in j.vlan_ports}
@@ -390,8 +450,11 @@ def plan_restore(nn: NodeNetwork, obs: Observed, j: Journal, kind: str) -> Plan:
 
     release: list[A.Action] = []
     if obs.bridge is not None:
-        ours_left = sum(1 for p in (nic, *(vp.port for vp in j.vlan_ports))
-                        if obs.bridge.has_port(p) and obs.bridge.ports[p].ours)
+        ours_left = sum(
+            1
+            for p in (nic, *(vp.port for vp in j.vlan_ports))
+            if obs.bridge.has_port(p) and obs.bridge.ports[p].ours
+        )
         others = obs.bridge.port_count - 1 - ours_left
         if obs.bridge.ours and j.bridge_created and others == 0:
             release.append(A.DeleteBridge(br))
@@ -401,19 +464,27 @@ def plan_restore(nn: NodeNetwork, obs: Observed, j: Journal, kind: str) -> Plan:
             elif not (obs.bridge.ours and j.bridge_created):
                 warnings.append(f"bridge {br} is kept: the agent did not create it")
             release += [A.DelAddress(br, a) for a in base.addresses if _has_addr(bstate, a)]
-            release.append(A.MarkBridge(br, {B.READY: "false", B.NETWORK: None, B.INTERFACE: None, B.MTU: None}))
-    steps.append(Step("release-bridge", f"{br} deleted if the agent made it and nothing else uses it",
-                      tuple(release)))
+            release.append(
+                A.MarkBridge(br, {B.READY: "false", B.NETWORK: None, B.INTERFACE: None, B.MTU: None})
+            )
+    steps.append(
+        Step("release-bridge", f"{br} deleted if the agent made it and nothing else uses it", tuple(release))
+    )
 
     final: list[A.Action] = []
     if not snap.link.up:
         final.append(A.SetLink(nic, up=False))
-    steps.append(Step("restore-link-state", f"{nic} {'up' if snap.link.up else 'down'} as in the snapshot",
-                      tuple(final)))
+    steps.append(
+        Step(
+            "restore-link-state", f"{nic} {'up' if snap.link.up else 'down'} as in the snapshot", tuple(final)
+        )
+    )
     checks: list[A.Action] = [A.CheckRestored(nic, netstate.to_json(snap))]
     checks += [A.CheckRestored(vs.link.name, netstate.to_json(vs)) for vs in j.vlan_snapshots]
     steps.append(Step("check", "the NIC is exactly as in the snapshot", tuple(checks)))
-    return Plan(nn, kind, classify(nn, obs), tuple(steps), snap, j.vlan_snapshots, j.vlan_ports, tuple(warnings))
+    return Plan(
+        nn, kind, classify(nn, obs), tuple(steps), snap, j.vlan_snapshots, j.vlan_ports, tuple(warnings)
+    )
 
 
 def _vlan_restore_step(nn: NodeNetwork, vs: IfaceState, vp: VlanPort, obs: Observed) -> Step:
@@ -426,19 +497,28 @@ def _vlan_restore_step(nn: NodeNetwork, vs: IfaceState, vp: VlanPort, obs: Obser
             acts.append(A.SetLink(vp.interface, up=True))
         acts += [A.AddAddress(vp.interface, a) for a in base.addresses if not _has_addr(live, a)]
         idx = live.link.index
-        acts += [A.ReplaceRoute(r.moved(vs.link.index, idx), idx, vp.interface) for r in base.routes
-                 if not _has_route(live, r.moved(vs.link.index, idx), idx)]
+        acts += [
+            A.ReplaceRoute(r.moved(vs.link.index, idx), idx, vp.interface)
+            for r in base.routes
+            if not _has_route(live, r.moved(vs.link.index, idx), idx)
+        ]
         have = {r.config() for r in live.rules}
         acts += [A.AddRule(r) for r in vs.rules if r.config() not in have]
         port_rules = {r.config() for r in (port.rules if port else ())}
-        acts += [A.DelRule(r.renamed(vp.interface, vp.port)) for r in vs.rules
-                 if r.renamed(vp.interface, vp.port).config() in port_rules]
+        acts += [
+            A.DelRule(r.renamed(vp.interface, vp.port))
+            for r in vs.rules
+            if r.renamed(vp.interface, vp.port).config() in port_rules
+        ]
         if not vs.link.up:
             acts.append(A.SetLink(vp.interface, up=False))
     if obs.bridge is not None and obs.bridge.has_port(vp.port):
         acts.append(A.DetachPort(nn.bridge, vp.port))
-    return Step(f"restore-vlan-{vp.interface}", f"{vp.interface} holds its VLAN {vp.vlan} configuration again",
-                tuple(acts))
+    return Step(
+        f"restore-vlan-{vp.interface}",
+        f"{vp.interface} holds its VLAN {vp.vlan} configuration again",
+        tuple(acts),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,12 +530,16 @@ def render(plan: Plan) -> str:
     out = [f"provider network {nn.name}: {nn.nic} -> {nn.bridge} ({plan.kind}; now: {plan.state})"]
     if plan.snapshot is not None:
         s = plan.snapshot
-        out.append(f"  snapshot of {s.link.name}: MAC {s.link.mac}, MTU {s.link.mtu}, "
-                   f"{'up' if s.link.up else 'down'}")
+        out.append(
+            f"  snapshot of {s.link.name}: MAC {s.link.mac}, MTU {s.link.mtu}, "
+            f"{'up' if s.link.up else 'down'}"
+        )
         names = s.names()
         for a in s.addresses:
-            out.append(f"    address {a.render(s.link.name)}" + ("" if netstate.movable_address(a)
-                                                                  else "  (kernel-made: not moved)"))
+            out.append(
+                f"    address {a.render(s.link.name)}"
+                + ("" if netstate.movable_address(a) else "  (kernel-made: not moved)")
+            )
         for r in s.routes:
             moved = netstate.movable_route(r, s.addresses)
             out.append(f"    route {r.render(names)}" + ("" if moved else "  (follows the address / kernel)"))

@@ -48,8 +48,16 @@ class _Retry:
 
 
 class Server:
-    def __init__(self, config_path: Path, node: str, drivers: Callable[[], Drivers], store: StateDir,
-                 opts: E.Options, interval_s: float = 2.0, full_every_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        node: str,
+        drivers: Callable[[], Drivers],
+        store: StateDir,
+        opts: E.Options,
+        interval_s: float = 2.0,
+        full_every_s: float = 60.0,
+    ) -> None:
         self.config_path = config_path
         self.node = node
         self.make_drivers = drivers
@@ -103,8 +111,10 @@ class Server:
         try:
             data = self.config_path.read_bytes()
         except OSError as exc:
-            self._once("read", f"cannot read {self.config_path}: {exc.strerror or exc}; keeping the last "
-                       "good configuration")
+            self._once(
+                "read",
+                f"cannot read {self.config_path}: {exc.strerror or exc}; keeping the last good configuration",
+            )
             return
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._digest and not self.reload.is_set():
@@ -134,8 +144,12 @@ class Server:
                 known = {n.name for n in nets} | set(excluded)
                 for name in self.store.names():
                     if name not in known:
-                        self._once(f"orphan-{name}", f"{name} is applied on this node but no longer in the file "
-                                   f"for node {self.node}: run `ovs-underlay-node remove {name}` to give its NIC back")
+                        self._once(
+                            f"orphan-{name}",
+                            f"{name} is applied on this node but no longer in the file "
+                            f"for node {self.node}: run `ovs-underlay-node remove {name}` to give its NIC "
+                            "back",
+                        )
         except JournalError as exc:
             _log.error("%s", exc)
 

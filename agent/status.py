@@ -31,7 +31,7 @@ class NetStatus:
     state: str
     phase: str = ""
     error: str = ""
-    vlanPorts: list[dict[str, Any]] = field(default_factory=list)  # noqa: N815 (JSON name)
+    vlanPorts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +62,15 @@ def network_status(nn: NodeNetwork, d: Drivers, store: StateDir, opts: Options) 
 def orphan_status(name: str, store: StateDir) -> NetStatus:
     """A network with a journal but not in the file (or excluding this node): still applied."""
     j = store.read(name)
-    return NetStatus(name, j.bridge if j else f"br-{name}", j.nic if j else "", None, False,
-                     "not in the file for this node: run `remove` to give the NIC back", j.phase if j else "")
+    return NetStatus(
+        name,
+        j.bridge if j else f"br-{name}",
+        j.nic if j else "",
+        None,
+        False,
+        "not in the file for this node: run `remove` to give the NIC back",
+        j.phase if j else "",
+    )
 
 
 def excluded(net: ProviderNetwork) -> NetStatus:

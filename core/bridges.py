@@ -109,13 +109,21 @@ class BridgeInfo:
 
 
 def read_bridge_steps(name: str, ports: Sequence[str]) -> list[Step]:
-    steps = [Step(op_select("Bridge", [eq("name", name)],
-                            ["_uuid", "datapath_type", "other_config", "external_ids", "ports"]),
-                  f"read bridge {name}")]
+    steps = [
+        Step(
+            op_select(
+                "Bridge",
+                [eq("name", name)],
+                ["_uuid", "datapath_type", "other_config", "external_ids", "ports"],
+            ),
+            f"read bridge {name}",
+        )
+    ]
     for p in ports:
-        steps += [Step(op_select("Port", [eq("name", p)], ["_uuid", "tag", "external_ids"]), f"read port {p}"),
-                  Step(op_select("Interface", [eq("name", p)], ["type", "ofport", "error"]),
-                       f"read interface {p}")]
+        steps += [
+            Step(op_select("Port", [eq("name", p)], ["_uuid", "tag", "external_ids"]), f"read port {p}"),
+            Step(op_select("Interface", [eq("name", p)], ["type", "ofport", "error"]), f"read interface {p}"),
+        ]
     return steps
 
 
@@ -132,13 +140,24 @@ def parse_bridge(name: str, ports: Sequence[str], results: Sequence[Mapping[str,
             continue
         iface = irow[0] if irow else {}
         found[p] = BridgePort(
-            name=p, in_bridge=from_atom(prow[0]["_uuid"]) in members, type=str(iface.get("type", "")),
-            tag=optional(prow[0]["tag"]), ofport=optional(iface["ofport"]) if iface else None,
-            error=str(optional(iface["error"]) or "") if iface else "", port_ids=map_of(prow[0]["external_ids"]))
+            name=p,
+            in_bridge=from_atom(prow[0]["_uuid"]) in members,
+            type=str(iface.get("type", "")),
+            tag=optional(prow[0]["tag"]),
+            ofport=optional(iface["ofport"]) if iface else None,
+            error=str(optional(iface["error"]) or "") if iface else "",
+            port_ids=map_of(prow[0]["external_ids"]),
+        )
     dp = str(b["datapath_type"]) or "system"
-    return BridgeInfo(name=name, uuid=from_atom(b["_uuid"]), datapath_type=dp,
-                      hwaddr=map_of(b["other_config"]).get("hwaddr", "").strip('"'),
-                      external_ids=map_of(b["external_ids"]), port_count=len(members), ports=found)
+    return BridgeInfo(
+        name=name,
+        uuid=from_atom(b["_uuid"]),
+        datapath_type=dp,
+        hwaddr=map_of(b["other_config"]).get("hwaddr", "").strip('"'),
+        external_ids=map_of(b["external_ids"]),
+        port_count=len(members),
+        ports=found,
+    )
 
 
 def create_bridge_steps(spec: BridgeSpec) -> list[Step]:
@@ -147,18 +166,28 @@ def create_bridge_steps(spec: BridgeSpec) -> list[Step]:
     iface: dict[str, Any] = {"name": spec.name, "type": "internal"}
     if spec.mtu:
         iface["mtu_request"] = [spec.mtu]
-    bridge: dict[str, Any] = {"name": spec.name, "ports": [NamedUuid("port")],
-                              "datapath_type": spec.datapath_type,
-                              "external_ids": dict(spec.external_ids)}
+    bridge: dict[str, Any] = {
+        "name": spec.name,
+        "ports": [NamedUuid("port")],
+        "datapath_type": spec.datapath_type,
+        "external_ids": dict(spec.external_ids),
+    }
     if spec.hwaddr:
         bridge["other_config"] = {"hwaddr": spec.hwaddr}
-    return [Step(op_comment(f"ovs-underlay: create bridge {spec.name}"), "comment"),
-            Step(op_insert("Interface", iface, "iface"), f"insert interface {spec.name}"),
-            Step(op_insert("Port", {"name": spec.name, "interfaces": [NamedUuid("iface")]}, "port"),
-                 f"insert port {spec.name}"),
-            Step(op_insert("Bridge", bridge, "bridge"), f"insert bridge {spec.name}"),
-            Step(op_mutate("Open_vSwitch", [], [["bridges", "insert", to_datum([NamedUuid("bridge")])]]),
-                 f"add bridge {spec.name} to the switch", count=1)]
+    return [
+        Step(op_comment(f"ovs-underlay: create bridge {spec.name}"), "comment"),
+        Step(op_insert("Interface", iface, "iface"), f"insert interface {spec.name}"),
+        Step(
+            op_insert("Port", {"name": spec.name, "interfaces": [NamedUuid("iface")]}, "port"),
+            f"insert port {spec.name}",
+        ),
+        Step(op_insert("Bridge", bridge, "bridge"), f"insert bridge {spec.name}"),
+        Step(
+            op_mutate("Open_vSwitch", [], [["bridges", "insert", to_datum([NamedUuid("bridge")])]]),
+            f"add bridge {spec.name} to the switch",
+            count=1,
+        ),
+    ]
 
 
 def update_bridge_steps(spec: BridgeSpec, info: BridgeInfo) -> list[Step]:
@@ -167,38 +196,81 @@ def update_bridge_steps(spec: BridgeSpec, info: BridgeInfo) -> list[Step]:
     steps: list[Step] = []
     where = [eq("_uuid", Uuid(info.uuid))]
     if spec.hwaddr and info.ours and info.hwaddr.lower() != spec.hwaddr.lower():
-        steps.append(Step(op_mutate("Bridge", where, [["other_config", "delete", to_datum(["hwaddr"])],
-                                                      ["other_config", "insert", to_datum({"hwaddr": spec.hwaddr})]]),
-                          f"set MAC of bridge {spec.name}", count=1))
+        steps.append(
+            Step(
+                op_mutate(
+                    "Bridge",
+                    where,
+                    [
+                        ["other_config", "delete", to_datum(["hwaddr"])],
+                        ["other_config", "insert", to_datum({"hwaddr": spec.hwaddr})],
+                    ],
+                ),
+                f"set MAC of bridge {spec.name}",
+                count=1,
+            )
+        )
     want = {k: v for k, v in spec.external_ids.items() if info.external_ids.get(k) != v}
     if want:
         steps += ids_steps(info.uuid, spec.name, want)
     if spec.mtu:
-        steps.append(Step({"op": "update", "table": "Interface", "where": [eq("name", spec.name)],
-                           "row": {"mtu_request": to_datum([spec.mtu])}}, f"set MTU of {spec.name}"))
+        steps.append(
+            Step(
+                {
+                    "op": "update",
+                    "table": "Interface",
+                    "where": [eq("name", spec.name)],
+                    "row": {"mtu_request": to_datum([spec.mtu])},
+                },
+                f"set MTU of {spec.name}",
+            )
+        )
     return steps
 
 
 def ids_steps(uuid: str, name: str, ids: Mapping[str, str | None]) -> list[Step]:
     """Set (or with None, remove) external_ids keys of the bridge row `uuid`."""
-    return [Step(op_mutate("Bridge", [eq("_uuid", Uuid(uuid))],
-                           [["external_ids", "delete", to_datum(sorted(ids))],
-                            ["external_ids", "insert", to_datum({k: v for k, v in ids.items() if v is not None})]]),
-                 f"update external_ids of bridge {name}", count=1)]
+    return [
+        Step(
+            op_mutate(
+                "Bridge",
+                [eq("_uuid", Uuid(uuid))],
+                [
+                    ["external_ids", "delete", to_datum(sorted(ids))],
+                    ["external_ids", "insert", to_datum({k: v for k, v in ids.items() if v is not None})],
+                ],
+            ),
+            f"update external_ids of bridge {name}",
+            count=1,
+        )
+    ]
 
 
-def internal_port_steps(bridge: str, name: str, tag: int | None, mac: str, mtu: int,
-                        ids: Mapping[str, str]) -> list[Step]:
+def internal_port_steps(
+    bridge: str, name: str, tag: int | None, mac: str, mtu: int, ids: Mapping[str, str]
+) -> list[Step]:
     """ONE transaction: an internal port `name` (MAC `mac`, MTU `mtu`, access port of `tag`)."""
     iface = {"name": name, "type": "internal", "mac": [mac], "mtu_request": [mtu], "external_ids": dict(ids)}
-    port: dict[str, Any] = {"name": name, "interfaces": [NamedUuid("iface")], "external_ids": dict(ids),
-                            "tag": [tag] if tag is not None else []}
-    return [Step(op_wait("Bridge", [eq("name", bridge)], ["name"], "==", [{"name": bridge}], 0),
-                 f"bridge {bridge} exists", error=Missing(f"OVS bridge {bridge!r} does not exist")),
-            Step(op_insert("Interface", iface, "iface"), f"insert interface {name}"),
-            Step(op_insert("Port", port, "port"), f"insert port {name}"),
-            Step(op_mutate("Bridge", [eq("name", bridge)], [["ports", "insert", to_datum([NamedUuid("port")])]]),
-                 f"attach port {name} to bridge {bridge}", count=1)]
+    port: dict[str, Any] = {
+        "name": name,
+        "interfaces": [NamedUuid("iface")],
+        "external_ids": dict(ids),
+        "tag": [tag] if tag is not None else [],
+    }
+    return [
+        Step(
+            op_wait("Bridge", [eq("name", bridge)], ["name"], "==", [{"name": bridge}], 0),
+            f"bridge {bridge} exists",
+            error=Missing(f"OVS bridge {bridge!r} does not exist"),
+        ),
+        Step(op_insert("Interface", iface, "iface"), f"insert interface {name}"),
+        Step(op_insert("Port", port, "port"), f"insert port {name}"),
+        Step(
+            op_mutate("Bridge", [eq("name", bridge)], [["ports", "insert", to_datum([NamedUuid("port")])]]),
+            f"attach port {name} to bridge {bridge}",
+            count=1,
+        ),
+    ]
 
 
 def delete_bridge_steps(info: BridgeInfo, ports: Sequence[str]) -> list[Step]:
@@ -208,12 +280,26 @@ def delete_bridge_steps(info: BridgeInfo, ports: Sequence[str]) -> list[Step]:
     if not info.ours:
         raise NotOwned(f"OVS bridge {info.name} is not owned by {OWNER}; not deleting it")
     u = Uuid(info.uuid)
-    return [Step(op_comment(f"ovs-underlay: delete bridge {info.name}"), "comment"),
-            Step(op_wait("Bridge", [eq("_uuid", u), includes("external_ids", {"owner": OWNER})], ["ports"], "==",
-                         [{"ports": to_datum([Uuid(p) for p in ports])}], 0),
-                 f"bridge {info.name} unchanged and ours", error=Changed(f"bridge {info.name}")),
-            Step(op_mutate("Open_vSwitch", [], [["bridges", "delete", to_datum([u])]]),
-                 f"remove bridge {info.name} from the switch", count=1)]
+    return [
+        Step(op_comment(f"ovs-underlay: delete bridge {info.name}"), "comment"),
+        Step(
+            op_wait(
+                "Bridge",
+                [eq("_uuid", u), includes("external_ids", {"owner": OWNER})],
+                ["ports"],
+                "==",
+                [{"ports": to_datum([Uuid(p) for p in ports])}],
+                0,
+            ),
+            f"bridge {info.name} unchanged and ours",
+            error=Changed(f"bridge {info.name}"),
+        ),
+        Step(
+            op_mutate("Open_vSwitch", [], [["bridges", "delete", to_datum([u])]]),
+            f"remove bridge {info.name} from the switch",
+            count=1,
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +311,7 @@ class Bridges:
 
     def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0) -> None:
         self.db = OvsdbClient(remote, DB, timeout_s)
-        self._ports = Vswitch.__new__(Vswitch)
-        self._ports.db = self.db  # one connection for both (see Vswitch.__init__)
+        self._ports = Vswitch(db=self.db)  # our port operations, on the same connection
 
     @property
     def remote(self) -> str:
@@ -251,13 +336,24 @@ class Bridges:
     def port_bridge(self, port: str) -> str | None:
         """The bridge holding a port named `port`, None when there is no such port."""
         deadline = self.db.deadline()
-        rows = rows_of(self.db.transact([Step(op_select("Port", [eq("name", port)], ["_uuid"]),
-                                              f"read port {port}")], deadline)[0])
+        rows = rows_of(
+            self.db.transact(
+                [Step(op_select("Port", [eq("name", port)], ["_uuid"]), f"read port {port}")], deadline
+            )[0]
+        )
         if not rows:
             return None
         u = from_atom(rows[0]["_uuid"])
-        br = rows_of(self.db.transact([Step(op_select("Bridge", [includes("ports", [u])], ["name"]),
-                                            f"find bridge of port {port}")], deadline)[0])
+        br = rows_of(
+            self.db.transact(
+                [
+                    Step(
+                        op_select("Bridge", [includes("ports", [u])], ["name"]), f"find bridge of port {port}"
+                    )
+                ],
+                deadline,
+            )[0]
+        )
         return str(br[0]["name"]) if br else None
 
     # -- writes ----------------------------------------------------------------------------
@@ -269,7 +365,9 @@ class Bridges:
         info = self.bridge(spec.name)
         if info is None:
             self.db.transact(create_bridge_steps(spec), deadline)
-            _log.info("created OVS bridge %s (datapath %s, MAC %s)", spec.name, spec.datapath_type, spec.hwaddr)
+            _log.info(
+                "created OVS bridge %s (datapath %s, MAC %s)", spec.name, spec.datapath_type, spec.hwaddr
+            )
         else:
             steps = update_bridge_steps(spec, info)
             if steps:
@@ -281,8 +379,9 @@ class Bridges:
         ovs-vswitchd has opened it."""
         self._ports.add_port(PortSpec(name=port, bridge=bridge, iface_ids=ids, port_ids=ids))
 
-    def add_internal_port(self, bridge: str, name: str, *, tag: int | None, mac: str, mtu: int,
-                          ids: Mapping[str, str]) -> None:
+    def add_internal_port(
+        self, bridge: str, name: str, *, tag: int | None, mac: str, mtu: int, ids: Mapping[str, str]
+    ) -> None:
         deadline = self.db.deadline()
         self.db.transact(internal_port_steps(bridge, name, tag, mac, mtu, ids), deadline)
         self._await(name, deadline)
@@ -300,13 +399,28 @@ class Bridges:
     def delete_bridge(self, name: str) -> None:
         """Delete OUR bridge `name` if it exists (missing is fine)."""
         deadline = self.db.deadline()
-        b = rows_of(self.db.transact([Step(op_select("Bridge", [eq("name", name)],
-                                                     ["_uuid", "external_ids", "ports"]),
-                                           f"read bridge {name}")], deadline)[0])
+        b = rows_of(
+            self.db.transact(
+                [
+                    Step(
+                        op_select("Bridge", [eq("name", name)], ["_uuid", "external_ids", "ports"]),
+                        f"read bridge {name}",
+                    )
+                ],
+                deadline,
+            )[0]
+        )
         if not b:
             return
-        info = BridgeInfo(name, from_atom(b[0]["_uuid"]), "", "", map_of(b[0]["external_ids"]),
-                          len(set_of(b[0]["ports"])), {})
+        info = BridgeInfo(
+            name,
+            from_atom(b[0]["_uuid"]),
+            "",
+            "",
+            map_of(b[0]["external_ids"]),
+            len(set_of(b[0]["ports"])),
+            {},
+        )
         self.db.transact(delete_bridge_steps(info, [str(p) for p in set_of(b[0]["ports"])]), deadline)
         _log.info("deleted OVS bridge %s", name)
 
@@ -318,4 +432,6 @@ class Bridges:
         ofport = optional(rows[0]["ofport"]) if rows else None
         if not isinstance(ofport, int) or ofport < 0:
             error = optional(rows[0]["error"]) if rows else None
-            raise CoreError(f"OVS could not create interface {name} (ofport {ofport}): {error or 'no error given'}")
+            raise CoreError(
+                f"OVS could not create interface {name} (ofport {ofport}): {error or 'no error given'}"
+            )

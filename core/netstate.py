@@ -48,8 +48,16 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
 _SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
 _PROTOS = {2: "kernel", 3: "boot", 4: "static", 9: "ra", 16: "dhcp"}
 _TABLES = {254: "main", 255: "local", 253: "default"}
-_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 5: "multicast", 6: "blackhole", 7: "unreachable",
-          8: "prohibit", 9: "throw"}
+_TYPES = {
+    1: "unicast",
+    2: "local",
+    3: "broadcast",
+    5: "multicast",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+    9: "throw",
+}
 
 
 def family_of(cidr: str) -> int:
@@ -113,14 +121,23 @@ class Address:
         interface ("eth1", "eth1:0") is renamed, and the kernel decides primary/secondary anew."""
         label = self.label
         if label == old or label.startswith(old + ":"):
-            label = new + label[len(old):]
+            label = new + label[len(old) :]
         return replace(self, label=label[:15], flags=self.flags & ~IFA_F_SECONDARY)
 
     def config(self) -> tuple[Any, ...]:
         """What must be equal for two addresses to be "the same configuration" (lifetimes are
         compared as forever-or-not: a finite one counts down)."""
-        return (self.address, self.peer, self.flags & (CONFIG_FLAGS | IFA_F_SECONDARY), self.scope, self.label,
-                self.broadcast, self.metric, self.valid_lft is None, self.preferred_lft is None)
+        return (
+            self.address,
+            self.peer,
+            self.flags & (CONFIG_FLAGS | IFA_F_SECONDARY),
+            self.scope,
+            self.label,
+            self.broadcast,
+            self.metric,
+            self.valid_lft is None,
+            self.preferred_lft is None,
+        )
 
     def render(self, dev: str) -> str:
         parts = [self.address]
@@ -135,9 +152,13 @@ class Address:
             parts += ["label", self.label]
         if self.metric:
             parts += ["metric", str(self.metric)]
-        for bit, word in ((IFA_F_NODAD, "nodad"), (IFA_F_NOPREFIXROUTE, "noprefixroute"),
-                          (IFA_F_MANAGETEMPADDR, "mngtmpaddr"), (IFA_F_HOMEADDRESS, "home"),
-                          (IFA_F_MCAUTOJOIN, "autojoin")):
+        for bit, word in (
+            (IFA_F_NODAD, "nodad"),
+            (IFA_F_NOPREFIXROUTE, "noprefixroute"),
+            (IFA_F_MANAGETEMPADDR, "mngtmpaddr"),
+            (IFA_F_HOMEADDRESS, "home"),
+            (IFA_F_MCAUTOJOIN, "autojoin"),
+        ):
             if self.flags & bit:
                 parts.append(word)
         if self.valid_lft is not None:
@@ -195,8 +216,19 @@ class Route:
 
     def config(self, names: Mapping[int, str] | None = None) -> tuple[Any, ...]:
         hops = tuple(sorted((_name(h.oif, names), h.gateway, h.weight, h.flags) for h in self.hops))
-        return (*self.key(), _name(self.oif, names), self.gateway, self.prefsrc, self.proto, self.scope,
-                self.type, self.flags & RTNH_F_ONLINK, self.pref, tuple(sorted(self.metrics)), hops)
+        return (
+            *self.key(),
+            _name(self.oif, names),
+            self.gateway,
+            self.prefsrc,
+            self.proto,
+            self.scope,
+            self.type,
+            self.flags & RTNH_F_ONLINK,
+            self.pref,
+            tuple(sorted(self.metrics)),
+            hops,
+        )
 
     def render(self, names: Mapping[int, str]) -> str:
         dst = "default" if IPNetwork(self.dst).prefixlen == 0 else self.dst
@@ -209,8 +241,11 @@ class Route:
         if self.oif:
             parts += ["dev", _name(self.oif, names)]
         for h in self.hops:
-            parts += ["nexthop"] + (["via", h.gateway] if h.gateway else []) + ["dev", _name(h.oif, names),
-                                                                               "weight", str(h.weight)]
+            parts += (
+                ["nexthop"]
+                + (["via", h.gateway] if h.gateway else [])
+                + ["dev", _name(h.oif, names), "weight", str(h.weight)]
+            )
         if self.table != RT_TABLE_MAIN:
             parts += ["table", _TABLES.get(self.table, str(self.table))]
         if self.proto != RTPROT_BOOT:
@@ -249,13 +284,22 @@ class Rule:
         return ifname in (self.get("FRA_IIFNAME"), self.get("FRA_OIFNAME"))
 
     def renamed(self, old: str, new: str) -> Rule:
-        attrs = tuple((k, new if k in ("FRA_IIFNAME", "FRA_OIFNAME") and v == old else v)
-                      for k, v in self.attrs)
+        attrs = tuple(
+            (k, new if k in ("FRA_IIFNAME", "FRA_OIFNAME") and v == old else v) for k, v in self.attrs
+        )
         return replace(self, attrs=attrs)
 
     def config(self) -> tuple[Any, ...]:
-        return (self.family, self.action, self.priority, tuple(sorted(self.attrs, key=lambda kv: kv[0])),
-                self.dst_len, self.src_len, self.tos, self.flags)
+        return (
+            self.family,
+            self.action,
+            self.priority,
+            tuple(sorted(self.attrs, key=lambda kv: kv[0])),
+            self.dst_len,
+            self.src_len,
+            self.tos,
+            self.flags,
+        )
 
     def render(self) -> str:
         a = dict(self.attrs)
@@ -347,8 +391,9 @@ def movable(state: IfaceState) -> IfaceState:
 # Comparing
 
 
-def differences(want: IfaceState, have: IfaceState, *, mac: bool = True, mtu: bool = True,
-                up: bool = True) -> list[str]:
+def differences(
+    want: IfaceState, have: IfaceState, *, mac: bool = True, mtu: bool = True, up: bool = True
+) -> list[str]:
     """How `have` differs from `want`, as sentences (empty: the same). Compares the movable part
     only (see module docstring), links by name (indexes may change), routes as sets."""
     out: list[str] = []
@@ -358,7 +403,9 @@ def differences(want: IfaceState, have: IfaceState, *, mac: bool = True, mtu: bo
     if mtu and w.link.mtu != h.link.mtu:
         out.append(f"{h.link.name}: MTU {h.link.mtu}, was {w.link.mtu}")
     if up and w.link.up != h.link.up:
-        out.append(f"{h.link.name}: link {'up' if h.link.up else 'down'}, was {'up' if w.link.up else 'down'}")
+        out.append(
+            f"{h.link.name}: link {'up' if h.link.up else 'down'}, was {'up' if w.link.up else 'down'}"
+        )
     wa = [a.config() for a in w.addresses]
     ha = [a.config() for a in h.addresses]
     for a in w.addresses:
@@ -400,9 +447,18 @@ def from_json(d: Mapping[str, Any]) -> IfaceState:
     """Inverse of to_json. Raises KeyError/TypeError/ValueError on a malformed record."""
     link = Link(**d["link"])
     addrs = tuple(Address(**a) for a in d.get("addresses", ()))
-    routes = tuple(Route(**{**r, "metrics": tuple((str(k), int(v)) for k, v in r.get("metrics", ())),
-                            "hops": tuple(Hop(**hp) for hp in r.get("hops", ()))})
-                   for r in d.get("routes", ()))
-    rules = tuple(Rule(**{**ru, "attrs": tuple((str(k), v) for k, v in ru.get("attrs", ()))})
-                  for ru in d.get("rules", ()))
+    routes = tuple(
+        Route(
+            **{
+                **r,
+                "metrics": tuple((str(k), int(v)) for k, v in r.get("metrics", ())),
+                "hops": tuple(Hop(**hp) for hp in r.get("hops", ())),
+            }
+        )
+        for r in d.get("routes", ())
+    )
+    rules = tuple(
+        Rule(**{**ru, "attrs": tuple((str(k), v) for k, v in ru.get("attrs", ()))})
+        for ru in d.get("rules", ())
+    )
     return IfaceState(link, addrs, routes, rules)

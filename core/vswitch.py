@@ -301,8 +301,10 @@ class Vswitch:
     """Our ports in the Open_vSwitch database, over one OVSDB connection (opened on first use,
     closed by close()). Every public call has a deadline of `timeout_s` seconds."""
 
-    def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0) -> None:
-        self.db = OvsdbClient(remote, DB, timeout_s)
+    def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0,
+                 db: OvsdbClient | None = None) -> None:
+        # `db`: share a connection with other Open_vSwitch operations (core/bridges.py).
+        self.db = db if db is not None else OvsdbClient(remote, DB, timeout_s)
 
     @property
     def remote(self) -> str:
