@@ -3,7 +3,8 @@
     apply  [--dry-run] [NAME ...]   apply the file's provider networks for this node (or only NAME);
                                     --dry-run prints the plan and the persistent configuration and
                                     changes nothing
-    status [-o table|json]          per network: ready, interface, MTU, bridge, state
+    status [-o table|json] [--check]  per network: ready, interface, MTU, bridge, state; --check
+                                    exits 1 unless every network is ready (readiness probe)
     remove NAME [--dry-run]         give the NIC back as in its snapshot, delete the bridge if the
                                     agent made it and nothing else uses it
     serve  [--interval S]           apply at start, then keep applied (OVS restarts, file changes)
@@ -102,6 +103,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("names", nargs="*", metavar="NAME", help="only these networks")
     s = sub.add_parser("status", help="readiness per provider network")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every network for this node is ready (a readiness probe)",
+    )
     r = sub.add_parser("remove", help="give a provider network's NIC back and delete its bridge")
     r.add_argument("name", metavar="NAME")
     r.add_argument("--dry-run", action="store_true", help="print what remove would do; change nothing")
@@ -250,9 +256,14 @@ def _status(
         rows.append(S.excluded(net))
     known = {r.network for r in rows}
     rows += [S.orphan_status(n, store) for n in store.names() if n not in known]
+    rc = (
+        1
+        if args.check and not all(r.ready for r in rows if not r.state.startswith("this node is excluded"))
+        else 0
+    )
     if args.output == "json":
         print(json.dumps([r.to_json() for r in rows], indent=2))
-        return 0
+        return rc
     table: list[list[Any]] = [["NETWORK", "BRIDGE", "INTERFACE", "MTU", "READY", "STATE"]]
     for r in rows:
         state = r.state + (f" ({r.error})" if r.error else "")
@@ -262,7 +273,7 @@ def _status(
     widths = [max(len(str(row[i])) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + str(row[5]))
-    return 0
+    return rc
 
 
 def _remove(args: argparse.Namespace, cfg: C.AgentConfig, store: StateDir, node: str) -> int:
