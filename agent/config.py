@@ -30,10 +30,11 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPAddress
 
+from core.names import PROVIDER_NAME_RE, provider_bridge
+
 NAME_MAX = 12  # Kube-OVN's limit: "br-" + 12 = 15 = IFNAMSIZ - 1
 IFNAME_MAX = 15
 DEFAULT_VERIFY_TIMEOUT_MS = 2000
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")  # a Kubernetes name, short
 _IFNAME_BAD = re.compile(r"[/:\s]")
 DATAPATHS = ("system", "netdev")
 
@@ -70,7 +71,7 @@ class ProviderNetwork:
 
     @property
     def bridge(self) -> str:
-        return f"br-{self.name}"
+        return provider_bridge(self.name)
 
     def interface_for(self, node: str) -> str | None:
         """The NIC this network bridges on `node`, or None when the node is excluded."""
@@ -245,7 +246,7 @@ def parse_network(item: Any, at: str) -> ProviderNetwork:
     if unknown:
         raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)}")
     name = item.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > NAME_MAX:
+    if not isinstance(name, str) or not PROVIDER_NAME_RE.match(name):
         raise ConfigError(
             f"{at}.name: {name!r} must be a lowercase name of 1-{NAME_MAX} characters "
             "(letters, digits, '-'): the bridge is br-<name>"

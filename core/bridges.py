@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import CoreError, Missing, NotOwned
-from core.names import OWNER
+from core.names import (
+    OWNER,
+    PROVIDER_ERROR,
+    PROVIDER_INTERFACE,
+    PROVIDER_MTU,
+    PROVIDER_NETWORK,
+    PROVIDER_READY,
+)
 from core.ovsdb import (
     Changed,
     NamedUuid,
@@ -49,11 +56,8 @@ from core.ovsdb import (
 )
 from core.vswitch import DB, DEFAULT_REMOTE, OFPORT_WAIT_MS, PortSpec, Vswitch, ofport_steps
 
-READY = "provider-ready"
-NETWORK = "provider-network"
-INTERFACE = "provider-interface"
-MTU = "provider-mtu"
-ERROR = "provider-error"
+READY, NETWORK, INTERFACE, MTU, ERROR = (PROVIDER_READY, PROVIDER_NETWORK, PROVIDER_INTERFACE, PROVIDER_MTU,
+                                         PROVIDER_ERROR)
 _log = logging.getLogger("ovs-underlay.bridges")
 
 

@@ -181,3 +181,20 @@ def wait_stopped(pid: int, timeout_s: float = 30) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} did not reach its failpoint in {timeout_s}s")
+
+
+def run_cni(node: nodebed.Node, command: str, conf: dict[str, Any], *, container_id: str = "",
+            netns: str = "", ifname: str = "eth0") -> tuple[int, Any, str]:
+    """The CNI plugin (`python -m cni`) run inside `node`, as that node's kubelet would."""
+    env = {"CNI_COMMAND": command, "CNI_PATH": "/usr/lib/cni", "CNI_IFNAME": ifname,
+           "OVS_UNDERLAY_LOG_FILE": str(node.workdir / "cni.log"), "PYTHONPATH": _pythonpath()}
+    if container_id:
+        env["CNI_CONTAINERID"] = container_id
+    if netns:
+        env["CNI_NETNS"] = netns
+    res = node.exec(sys.executable, "-m", "cni", check=False, input=json.dumps(conf), env=env)
+    try:
+        out = json.loads(res.stdout) if res.stdout.strip() else None
+    except ValueError:
+        out = {"__unparsable__": res.stdout}
+    return res.returncode, out, res.stderr

@@ -10,6 +10,7 @@ window of a 10 ms ping across `apply`, and the rollback time.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent_helpers import Agent, Pinger, iface_view, node_view, wait_stopped
+from agent_helpers import Agent, Pinger, iface_view, node_view, run_cni, wait_stopped
 
 from testbed import netbed, nodebed
 
 GW4, GW6 = "172.31.0.1", "fd00:31::1"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -440,3 +442,39 @@ def test_conf_example_applies(rig: Rig) -> None:
     assert res.returncode == 0, res.stderr
     st = rig.agent.status()[0]
     assert st["ready"] is True and st["interface"] == "eno2" and st["bridge"] == "br-net1"
+
+
+def test_cni_plugin_attaches_to_a_provider_network_once_it_is_ready(rig: Rig) -> None:
+    """`"provider": "net1"`: the plugin attaches to br-net1; STATUS answers 50 and ADD 11 (try
+    again) until the agent has applied and verified net1 on this node."""
+    example = json.loads((ROOT / "conf-examples" / "92-provider-net1.conflist").read_text())
+    conf = {**example["plugins"][0], "cniVersion": "1.1.0", "name": example["name"], "ovsdbSocket": rig.node.ovsdb,
+            # the static plugin stands in for ipamd here (tests of ipamd are elsewhere)
+            "ipam": {"type": "static", "addresses": [{"address": "192.168.100.31/24", "gateway": "192.168.100.1"}],
+                     "routes": [{"dst": "0.0.0.0/0"}]}}
+    assert conf["provider"] == "net1" and conf["vlan"] == 100
+    pod = netbed.make_netns("pod")
+    cid = netbed.container_id()
+    try:
+        rc, out, _ = run_cni(rig.node, "STATUS", conf)
+        assert rc != 0 and out["code"] == 50 and "provider network net1 is not ready" in out["msg"], out
+        rc, out, _ = run_cni(rig.node, "ADD", conf, container_id=cid, netns=pod.path)
+        assert rc != 0 and out["code"] == 11, out
+        assert not [ln for ln in rig.node.ip_json("link") if ln["ifname"].startswith("ovu")]
+        assert rig.agent.run("apply").returncode == 0
+        rc, out, err = run_cni(rig.node, "STATUS", conf)
+        assert rc == 0, (out, err)
+        rc, out, err = run_cni(rig.node, "ADD", conf, container_id=cid, netns=pod.path)
+        assert rc == 0, (out, err)
+        host = out["interfaces"][0]["name"]
+        assert host in rig.node.vsctl("list-ports", "br-net1").stdout.split()
+        assert rig.node.ovs_rows("Port", "tag", where=[f"name={host}"])[0]["tag"] == 100
+        assert netbed.ping_retry(pod.name, "192.168.100.1")
+        # The network rolled back / removed: STATUS says so again.
+        rc, out, err = run_cni(rig.node, "DEL", conf, container_id=cid, netns=pod.path)
+        assert rc == 0, (out, err)
+        assert rig.agent.run("remove", "net1").returncode == 0
+        rc, out, _ = run_cni(rig.node, "STATUS", conf)
+        assert rc != 0 and out["code"] == 50
+    finally:
+        pod.delete()
