@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent_helpers import Agent, Pinger, iface_view, node_view, run_cni, wait_stopped
 
 from testbed import netbed, nodebed
+from testbed.agentbed import Agent, Pinger, iface_view, node_view, run_cni, wait_stopped
 
 GW4, GW6 = "172.31.0.1", "fd00:31::1"
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,7 @@
-"""Helpers for the node agent's tests: run `ovs-underlay-node` in a node, read an interface as an
-independent oracle (`ip -j`, not our netlink code), measure the loss window with ping.
+"""The node agent on test nodes (testbed/nodebed.py), for its tests and its fault soak
+(bench/agent_faults.py): run `ovs-underlay-node` (and the CNI plugin) inside a node, read an
+interface as an independent oracle (`ip -j`, not our netlink code), measure the loss window with
+a 10 ms ping, stop the agent at a failpoint to SIGKILL it there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from testbed import netbed, nodebed
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -43,19 +45,43 @@ class Agent:
         self.config.write_text(text)
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "agent", "--config", str(self.config), "--node-name", self.node_name,
-                "--ovsdb", self.node.ovsdb, "--state-dir", str(self.state_dir), *args]
+        return [
+            sys.executable,
+            "-m",
+            "agent",
+            "--config",
+            str(self.config),
+            "--node-name",
+            self.node_name,
+            "--ovsdb",
+            self.node.ovsdb,
+            "--state-dir",
+            str(self.state_dir),
+            *args,
+        ]
 
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.node.exec(*self.argv(*args), check=False, timeout=timeout,
-                              env={**self.extra_env, **(env or {}), "PYTHONPATH": _pythonpath()})
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return self.node.exec(
+            *self.argv(*args),
+            check=False,
+            timeout=timeout,
+            env={**self.extra_env, **(env or {}), "PYTHONPATH": _pythonpath()},
+        )
 
-    def popen(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+    def popen(
+        self, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         out = open(log or self.workdir / "agent.log", "ab")  # noqa: SIM115
         try:
-            return self.node.popen(*self.argv(*args), env={**self.extra_env, **(env or {}),
-                                                           "PYTHONPATH": _pythonpath()},
-                                   stdout=out, stderr=out, cwd=str(ROOT))
+            return self.node.popen(
+                *self.argv(*args),
+                env={**self.extra_env, **(env or {}), "PYTHONPATH": _pythonpath()},
+                stdout=out,
+                stderr=out,
+                cwd=str(ROOT),
+            )
         finally:
             out.close()
 
@@ -89,9 +115,24 @@ def iface_view(node: nodebed.Node, ifname: str) -> dict[str, Any]:
         for a in entry.get("addr_info", []):
             if a["family"] == "inet6" and a.get("scope") == "link":
                 continue
-            addrs.append({k: a.get(k) for k in ("family", "local", "prefixlen", "scope", "label", "broadcast",
-                                                "address", "nodad", "noprefixroute", "secondary")}
-                         | {"forever": a.get("valid_life_time") == 4294967295})
+            addrs.append(
+                {
+                    k: a.get(k)
+                    for k in (
+                        "family",
+                        "local",
+                        "prefixlen",
+                        "scope",
+                        "label",
+                        "broadcast",
+                        "address",
+                        "nodad",
+                        "noprefixroute",
+                        "secondary",
+                    )
+                }
+                | {"forever": a.get("valid_life_time") == 4294967295}
+            )
     routes = []
     for fam in ("-4", "-6"):
         for r in node.ip_json(fam, "-d", "route", "show", "table", "all"):
@@ -100,26 +141,44 @@ def iface_view(node: nodebed.Node, ifname: str) -> dict[str, Any]:
                 continue
             if fam == "-6" and (r["dst"].startswith("fe80::") or r["dst"].startswith("ff00::")):
                 continue
-            routes.append({k: v for k, v in r.items() if k not in ("dev", "expires")}
-                          | {"nexthops": [{k: v for k, v in h.items() if k != "dev"} for h in r.get("nexthops", [])]})
+            routes.append(
+                {k: v for k, v in r.items() if k not in ("dev", "expires")}
+                | {"nexthops": [{k: v for k, v in h.items() if k != "dev"} for h in r.get("nexthops", [])]}
+            )
     rules = []
     for fam in ("-4", "-6"):
         for ru in node.ip_json(fam, "rule", "show"):
             if ifname in (ru.get("iif"), ru.get("oif")):
                 rules.append({k: ("<dev>" if v == ifname else v) for k, v in ru.items()})
     key = lambda d: json.dumps(d, sort_keys=True)  # noqa: E731
-    return {"mac": ln["address"], "mtu": ln["mtu"], "up": "UP" in ln["flags"],
-            "addresses": addrs, "routes": sorted(routes, key=key), "rules": sorted(rules, key=key)}
+    return {
+        "mac": ln["address"],
+        "mtu": ln["mtu"],
+        "up": "UP" in ln["flags"],
+        "addresses": addrs,
+        "routes": sorted(routes, key=key),
+        "rules": sorted(rules, key=key),
+    }
+
+
+def _stable(text: str) -> str:
+    """Without IPv6 link-local lines: the kernel finishes their DAD (and adds their local route)
+    on its own time after a link comes up, which is not a change anyone made."""
+    return "\n".join(line for line in text.splitlines() if "fe80::" not in line and "tentative" not in line)
 
 
 def node_view(node: nodebed.Node) -> dict[str, Any]:
     """Everything a dry run must not change: links, addresses, routes, rules, OVS bridges/ports."""
-    return {"links": sorted((ln["ifname"], ln["address"], ln["mtu"], ln["flags"]) for ln in node.ip_json("link")),
-            "addrs": node.exec("ip", "addr").stdout.replace("tentative ", ""),
-            "routes": node.exec("ip", "route", "show", "table", "all").stdout
-            + node.exec("ip", "-6", "route", "show", "table", "all").stdout,
-            "rules": node.exec("ip", "rule").stdout,
-            "ovs": node.vsctl("--format=json", "list", "Bridge").stdout + node.vsctl("show").stdout}
+    return {
+        "links": sorted((ln["ifname"], ln["address"], ln["mtu"], ln["flags"]) for ln in node.ip_json("link")),
+        "addrs": _stable(node.exec("ip", "addr").stdout),
+        "routes": _stable(
+            node.exec("ip", "route", "show", "table", "all").stdout
+            + node.exec("ip", "-6", "route", "show", "table", "all").stdout
+        ),
+        "rules": node.exec("ip", "rule").stdout,
+        "ovs": node.vsctl("--format=json", "list", "Bridge").stdout + node.vsctl("show").stdout,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +195,25 @@ class Pinger:
         self.lines: list[str] = []
 
     def __enter__(self) -> Pinger:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.node.ns, "ping", "-n", "-D", "-i",
-                                      str(self.interval_s), "-W", "1", self.dst],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.node.ns,
+                "ping",
+                "-n",
+                "-D",
+                "-i",
+                str(self.interval_s),
+                "-W",
+                "1",
+                self.dst,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         netbed.PROCS.append(self.proc)  # type: ignore[arg-type]
         time.sleep(0.3)  # some replies before the change
         return self
@@ -183,11 +258,23 @@ def wait_stopped(pid: int, timeout_s: float = 30) -> None:
     raise AssertionError(f"process {pid} did not reach its failpoint in {timeout_s}s")
 
 
-def run_cni(node: nodebed.Node, command: str, conf: dict[str, Any], *, container_id: str = "",
-            netns: str = "", ifname: str = "eth0") -> tuple[int, Any, str]:
+def run_cni(
+    node: nodebed.Node,
+    command: str,
+    conf: dict[str, Any],
+    *,
+    container_id: str = "",
+    netns: str = "",
+    ifname: str = "eth0",
+) -> tuple[int, Any, str]:
     """The CNI plugin (`python -m cni`) run inside `node`, as that node's kubelet would."""
-    env = {"CNI_COMMAND": command, "CNI_PATH": "/usr/lib/cni", "CNI_IFNAME": ifname,
-           "OVS_UNDERLAY_LOG_FILE": str(node.workdir / "cni.log"), "PYTHONPATH": _pythonpath()}
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_PATH": "/usr/lib/cni",
+        "CNI_IFNAME": ifname,
+        "OVS_UNDERLAY_LOG_FILE": str(node.workdir / "cni.log"),
+        "PYTHONPATH": _pythonpath(),
+    }
     if container_id:
         env["CNI_CONTAINERID"] = container_id
     if netns:
