@@ -157,7 +157,10 @@ def _err(msg: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if not str(args.ovsdb).startswith(("unix:", "tcp:", "ssl:")):
+        p.error(f"--ovsdb {args.ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or ssl:IP:PORT)")
     _setup_logging(args.log_level)
     try:
         if args.cmd == "serve":

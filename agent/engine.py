@@ -86,8 +86,17 @@ class Options:
         spec = env.get(FAILPOINT_ENV, "")
         out = {}
         for item in filter(None, spec.split(",")):
-            step, when, what = item.split(":")
-            out[f"{step}:{when}"] = what
+            parts = item.split(":")
+            if (
+                len(parts) != 3
+                or parts[1] not in ("before", "after")
+                or parts[2] not in ("stop", "kill", "fail")
+            ):
+                _log.warning(
+                    "%s: ignoring %r (expected step:before|after:stop|kill|fail)", FAILPOINT_ENV, item
+                )
+                continue
+            out[f"{parts[0]}:{parts[1]}"] = parts[2]
         return out
 
 

@@ -18,8 +18,10 @@ remove again), and checks the node:
 A run "loses the node" when, after its recovery, the node cannot reach its gateway (IPv4 and
 IPv6) or the network is not ready. A 10 ms ping runs through every run: the longest outage is
 reported per fault (outages during an injected OVS outage are expected: the NIC is in the
-bridge and its switch is down). Writes bench/results/agent-faults-<time>.{md,json} and
-agent-faults-latest.md. Exit 0 when the harness ran and no node was lost, 1 when one was.
+bridge and its switch is down). Recovery retries a failed apply as `serve` does (4 attempts, 5 s
+apart); a run that needed a retry is reported with whether a witness host on the node VLAN (no
+agent) reached the gateway at that moment. Writes bench/results/agent-faults-<time>.{md,json}
+and agent-faults-latest.md. Exit 0 when the harness ran and no node was lost, 1 when one was.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, machine
-from testbed import nodebed
+from testbed import netbed, nodebed
 from testbed.agentbed import Agent, Pinger, iface_view, wait_stopped
 
 RESULTS = ROOT / "bench" / "results"
@@ -66,6 +68,7 @@ RESTORE_STEPS = [
 ]
 FROM_CLEAN = ["kill9-apply", "kill9-apply", "dead-gateway", "kill9-rollback", "ovs-restart", "ovsdb-down"]
 FROM_APPLIED = ["kill9-remove", "reboot", "ovs-restart"]
+ATTEMPTS, RETRY_S = 4, 5.0  # serve retries a failed apply (10 s, 20 s, ... backoff); this is quicker
 
 
 def net(**kw: Any) -> dict[str, Any]:
@@ -83,6 +86,7 @@ class Soak:
         self.agent, self.node, self.rng = agent, agent.node, rng
         self.snapshot = iface_view(self.node, "eth1")
         self.rollbacks: list[float] = []
+        self.witness = ""  # netns of a plain host on the node VLAN (set by main)
 
     def good(self) -> None:
         self.agent.write_config([net()])
@@ -175,20 +179,41 @@ class Soak:
         raise ValueError(name)
 
     def recover(self) -> tuple[bool, str]:
-        self.good()
-        rc, out = self.run_agent("apply")
-        v4, v6 = self.node.ping_retry(GW4), self.node.ping_retry(GW6)
-        st = json.loads(self.agent.run("status", "-o", "json").stdout or "[]")
-        ready = bool(st) and st[0]["ready"] is True
-        ok = rc == 0 and v4 and v6 and ready
-        why = f"apply rc {rc}, ping v4 {v4}, v6 {v6}, status {st[0] if st else None}: "
-        return ok, why + out[-1500:]
+        """Apply as `serve` would: again after a failed (rolled back) attempt, up to ATTEMPTS
+        times RETRY_S apart. Each failed attempt notes whether the witness (a plain host on the
+        node VLAN, no agent) reached the gateway then: if not, the shared switch stalled."""
+        notes = []
+        for attempt in range(1, ATTEMPTS + 1):
+            self.good()
+            rc, out = self.run_agent("apply")
+            v4, v6 = self.node.ping_retry(GW4), self.node.ping_retry(GW6)
+            st = json.loads(self.agent.run("status", "-o", "json").stdout or "[]")
+            ready = bool(st) and st[0]["ready"] is True
+            if rc == 0 and v4 and v6 and ready:
+                return True, "; ".join(notes)
+            witness = self.witness_ok()
+            notes.append(
+                f"attempt {attempt}: apply rc {rc}, ping v4 {v4}, v6 {v6}, ready {ready}, witness "
+                f"{'reached' if witness else 'did NOT reach'} the gateway: {out[-600:]}"
+            )
+            time.sleep(RETRY_S)
+        return False, "; ".join(notes)
+
+    def witness_ok(self) -> bool:
+        return bool(self.witness) and netbed.ping_retry(self.witness, GW4, attempts=2)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument(
+        "--keep-on-loss",
+        type=float,
+        default=0,
+        metavar="S",
+        help="on the first lost node, keep the bed S seconds for inspection, then stop",
+    )
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     print(f"seed {args.seed}", flush=True)
@@ -196,14 +221,25 @@ def main(argv: list[str] | None = None) -> int:
     node = nodebed.make_node("soak")
     rows: list[dict[str, Any]] = []
     rollbacks: list[float] = []
+    cleanup: list[Any] = []
     t_start = time.monotonic()
     try:
         tor.plug(node)
+        witness = netbed.make_netns("wit")
+        cleanup.append(witness.delete)
+        w_tor = netbed.uniq("wt")
+        netbed.sh("ip", "link", "add", w_tor, "type", "veth", "peer", "name", "eth0", "netns", witness.name)
+        cleanup.append(lambda: netbed.delete_link(w_tor))
+        netbed.sh("ip", "link", "set", w_tor, "up")
+        netbed.vsctl("add-port", tor.bridge, w_tor, f"tag={tor.node_vlan}")
+        witness.exec("ip", "addr", "add", "172.31.0.250/24", "dev", "eth0")
+        witness.exec("ip", "link", "set", "eth0", "up")
         with tempfile.TemporaryDirectory(prefix="agent-faults-") as work:
             agent = Agent(node, Path(work))
             agent.write_config([net()])
             soak = Soak(agent, rng)
             soak.rollbacks = rollbacks
+            soak.witness = witness.name
             for i in range(args.runs):
                 start = rng.choice(["clean", "applied"])
                 if start == "applied" and not soak.applied():
@@ -211,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 if start == "clean" and soak.applied():
                     assert soak.run_agent("remove", "net1")[0] == 0
                 fault = rng.choice(FROM_APPLIED if start == "applied" else FROM_CLEAN)
+                print(f"{i + 1:3d} ... {start:8s} {fault}", flush=True)
                 t0 = time.monotonic()
                 error = ""
                 with Pinger(node, GW4) as ping:
@@ -220,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         detail, error = "", f"fault check failed: {exc}"
                     ok, out = soak.recover()
                 outage = ping.window_ms()
+                retried = bool(out) and ok
                 rows.append(
                     {
                         "run": i + 1,
@@ -228,20 +266,34 @@ def main(argv: list[str] | None = None) -> int:
                         "detail": detail,
                         "ok": ok and not error,
                         "error": error or ("" if ok else out),
+                        "retried": retried,
+                        "retry_notes": out if retried else "",
                         "outage_ms": outage,
                         "seconds": round(time.monotonic() - t0, 2),
                     }
                 )
-                mark = "ok " if rows[-1]["ok"] else "LOST"
+                mark = ("ok*" if retried else "ok ") if rows[-1]["ok"] else "LOST"
                 if not rows[-1]["ok"]:
-                    state = [node.exec("ip", "-br", "addr").stdout, node.exec("ip", "route").stdout,
-                             node.vsctl("show").stdout]
+                    state = [
+                        node.exec("ip", "-br", "addr").stdout,
+                        node.exec("ip", "route").stdout,
+                        node.vsctl("show").stdout,
+                    ]
                     print(f"    {rows[-1]['error']}", *state, sep="\n    ", flush=True)
+                    if args.keep_on_loss:
+                        print(
+                            f"keeping node netns {node.ns}, ToR {tor.bridge} for {args.keep_on_loss:.0f} s",
+                            flush=True,
+                        )
+                        time.sleep(args.keep_on_loss)
+                        break
                 print(
                     f"{i + 1:3d} {mark} {start:8s} {fault:15s} {detail:32s} outage {outage:6.0f} ms",
                     flush=True,
                 )
     finally:
+        for fn in reversed(cleanup):
+            fn()
         node.destroy()
         tor.destroy()
     return report(rows, args, time.monotonic() - t_start, rollbacks)
@@ -261,13 +313,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, took: float, ro
         f"**Lost nodes: {len(lost)} of {len(rows)}** (after recovery the node reaches its gateways over "
         "IPv4 and IPv6 and the network is ready).",
         "",
-        "| fault | runs | lost | worst outage of a 10 ms ping (ms) | median outage (ms) |",
-        "|---|---|---|---|---|",
+        "| fault | runs | lost | recovered on a retry | worst outage of a 10 ms ping (ms) | median (ms) |",
+        "|---|---|---|---|---|---|",
     ]
     for fault, rs in sorted(by.items()):
         outs = sorted(r["outage_ms"] for r in rs)
         lines.append(
-            f"| {fault} | {len(rs)} | {sum(not r['ok'] for r in rs)} | {outs[-1]:.0f} | "
+            f"| {fault} | {len(rs)} | {sum(not r['ok'] for r in rs)} | {sum(r['retried'] for r in rs)} | "
+            f"{outs[-1]:.0f} | "
             f"{outs[len(outs) // 2]:.0f} |"
         )
     if rollbacks:
@@ -276,8 +329,17 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, took: float, ro
             f"Rollback after a silent gateway: {len(rollbacks)} runs, worst {max(rollbacks):.2f} s, "
             f"median {sorted(rollbacks)[len(rollbacks) // 2]:.2f} s (target 10 s).",
         ]
+    retried = [r for r in rows if r["retried"]]
+    if retried:
+        lines += [
+            "",
+            "Runs whose first recovery attempt failed and a later one (as `serve` retries) worked; the "
+            "witness is a plain host on the node VLAN, without the agent: when it did not reach the "
+            "gateway either, the shared switch (the system OVS, loaded by other runs) had stalled:",
+        ]
+        lines += [f"- run {r['run']} ({r['fault']} {r['detail']}): {r['retry_notes'][:400]}" for r in retried]
     for r in lost:
-        lines.append(f"- run {r['run']} ({r['fault']} {r['detail']}): {r['error']}")
+        lines.append(f"- LOST run {r['run']} ({r['fault']} {r['detail']}): {r['error']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"agent-faults-{stamp}.md").write_text("\n".join(lines) + "\n")

@@ -238,8 +238,8 @@ class Pinger:
         return int(m.group(1)) if m else 0
 
     def window_ms(self) -> float:
-        seqs = self.replies()
-        assert len(seqs) > 10, "\n".join(self.lines[-20:])
+        """The longest run of unanswered echoes (also at the start and the end), in ms."""
+        seqs = [0, *self.replies(), self.sent() + 1]  # ping numbers its echoes from 1
         worst = max((b - a - 1 for a, b in itertools.pairwise(seqs)), default=0)
         return worst * self.interval_s * 1000
 
