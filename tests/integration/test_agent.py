@@ -57,7 +57,7 @@ class Rig:
 
 def net1(**kw: object) -> dict[str, object]:
     return {"name": "net1", "defaultInterface": "eth1", "datapathType": "netdev",
-            "verify": {"timeoutMs": 3000}, **kw}
+            "verify": {"timeoutMs": 10000}, **kw}  # rides out a stall of the shared switch
 
 
 def make_rig(tor: nodebed.Tor, node: nodebed.Node, workdir: Path, name: str = "node1") -> Rig:
