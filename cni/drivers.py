@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from core.ovn import Chassis, Lsp, LspSpec, NodeView
     from core.ovnsettings import Northbound
     from core.spec import Allocation, IpamConf, PodRef, PoolDef, ProbeResult
-    from core.vswitch import PortInfo, PortSpec
+    from core.vswitch import BridgeView, PortInfo, PortSpec
 
 
 class NetlinkDriver(Protocol):
@@ -39,7 +39,7 @@ class NetlinkDriver(Protocol):
 
 
 class OvsdbDriver(Protocol):
-    def bridge_datapath(self, bridge: str) -> str | None: ...
+    def bridge_view(self, bridge: str) -> BridgeView | None: ...
     def add_port(self, spec: PortSpec) -> None: ...
     def set_iface_ids(self, name: str, ids: Mapping[str, str]) -> None: ...
     def get_port(self, name: str) -> PortInfo | None: ...

@@ -42,7 +42,7 @@ from netaddr import IPAddress
 from cni.errors import CniError, Code
 from cni.ovnconf import BridgeSource, NodeNorthbound, OvnAttach, Topology, no_node_northbound, parse_ovn
 from cni.types import CmdArgs, Result, parse_cni_args
-from core.names import MAC_RE, NAME_RE
+from core.names import MAC_RE, NAME_RE, PROVIDER_NAME_RE, provider_bridge
 from core.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
 
 _log = logging.getLogger("ovs-underlay.netconf")
@@ -91,6 +91,9 @@ class NetConf:
     name: str
     cni_version: str
     bridge: str = DEFAULT_BRIDGE
+    # A provider network of the node agent (`"provider": "net1"` -> bridge br-net1): ADD and
+    # STATUS also require the agent to have marked it ready on this node.
+    provider: str | None = None
     vlan: int | None = None
     trunk: tuple[tuple[int, int], ...] = ()  # inclusive (min, max) ranges
     mtu: int | None = None
@@ -256,6 +259,23 @@ def _ipam(conf: Mapping[str, Any]) -> IpamBackend:
     return NoIpam()
 
 
+def _provider(conf: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(provider network, bridge). `provider` names a network of ovs-underlay-node: its bridge is
+    br-<provider>; a `bridge` given as well must be that one."""
+    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    provider = conf.get("provider")
+    if provider is None:
+        return None, bridge
+    if not isinstance(provider, str) or not PROVIDER_NAME_RE.match(provider):
+        raise _bad(f"provider: {provider!r} is not a provider network name",
+                   "the name of a network in ovs-underlay-node's file (lowercase, at most 12 characters); "
+                   "the pod attaches to its bridge br-<name>")
+    if "bridge" in conf and bridge != provider_bridge(provider):
+        raise _bad(f"provider {provider!r} attaches to bridge {provider_bridge(provider)}, "
+                   f"but bridge is {bridge!r}", "give provider or bridge")
+    return provider, provider_bridge(provider)
+
+
 def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -> NetConf:
     """Validate the whole plugin config + CNI_ARGS for this invocation (no side effects but
     `node_nb`, which reads the node's OVN settings (core.ovnsettings) when the network needs them)."""
@@ -291,7 +311,7 @@ def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -
             _log.warning("ignoring %s=%r: only the network config sets ovnPort", where, given)
     vlan = None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan")
     trunk = _trunk(conf.get("trunk"))
-    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    provider, bridge = _provider(conf)
     ovn = parse_ovn(conf, name=name, vlan=vlan, trunk=bool(trunk), bridge=bridge, node_nb=node_nb)
 
     backend = _ipam(conf)
@@ -301,6 +321,7 @@ def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -
     return NetConf(
         name=name, cni_version=args.cni_version,
         bridge=bridge, vlan=ovn.vlan if ovn.bridge_source == "bridge-mapping" else vlan, trunk=trunk,
+        provider=provider,
         mtu=_int(conf, "mtu", 68, 65535),
         ovn=ovn.ovn, topology=ovn.topology, bridge_source=ovn.bridge_source,
         physical_network=ovn.physical_network, nad=ovn.nad,

@@ -27,9 +27,11 @@ from cni.netconf import NetConf
 from cni.ovnconf import logical_port_name
 from cni.types import CmdArgs, IPConfig
 from core.errors import CoreError
+from core.names import PROVIDER_ERROR, PROVIDER_NETWORK, PROVIDER_READY
 
 if TYPE_CHECKING:  # core.ovn imports the ovs library: only when a verb needs it
     from core.ovn import Chassis, LspSpec
+    from core.vswitch import BridgeView
 
 _log = logging.getLogger("ovs-underlay.ovn")
 
@@ -67,8 +69,10 @@ def resolve(conf: NetConf, d: Drivers, code: int) -> Target:
     """Where this attachment's port goes on this node; raises `code` (7 for ADD, 50 for STATUS)
     when the node cannot take it. Plain networks cost one OVSDB select, as before."""
     if conf.ovn is None and conf.bridge_source == "config":
-        dp = d.ovsdb.bridge_datapath(conf.bridge)
-        _check_bridge(conf, conf.bridge, dp, code)
+        bv = d.ovsdb.bridge_view(conf.bridge)
+        if conf.provider:
+            _check_provider(conf, bv, code)
+        _check_bridge(conf, conf.bridge, bv.datapath_type if bv else None, code)
         return Target(conf.bridge, conf.vlan, conf.trunk_vlans())
     view = d.chassis().inspect()
     ch = view.chassis
@@ -91,6 +95,25 @@ def resolve(conf: NetConf, d: Drivers, code: int) -> Target:
     if physnet and ch.bridge_for(physnet) is None:
         raise _mapping_error(conf, ch, code)
     return Target(bridge, None, (), ch)
+
+
+def _check_provider(conf: NetConf, bv: BridgeView | None, code: int) -> None:
+    """A provider network (`"provider": "net1"`, bridge br-net1) is usable once ovs-underlay-node
+    has bridged the NIC and verified it: it marks the Bridge row, which the one select above
+    returned. Not ready is "try again later" (11) for ADD, the agent is converging (kubelet
+    retries), and 50 for STATUS."""
+    pcode = Code.TRY_AGAIN_LATER if code == Code.INVALID_NETWORK_CONFIG else code
+    if bv is None:
+        raise CniError(pcode, f"provider network {conf.provider} is not ready on this node: "
+                              f"OVS bridge {conf.bridge} does not exist",
+                       "ovs-underlay-node creates it: `ovs-underlay-node status` on the node")
+    ids = bv.external_ids
+    if ids.get(PROVIDER_NETWORK) != conf.provider or ids.get(PROVIDER_READY) != "true":
+        ours = ids.get(PROVIDER_NETWORK) == conf.provider
+        unmarked = f"{conf.bridge} is not marked as provider network {conf.provider}"
+        why = ids.get(PROVIDER_ERROR) or ("being applied" if ours else unmarked)
+        raise CniError(pcode, f"provider network {conf.provider} is not ready on this node: {why}",
+                       "`ovs-underlay-node status` on the node")
 
 
 def _check_bridge(conf: NetConf, bridge: str, dp: str | None, code: int) -> None:

@@ -1,13 +1,16 @@
 """The shared core of ovs-underlay: what more than one program uses.
 
-Who uses it: the CNI plugins (`cni/`), the IPAM daemon (`ipamd/`) and, next, the node agent.
+Who uses it: the CNI plugins (`cni/`), the IPAM daemon (`ipamd/`) and the node agent (`agent/`).
 What lives here: the side-effect boundaries (netns handles and netns-bound sockets in `netns`,
 netlink in `netlink`, OVSDB over RFC 7047 in `ovsdb` with the Open_vSwitch operations in
-`vswitch`, ARP/NDP frames in `frames`), the IPAM config contract (`spec`), the ipamd client and
-its wire converters (`ipamd_client`, `wire`), and the names that mark what we own (`names`).
+`vswitch` and the agent's bridges in `bridges`, ARP/NDP frames in `frames`, the host-side gateway
+probe in `gateway`), what a host interface holds as plain records (`netstate`), the IPAM config
+contract (`spec`), the ipamd client and its wire converters (`ipamd_client`, `wire`), and the
+names that mark what we own (`names`).
 
 Import rules (tests/unit/test_layout.py fails on a violation):
-- `core` imports neither `cni` nor `ipamd`;
+- `core` imports neither `cni` nor `ipamd` nor `agent`;
+- `agent` imports only `core` (never `cni` or `ipamd`);
 - `ipamd` never imports `cni`;
 - `cni` never imports ipamd's server side (allocator, stores, server, service).
 

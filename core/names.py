@@ -22,6 +22,20 @@ CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 NAME_RE = CONTAINER_ID_RE
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
+# Provider networks (the node agent): a network `net1` is bridged into `br-net1`; the agent marks
+# the Bridge row's external_ids with these keys, and the CNI plugin's `"provider": "net1"` reads
+# them on the select it makes anyway (agent/, core/bridges.py, cni/plugin.py preflight_bridge).
+PROVIDER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?$")  # Kube-OVN: at most 12 characters
+PROVIDER_NETWORK = "provider-network"
+PROVIDER_INTERFACE = "provider-interface"
+PROVIDER_MTU = "provider-mtu"
+PROVIDER_READY = "provider-ready"  # "true" once applied and verified; "false" while not
+PROVIDER_ERROR = "provider-error"  # why the last apply failed
+
+
+def provider_bridge(network: str) -> str:
+    return f"br-{network}"
+
 
 def host_ifname(container_id: str, ifname: str) -> str:
     """The host end of an attachment's veth (and its OVS port): 15 characters at most."""

@@ -38,6 +38,16 @@ protocol 0 (no receive hook, so no bind) and sendto()s to (ifname, ETH_P_ARP); s
 synchronously, so the frame is on the wire when it returns, and the unavoidable close() runs on
 the closer thread (core.netns.close_later). The NA does not open a (forking) IPRoute just to
 learn the ifindex: SIOCGIFINDEX on its own socket answers in the pod netns.
+Host interfaces for the node agent (`HostNet`, acting in the process's own netns): read an
+interface's full state as `core.netstate` records and move it. Requests are built field by field
+from those records and sent with `nlm_request`, not through pyroute2's argument guessing,
+because the agent must put back EXACTLY what it took (flags, lifetimes, labels, metrics, tables,
+multipath hops, rule selectors). Only named errnos are tolerated, each where the operation is
+idempotent: EEXIST when adding what is there, EADDRNOTAVAIL/ESRCH/ENOENT when deleting what is
+gone. IPv6 addresses are added with IFA_F_NODAD and then, when the record had no nodad,
+replaced with their exact flags: the address is the node's own, DAD would make it unusable for
+a second ("tentative") and, while the NIC and the bridge both hold it, fail on the copy; a
+flags-only replace does not restart DAD.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from netaddr import IPAddress, IPNetwork
 from core.errors import AlreadyExists, CoreError, NetnsUnusable, NotOwned
 from core.frames import ETH_P_ARP, arp_announcement, unsolicited_na
 from core.netns import close_later, ifindex, socket_in_netns
+from core.netstate import AF_INET6, FOREVER, IFA_F_SECONDARY, Address, Hop, IfaceState, Link, Route, Rule
 
 _log = logging.getLogger("ovs-underlay.netlink")
 
@@ -101,7 +112,12 @@ _lean_pyroute2()
 
 import pyroute2.config.log  # noqa: E402,F401  (the "pyroute2" logger's NullHandler)
 from pyroute2.iproute.linux import IPRoute  # noqa: E402
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError  # noqa: E402
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_DELRULE, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWRULE  # noqa: E402
+from pyroute2.netlink.rtnl.fibmsg import fibmsg  # noqa: E402
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # noqa: E402
+from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
 
 T = TypeVar("T")
 IFA_F_NODAD = 0x02
@@ -111,6 +127,9 @@ IFF_UP = 1
 NETLINK_ROUTE = 0
 NL_BUFSIZE = 1 << 20  # what pyroute2 sets on the sockets it creates itself
 _GONE = (errno.ENOENT, errno.EINVAL)  # no such path / the path is not a netns (any more)
+_ADD = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+_REPLACE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+_DEL = NLM_F_REQUEST | NLM_F_ACK
 
 
 class RouteLike(Protocol):
@@ -460,3 +479,358 @@ def _unsolicited_na(netns: str, ifname: str, ip: IPAddress, mac: str) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
         sock.bind((str(ip), 0, 0, 0))
         sock.sendto(unsolicited_na(ip, mac), ("ff02::1", 0, 0, idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages -> records
+
+
+def link_of(msg: Any) -> Link:
+    kind, vlan_id = "", None
+    info = msg.get("IFLA_LINKINFO")
+    if info is not None:
+        kind = str(info.get("IFLA_INFO_KIND") or "")
+        data = info.get("IFLA_INFO_DATA")
+        if kind == "vlan" and data is not None:
+            vlan_id = data.get("IFLA_VLAN_ID")
+    return Link(
+        name=str(msg.get("IFLA_IFNAME")),
+        index=int(msg["index"]),
+        mac=str(msg.get("IFLA_ADDRESS") or ""),
+        mtu=int(msg.get("IFLA_MTU") or 0),
+        up=bool(msg["flags"] & IFF_UP),
+        kind=kind,
+        master=msg.get("IFLA_MASTER"),
+        vlan_id=vlan_id,
+        vlan_link=msg.get("IFLA_LINK") if kind == "vlan" else None,
+        alias=str(msg.get("IFLA_IFALIAS") or ""),
+    )
+
+
+def address_of(msg: Any) -> Address:
+    local, addr = msg.get("IFA_LOCAL"), msg.get("IFA_ADDRESS")
+    ip = local or addr
+    peer = addr if local and addr and addr != local else ""
+    ci = msg.get("IFA_CACHEINFO") or {}
+    valid, pref = ci.get("ifa_valid", FOREVER), ci.get("ifa_preferred", FOREVER)
+    flags = msg.get("IFA_FLAGS")
+    return Address(
+        address=f"{ip}/{msg['prefixlen']}",
+        flags=int(flags if flags is not None else msg["flags"]),
+        scope=int(msg["scope"]),
+        label=str(msg.get("IFA_LABEL") or ""),
+        broadcast=str(msg.get("IFA_BROADCAST") or ""),
+        peer=f"{peer}/{msg['prefixlen']}" if peer else "",
+        metric=int(msg.get("IFA_RT_PRIORITY") or 0),
+        proto=int(msg.get("IFA_PROTO") or 0),
+        valid_lft=None if valid == FOREVER else int(valid),
+        preferred_lft=None if pref == FOREVER else int(pref),
+    )
+
+
+def route_of(msg: Any, names: dict[int, str]) -> Route:
+    fam = msg["family"]
+    dst = msg.get("RTA_DST")
+    any_ = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+    src = msg.get("RTA_SRC")
+    hops = tuple(
+        Hop(
+            oif=int(h["oif"]),
+            gateway=str(dict(h.get("attrs", [])).get("RTA_GATEWAY") or ""),
+            weight=int(h.get("hops", 0)) + 1,
+            flags=int(h.get("flags", 0)),
+            dev=names.get(int(h["oif"]), ""),
+        )
+        for h in (msg.get("RTA_MULTIPATH") or ())
+    )
+    metrics = msg.get("RTA_METRICS")
+    mlist = tuple((str(k), int(v)) for k, v in (metrics.get("attrs", []) if metrics is not None else []))
+    expires = msg.get("RTA_EXPIRES")
+    return Route(
+        dst=f"{dst or any_}/{msg['dst_len']}",
+        table=int(msg.get("RTA_TABLE") or msg["table"]),
+        oif=int(msg.get("RTA_OIF") or 0),
+        gateway=str(msg.get("RTA_GATEWAY") or ""),
+        prefsrc=str(msg.get("RTA_PREFSRC") or ""),
+        src=f"{src}/{msg['src_len']}" if src else "",
+        metric=int(msg.get("RTA_PRIORITY") or 0),
+        proto=int(msg["proto"]),
+        scope=int(msg["scope"]),
+        type=int(msg["type"]),
+        tos=int(msg["tos"]),
+        flags=int(msg["flags"]) & 0xFF,
+        pref=msg.get("RTA_PREF"),
+        metrics=mlist,
+        hops=hops,
+        expires=int(expires) if expires else None,
+    )
+
+
+def rule_of(msg: Any) -> Rule:
+    attrs = tuple((str(k), v) for k, v in msg["attrs"] if isinstance(k, str) and k != "FRA_PRIORITY")
+    return Rule(
+        family=int(msg["family"]),
+        action=int(msg["action"]),
+        priority=int(msg.get("FRA_PRIORITY") or 0),
+        attrs=attrs,
+        dst_len=int(msg["dst_len"]),
+        src_len=int(msg["src_len"]),
+        tos=int(msg["tos"]),
+        flags=int(msg["flags"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> messages (pure)
+
+
+def address_msg(index: int, a: Address, flags: int) -> ifaddrmsg:
+    ip, plen = a.address.split("/")
+    msg = ifaddrmsg()
+    msg["family"] = AF_INET6 if a.family == AF_INET6 else socket.AF_INET
+    msg["prefixlen"] = int(plen)
+    msg["flags"] = flags & 0xFF
+    msg["scope"] = a.scope
+    msg["index"] = index
+    attrs: list[tuple[str, Any]] = [
+        ("IFA_LOCAL", ip),
+        ("IFA_ADDRESS", a.peer.split("/")[0] if a.peer else ip),
+    ]
+    if a.family == AF_INET6:
+        attrs = [("IFA_ADDRESS", ip)]
+    attrs.append(("IFA_FLAGS", flags))
+    if a.label:
+        attrs.append(("IFA_LABEL", a.label))
+    if a.broadcast:
+        attrs.append(("IFA_BROADCAST", a.broadcast))
+    if a.metric:
+        attrs.append(("IFA_RT_PRIORITY", a.metric))
+    if a.proto:
+        attrs.append(("IFA_PROTO", a.proto))
+    if a.valid_lft is not None or a.preferred_lft is not None:
+        attrs.append(
+            (
+                "IFA_CACHEINFO",
+                {
+                    "ifa_preferred": FOREVER if a.preferred_lft is None else a.preferred_lft,
+                    "ifa_valid": FOREVER if a.valid_lft is None else a.valid_lft,
+                    "cstamp": 0,
+                    "tstamp": 0,
+                },
+            )
+        )
+    msg["attrs"] = attrs
+    return msg
+
+
+def route_msg(r: Route) -> rtmsg:
+    ip, plen = r.dst.split("/")
+    msg = rtmsg()
+    msg["family"] = AF_INET6 if r.family == AF_INET6 else socket.AF_INET
+    msg["dst_len"] = int(plen)
+    msg["src_len"] = int(r.src.split("/")[1]) if r.src else 0
+    msg["tos"] = r.tos
+    msg["table"] = r.table if r.table < 256 else 0
+    msg["proto"] = r.proto
+    msg["scope"] = r.scope
+    msg["type"] = r.type
+    msg["flags"] = r.flags
+    attrs: list[tuple[str, Any]] = [("RTA_TABLE", r.table)]
+    if int(plen):
+        attrs.append(("RTA_DST", ip))
+    if r.src:
+        attrs.append(("RTA_SRC", r.src.split("/")[0]))
+    if r.oif:
+        attrs.append(("RTA_OIF", r.oif))
+    if r.gateway:
+        attrs.append(("RTA_GATEWAY", r.gateway))
+    if r.metric:
+        attrs.append(("RTA_PRIORITY", r.metric))
+    if r.prefsrc:
+        attrs.append(("RTA_PREFSRC", r.prefsrc))
+    if r.pref is not None:
+        attrs.append(("RTA_PREF", r.pref))
+    if r.metrics:
+        attrs.append(("RTA_METRICS", {"attrs": [list(m) for m in r.metrics]}))
+    if r.hops:
+        attrs.append(
+            (
+                "RTA_MULTIPATH",
+                [
+                    {
+                        "oif": h.oif,
+                        "hops": h.weight - 1,
+                        "flags": h.flags,
+                        "attrs": [("RTA_GATEWAY", h.gateway)] if h.gateway else [],
+                    }
+                    for h in r.hops
+                ],
+            )
+        )
+    msg["attrs"] = attrs
+    return msg
+
+
+def rule_msg(r: Rule) -> fibmsg:
+    msg = fibmsg()
+    msg["family"] = r.family
+    msg["dst_len"] = r.dst_len
+    msg["src_len"] = r.src_len
+    msg["tos"] = r.tos
+    table = dict(r.attrs).get("FRA_TABLE") or 0
+    msg["table"] = table if table < 256 else 0
+    msg["action"] = r.action
+    msg["flags"] = r.flags
+    msg["attrs"] = [*([("FRA_PRIORITY", r.priority)] if r.priority else []), *[(k, v) for k, v in r.attrs]]
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+class HostNet:
+    """Links, addresses, routes and rules of this process's network namespace. One netlink
+    socket, opened on first use; `close()` releases it. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self._ipr: Any = None
+
+    def _nl(self) -> Any:
+        if self._ipr is None:
+            ipr = IPRoute()
+            # nlm_request() returns a tuple only when this status key is False; pyroute2 0.9's
+            # IPRoute never sets it (KeyError otherwise).
+            ipr.asyncore.status["nlm_generator"] = False
+            self._ipr = ipr
+        return self._ipr
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            ipr, self._ipr = self._ipr, None
+            ipr.close()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _get_link(self, name: str) -> Any | None:
+        try:
+            return _retry(lambda: self._nl().link("get", ifname=name)[0], f"get link {name}")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise _nl_error(f"read link {name}", exc) from exc
+
+    def link(self, name: str) -> Link | None:
+        msg = self._get_link(name)
+        return link_of(msg) if msg is not None else None
+
+    def addresses(self, name: str) -> list[Address]:
+        link = self.link(name)
+        if link is None:
+            return []
+        return [
+            address_of(m)
+            for m in _retry(lambda: list(self._nl().addr("dump")), "dump addresses")
+            if m["index"] == link.index
+        ]
+
+    def iface_state(self, name: str) -> IfaceState | None:
+        """The link, its addresses (in kernel order: primary first), the routes of every table
+        that go through it (oif or a multipath hop) and the rules naming it (iif/oif)."""
+        link = self.link(name)
+        if link is None:
+            return None
+        nl = self._nl()
+        addrs = [
+            address_of(m)
+            for m in _retry(lambda: list(nl.addr("dump")), "dump addresses")
+            if m["index"] == link.index
+        ]
+        msgs = _retry(lambda: list(nl.route("dump")), "dump routes")
+        names: dict[int, str] = {}
+        if any(m.get("RTA_MULTIPATH") for m in msgs):
+            names = {
+                int(m["index"]): str(m.get("IFLA_IFNAME"))
+                for m in _retry(lambda: list(nl.link("dump")), "dump links")
+            }
+        routes = [r for r in (route_of(m, names) for m in msgs) if r.uses(link.index)]
+        rules = [
+            r
+            for r in (rule_of(m) for m in _retry(lambda: list(nl.rule("dump")), "dump rules"))
+            if r.names(name)
+        ]
+        return IfaceState(link, tuple(addrs), tuple(routes), tuple(rules))
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _index(self, dev: str) -> int:
+        link = self.link(dev)
+        if link is None:
+            raise CoreError(f"interface {dev} does not exist")
+        return link.index
+
+    def add_address(self, dev: str, a: Address) -> None:
+        """Add `a` to `dev` with its exact flags (see module docstring for IPv6). Present: fine."""
+        idx = self._index(dev)
+        flags = a.flags & ~IFA_F_SECONDARY
+        first = flags | IFA_F_NODAD if a.family == AF_INET6 else flags
+        try:
+            self._nl().nlm_request(address_msg(idx, a, first), RTM_NEWADDR, _ADD)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise _nl_error(f"add address {a.address} to {dev}", exc) from exc
+            return
+        if first != flags:
+            try:
+                self._nl().nlm_request(address_msg(idx, a, flags), RTM_NEWADDR, _REPLACE)
+            except NetlinkError as exc:
+                raise _nl_error(f"set the flags of address {a.address} on {dev}", exc) from exc
+
+    def delete_address(self, dev: str, a: Address) -> None:
+        link = self.link(dev)
+        if link is None:
+            return
+        try:
+            self._nl().nlm_request(address_msg(link.index, a, a.flags), RTM_DELADDR, _DEL)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                raise _nl_error(f"delete address {a.address} from {dev}", exc) from exc
+
+    def replace_route(self, r: Route) -> None:
+        """Install `r`, replacing the route with the same key (table, dst, tos, metric): atomic."""
+        try:
+            self._nl().nlm_request(route_msg(r), RTM_NEWROUTE, _REPLACE)
+        except NetlinkError as exc:
+            raise _nl_error(f"replace route {r.dst} (table {r.table})", exc) from exc
+
+    def add_rule(self, r: Rule) -> None:
+        try:
+            self._nl().nlm_request(rule_msg(r), RTM_NEWRULE, _ADD)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise _nl_error(f"add rule {r.render()}", exc) from exc
+
+    def delete_rule(self, r: Rule) -> None:
+        try:
+            self._nl().nlm_request(rule_msg(r), RTM_DELRULE, _DEL)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise _nl_error(f"delete rule {r.render()}", exc) from exc
+
+    def set_link(
+        self, name: str, *, mac: str | None = None, mtu: int | None = None, up: bool | None = None
+    ) -> None:
+        idx = self._index(name)
+        kw: dict[str, Any] = {}
+        if mac:
+            kw["address"] = mac
+        if mtu:
+            kw["mtu"] = mtu
+        if up is not None:
+            kw["state"] = "up" if up else "down"
+        if not kw:
+            return
+        try:
+            self._nl().link("set", index=idx, **kw)
+        except NetlinkError as exc:
+            raise _nl_error(f"set {', '.join(kw)} of {name}", exc) from exc

@@ -94,6 +94,14 @@ class PortSpec:
 
 
 @dataclass(frozen=True)
+class BridgeView:
+    """What the plugin checks of a bridge before plugging into it."""
+
+    datapath_type: str
+    external_ids: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PortInfo:
     name: str
     bridge: str | None
@@ -164,7 +172,8 @@ def matches(ids: Mapping[str, str], want: Mapping[str, str]) -> bool:
 
 
 def bridge_steps(bridge: str) -> list[Step]:
-    return [Step(op_select("Bridge", [eq("name", bridge)], ["datapath_type"]), f"read bridge {bridge}")]
+    return [Step(op_select("Bridge", [eq("name", bridge)], ["datapath_type", "external_ids"]),
+                 f"read bridge {bridge}")]
 
 
 def lookup_steps(names: Sequence[str]) -> list[Step]:
@@ -301,8 +310,10 @@ class Vswitch:
     """Our ports in the Open_vSwitch database, over one OVSDB connection (opened on first use,
     closed by close()). Every public call has a deadline of `timeout_s` seconds."""
 
-    def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0) -> None:
-        self.db = OvsdbClient(remote, DB, timeout_s)
+    def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0,
+                 db: OvsdbClient | None = None) -> None:
+        # `db`: share a connection with other Open_vSwitch operations (core/bridges.py).
+        self.db = db if db is not None else OvsdbClient(remote, DB, timeout_s)
 
     @property
     def remote(self) -> str:
@@ -319,10 +330,18 @@ class Vswitch:
 
     # -- reads -----------------------------------------------------------------------------
 
+    def bridge_view(self, bridge: str) -> BridgeView | None:
+        """The bridge's datapath type and external_ids (provider-network readiness), in one
+        select; None when it does not exist."""
+        rows = rows_of(self.db.transact(bridge_steps(bridge))[0])
+        if not rows:
+            return None
+        return BridgeView(str(rows[0]["datapath_type"]) or "system", map_of(rows[0]["external_ids"]))
+
     def bridge_datapath(self, bridge: str) -> str | None:
         """The bridge's datapath type ("system" when empty), or None when it does not exist."""
-        rows = rows_of(self.db.transact(bridge_steps(bridge))[0])
-        return (str(rows[0]["datapath_type"]) or "system") if rows else None
+        view = self.bridge_view(bridge)
+        return view.datapath_type if view else None
 
     def _infos(self, ports: list[dict[str, Any]], ifaces: Mapping[str, dict[str, Any]],
                deadline: float) -> list[PortInfo]:

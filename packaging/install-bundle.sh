@@ -6,7 +6,8 @@
 #
 # Usage: install-bundle.sh SOURCE ROOT PREFIX CNI_BIN_DIR [EXTRA]
 #   SOURCE       the bundle: ovs-underlay, ovs-underlay-py, ovs-underlay-ipam, ovs-underlay-ipam-py,
-#                ovs-underlay-ipamd, _internal/ (dist/ovs-underlay, or /opt/ovs-underlay inside the image)
+#                ovs-underlay-ipamd, ovs-underlay-node, _internal/ (dist/ovs-underlay, or /opt/ovs-underlay
+#                inside the image)
 #   ROOT         where the target's / is mounted: "" for this machine, $DESTDIR when packaging,
 #                /host in the init container (the node's /opt mounted at /host/opt)
 #   PREFIX       the bundle's path as the target sees it (/opt/ovs-underlay)
@@ -18,7 +19,8 @@
 #   /opt/ovs-underlay.releases/<version>-<hash>/  one release per content (sha256 of the tree,
 #                                                 12 hex digits); never modified once in place
 #   /opt/ovs-underlay -> ovs-underlay.releases/<version>-<hash>    relative symlink
-#   /opt/ovs-underlay/bin/ovs-underlay-ipamd -> ../ovs-underlay-ipamd (the systemd unit's path)
+#   /opt/ovs-underlay/bin/ovs-underlay-ipamd -> ../ovs-underlay-ipamd (the systemd units' paths;
+#   /opt/ovs-underlay/bin/ovs-underlay-node  -> ../ovs-underlay-node   the same for the agent)
 #   /opt/cni/bin/ovs-underlay      -> /opt/ovs-underlay/ovs-underlay        (absolute: they are
 #   /opt/cni/bin/ovs-underlay-ipam -> /opt/ovs-underlay/ovs-underlay-ipam    target paths)
 #
@@ -61,7 +63,8 @@ check_path CNI_BIN_DIR "$CNI_BIN_DIR"
 case $VERSION in
   *[!A-Za-z0-9._+-]* | "") die "OVS_UNDERLAY_VERSION: refusing '$VERSION'" ;;
 esac
-for p in ovs-underlay ovs-underlay-py ovs-underlay-ipam ovs-underlay-ipam-py ovs-underlay-ipamd; do
+for p in ovs-underlay ovs-underlay-py ovs-underlay-ipam ovs-underlay-ipam-py ovs-underlay-ipamd \
+         ovs-underlay-node; do
   [ -x "$SOURCE/$p" ] || die "$SOURCE/$p missing: not a bundle (run \`make binary\`)"
 done
 [ -d "$SOURCE/_internal" ] || die "$SOURCE/_internal missing: not a bundle (run \`make binary\`)"
@@ -79,6 +82,7 @@ cp -a "$SOURCE" "$staging"
 if [ -n "$EXTRA" ]; then cp -a "$EXTRA/." "$staging/"; fi
 mkdir -p "$staging/bin"
 ln -sfn ../ovs-underlay-ipamd "$staging/bin/ovs-underlay-ipamd"
+ln -sfn ../ovs-underlay-node "$staging/bin/ovs-underlay-node"
 chmod 755 "$staging"
 
 # 2. Name it by its content: the same bundle installed twice is the same release. A release

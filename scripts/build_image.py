@@ -149,7 +149,7 @@ def check_static(binary: Path) -> None:
 def stage_rootfs(bundle: Path, busybox: Path, dest: Path) -> dict[str, Path]:
     """Fill `dest` (removed first) with the image's files; returns the libraries it copied."""
     for exe in ("ovs-underlay", "ovs-underlay-py", "ovs-underlay-ipam", "ovs-underlay-ipam-py",
-                "ovs-underlay-ipamd"):
+                "ovs-underlay-ipamd", "ovs-underlay-node"):
         if not os.access(bundle / exe, os.X_OK):
             raise BuildError(f"{bundle / exe} missing: run `make binary` first")
     check_static(busybox)
@@ -168,6 +168,7 @@ def stage_rootfs(bundle: Path, busybox: Path, dest: Path) -> dict[str, Path]:
     shutil.copytree(bundle, dest / BUNDLE_DIR, symlinks=True)
     (dest / BUNDLE_DIR / "bin").mkdir(exist_ok=True)
     (dest / BUNDLE_DIR / "bin/ovs-underlay-ipamd").symlink_to("../ovs-underlay-ipamd")
+    (dest / BUNDLE_DIR / "bin/ovs-underlay-node").symlink_to("../ovs-underlay-node")
     shutil.copy2(ROOT / "README.md", dest / BUNDLE_DIR / "README.md")
 
     libs = shared_libraries(elf_files(dest / BUNDLE_DIR), dest / BUNDLE_DIR)

@@ -15,15 +15,16 @@
 #   PREFIX.releases/<version>-<hash>/    the bundle, one immutable directory per content:
 #     ovs-underlay and ovs-underlay-ipam (the native warm-path client, built once per name;
 #     each execs its -py program from its own real dir), ovs-underlay-py,
-#     ovs-underlay-ipam-py, ovs-underlay-ipamd, _internal/, README.md,
-#     bin/ovs-underlay-ipamd -> ../ovs-underlay-ipamd, examples/ (EXAMPLES=1)
+#     ovs-underlay-ipam-py, ovs-underlay-ipamd, ovs-underlay-node, _internal/, README.md,
+#     bin/ovs-underlay-{ipamd,node} -> ../ovs-underlay-{ipamd,node}, examples/ (EXAMPLES=1)
 #   PREFIX                               -> PREFIX.releases/<version>-<hash> (switched by rename)
 #   CNI_BIN_DIR/ovs-underlay             -> PREFIX/ovs-underlay       (absolute symlinks: they
 #   CNI_BIN_DIR/ovs-underlay-ipam        -> PREFIX/ovs-underlay-ipam   name paths on the target)
 #   SBIN_DIR/ovs-underlay-ipamd          -> PREFIX/ovs-underlay-ipamd
+#   SBIN_DIR/ovs-underlay-node           -> PREFIX/ovs-underlay-node
 #   CNI_BIN_DIR/ovn-k8s-cni-overlay      -> PREFIX/ovs-underlay       (OVNK_ALIAS=1 only)
 #   /etc/ovs-underlay/ipamd.json         (only when absent: an edited config is never replaced)
-#   SYSTEMD_DIR/ovs-underlay-ipamd.service, ovs-underlay-warm.service (not enabled)
+#   SYSTEMD_DIR/ovs-underlay-{ipamd,warm,node}.service (not enabled)
 #
 # Symlinks work because the PyInstaller bootloader finds _internal/ from the resolved path of
 # the running executable (/proc/self/exe), not from argv[0], and the native client finds
@@ -51,9 +52,11 @@ OVS_UNDERLAY_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.tom
   sh "$ROOT/packaging/install-bundle.sh" "$BUNDLE" "$DESTDIR" "$PREFIX" "$CNI_BIN_DIR" "$extra"
 
 mkdir -p "$DESTDIR$SBIN_DIR"
-ln -sfn "$PREFIX/ovs-underlay-ipamd" "$DESTDIR$SBIN_DIR/.ovs-underlay-ipamd.tmp.$$"
-mv -fT "$DESTDIR$SBIN_DIR/.ovs-underlay-ipamd.tmp.$$" "$DESTDIR$SBIN_DIR/ovs-underlay-ipamd"
-log "$DESTDIR$SBIN_DIR/ovs-underlay-ipamd -> $PREFIX/ovs-underlay-ipamd"
+for prog in ovs-underlay-ipamd ovs-underlay-node; do
+  ln -sfn "$PREFIX/$prog" "$DESTDIR$SBIN_DIR/.$prog.tmp.$$"
+  mv -fT "$DESTDIR$SBIN_DIR/.$prog.tmp.$$" "$DESTDIR$SBIN_DIR/$prog"
+  log "$DESTDIR$SBIN_DIR/$prog -> $PREFIX/$prog"
+done
 
 # ovn-kubernetes' NADs name "type": "ovn-k8s-cni-overlay". On a node WITHOUT ovn-kubernetes, this
 # link lets them run unchanged on ovs-underlay (README "OVN"). Never over anything that is not
@@ -77,8 +80,10 @@ if [[ ! -e "$conf_dir/ipamd.json" ]]; then
   log "ipamd config -> $conf_dir/ipamd.json"
 fi
 
-# The daemon and the (optional) warm-path server. Enabling them is the operator's call.
-for name in ovs-underlay-ipamd ovs-underlay-warm; do
+# The daemon, the (optional) warm-path server and the node agent. Enabling them is the
+# operator's call (the agent also needs /etc/ovs-underlay/provider-networks.yaml, written by the
+# operator: bridging a NIC is never a side effect of installing).
+for name in ovs-underlay-ipamd ovs-underlay-warm ovs-underlay-node; do
   unit="$ROOT/conf-examples/$name.service"
   [[ -f "$unit" ]] || continue
   mkdir -p "$DESTDIR$SYSTEMD_DIR"

@@ -34,6 +34,8 @@ TOKEN = os.environ.get("OU_TEST_TOKEN") or secrets.token_hex(2)
 _seq = itertools.count(1)
 # Every daemon a fixture starts, restarts included: the session-end check kills survivors.
 PROCS: list[subprocess.Popen[bytes]] = []
+# Figures a test measured (loss windows, rollback times): printed in the run's summary.
+REPORT: list[str] = []
 
 
 def uniq(role: str, limit: int = 15) -> str:

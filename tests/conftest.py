@@ -74,6 +74,13 @@ def _leftovers() -> list[str]:
     return found
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if netbed.REPORT:
+        terminalreporter.section("measured")
+        for line in netbed.REPORT:
+            terminalreporter.write_line(line)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.geteuid() != 0:
         return

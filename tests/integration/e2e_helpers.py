@@ -39,7 +39,8 @@ BUILD = ROOT / "scripts" / "build-bundle.sh"
 SHIM_SOURCE = ROOT / "packaging" / "shim" / "ovs-underlay-shim.c"
 # ovs-underlay and ovs-underlay-ipam are the native warm-path client (one C source, built once
 # per name); each execs its Python plugin, ovs-underlay-py / ovs-underlay-ipam-py.
-PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipam-py", "ovs-underlay-ipamd", "ovs-underlay-py")  # sorted
+PROGRAMS = ("ovs-underlay", "ovs-underlay-ipam", "ovs-underlay-ipam-py", "ovs-underlay-ipamd", "ovs-underlay-node",
+            "ovs-underlay-py")  # sorted
 LIBCNI_CACHE = Path("/var/lib/cni")
 # Inputs of the bundle: a newer file means dist/ is stale (packaging/ holds the shim's .c).
 _SOURCES = ("core", "cni", "ipamd", "packaging", "pyproject.toml", "scripts/build-bundle.sh")

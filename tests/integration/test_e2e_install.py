@@ -49,14 +49,15 @@ def test_install_into_destdir_layout(bundle: Path, tmp_path: Path) -> None:
     for name in ("ovs-underlay", "ovs-underlay-ipam"):
         link = dest / "opt/cni/bin" / name
         assert os.readlink(link) == f"/opt/ovs-underlay/{name}"
-    assert os.readlink(dest / "usr/local/sbin/ovs-underlay-ipamd") == "/opt/ovs-underlay/ovs-underlay-ipamd"
-    assert (prefix / "bin/ovs-underlay-ipamd").resolve() == (prefix / "ovs-underlay-ipamd").resolve()
+    for prog in ("ovs-underlay-ipamd", "ovs-underlay-node"):
+        assert os.readlink(dest / "usr/local/sbin" / prog) == f"/opt/ovs-underlay/{prog}"
+        assert (prefix / "bin" / prog).resolve() == (prefix / prog).resolve()
     assert (prefix / "examples/10-underlay-vlan.conflist").is_file()
     assert (prefix / "examples/kubernetes/20-daemonset.yaml").is_file()
     # The unit's --config exists, with the shipped defaults; an edited one is never replaced.
     conf = dest / "etc/ovs-underlay/ipamd.json"
     assert conf.read_text() == (e2e.EXAMPLES / "ipamd.json").read_text()
-    for name in ("ovs-underlay-ipamd.service", "ovs-underlay-warm.service"):
+    for name in ("ovs-underlay-ipamd.service", "ovs-underlay-warm.service", "ovs-underlay-node.service"):
         installed = dest / "etc/systemd/system" / name
         assert installed.read_text() == (e2e.EXAMPLES / name).read_text()
     # Nothing was written outside DESTDIR, and no staging copy or temporary link is left.
@@ -96,6 +97,17 @@ def test_installed_symlinks_run_from_anywhere(bundle: Path, tmp_path: Path) -> N
     assert ipamd.resolve() == (prefix / "ovs-underlay-ipamd").resolve()
     res = subprocess.run([str(ipamd), "--help"], env=env, cwd="/", capture_output=True, text=True, timeout=30)
     assert res.returncode == 0 and "serve" in res.stdout, res.stderr
+    # The frozen agent reads the shipped YAML example (PyYAML is in the bundle): the file parses,
+    # and on a node the example excludes there is nothing to do (no OVSDB needed for that).
+    node = tmp_path / "sbin/ovs-underlay-node"
+    base = [str(node), "--config", str(e2e.EXAMPLES / "provider-networks.yaml"), "--ovsdb", "unix:/nonexistent",
+            "--state-dir", str(tmp_path / "state")]
+    res = subprocess.run([*base, "--node-name", "control-plane-1", "apply", "--dry-run"], env=env, cwd="/",
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and res.stdout == "", res.stderr
+    res = subprocess.run([*base, "--node-name", "worker-1", "apply", "--dry-run"], env=env, cwd="/",
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 4 and "OVSDB at unix:/nonexistent is unreachable" in res.stderr, res.stderr
 
 
 # ---------------------------------------------------------------------------------------------

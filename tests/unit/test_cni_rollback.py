@@ -19,7 +19,7 @@ from core.errors import CoreError, Unavailable
 from core.names import host_ifname
 from core.netlink import PodLink
 from core.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
-from core.vswitch import PortInfo, PortSpec, iface_columns, port_columns
+from core.vswitch import BridgeView, PortInfo, PortSpec, iface_columns, port_columns
 
 
 class Fault(Exception):
@@ -35,6 +35,7 @@ class World:
         self.links: dict[str, str] = {}  # host name -> alias
         self.ports: dict[str, PortSpec] = {}
         self.leases: set[tuple[str, str]] = set()
+        self.bridges: dict[str, dict[str, str]] = {"br0": {}}  # name -> external_ids
         self.gateway_ok = True
         self.gateway_skipped = False
         self.ipamd_up = True
@@ -82,9 +83,10 @@ class FakeOvsdb:
     def __init__(self, w: World) -> None:
         self.w = w
 
-    def bridge_datapath(self, bridge: str) -> str | None:
+    def bridge_view(self, bridge: str) -> BridgeView | None:
         self.w.step("preflight")
-        return "netdev" if bridge == "br0" else None
+        ids = self.w.bridges.get(bridge)
+        return BridgeView("netdev", ids) if ids is not None else None
 
     def add_port(self, spec: PortSpec) -> None:
         self.w.step("add_port")
@@ -192,6 +194,7 @@ IPAMD = {"type": "ovs-underlay-ipam", "daemonSocket": "/x.sock",
 def mk(conf: dict[str, Any], cid: str = "c1") -> tuple[CmdArgs, NetConf]:
     full = {"cniVersion": "1.1.0", "name": "n1", "type": "ovs-underlay", "bridge": "br0",
             "datapathType": "netdev", "vlan": 100, **conf}
+    full = {k: v for k, v in full.items() if v is not None}  # None in `conf`: leave the key out
     a = CmdArgs("ADD", cid, "/run/netns/p", "eth0", "", ("/usr/lib/cni",), b"", full, "1.1.0")
     return a, parse_netconf(a)
 
@@ -353,3 +356,49 @@ def test_port_row_builders() -> None:
     assert port_columns(PortSpec("p", "br"))["vlan_mode"] == []
     i = iface_columns(PortSpec("p", "br", iface_ids={"owner": "ovs-underlay"}, ofport_request=9))
     assert i == {"name": "p", "type": "", "external_ids": {"owner": "ovs-underlay"}, "ofport_request": [9]}
+
+
+# ---------------------------------------------------------------------------------------------
+# "provider": a network of the node agent (bridge br-<name>, readiness on the Bridge row)
+
+
+def test_provider_names_the_bridge_and_is_validated() -> None:
+    _, c = mk({"provider": "net1", "bridge": None})
+    assert c.bridge == "br-net1" and c.provider == "net1"
+    _, c = mk({"provider": "net1", "bridge": "br-net1"})
+    assert c.bridge == "br-net1"
+    for bad, words in (({"provider": "net1"}, "attaches to bridge br-net1, but bridge is 'br0'"),
+                       ({"provider": "attachnet.default.ovn", "bridge": None}, "not a provider network name"),
+                       ({"provider": "a" * 13, "bridge": None}, "not a provider network name"),
+                       ({"provider": 1, "bridge": None}, "not a provider network name")):
+        with pytest.raises(CniError) as e:
+            mk(bad)
+        assert e.value.code == 7 and words in e.value.msg, e.value.msg
+
+
+def test_provider_not_ready_is_50_for_status_and_11_for_add_without_side_effects() -> None:
+    ready = {"provider-network": "net1", "provider-ready": "true", "provider-interface": "eth1"}
+    cases = [(None, "br-net1 does not exist"),
+             ({"provider-network": "net1", "provider-ready": "false"}, "being applied"),
+             ({"provider-network": "net1", "provider-ready": "false", "provider-error": "apply failed at verify"},
+              "apply failed at verify"),
+             ({}, "not marked as provider network net1")]
+    for ids, words in cases:
+        w = World()
+        if ids is not None:
+            w.bridges["br-net1"] = ids
+        a, c = mk({"provider": "net1", "bridge": None})
+        with pytest.raises(CniError) as e:
+            plugin.cmd_status(a, c, drivers(w))
+        assert e.value.code == 50 and "provider network net1 is not ready" in e.value.msg and words in e.value.msg
+        with pytest.raises(CniError) as e:
+            plugin.cmd_add(a, c, drivers(w))
+        assert e.value.code == 11 and words in e.value.msg
+        assert w.journal == ["preflight", "preflight"] and w.links == {} and w.ports == {}
+    w = World()
+    w.bridges["br-net1"] = ready
+    a, c = mk({"provider": "net1", "bridge": None})
+    plugin.cmd_status(a, c, drivers(w))
+    res = plugin.cmd_add(a, c, drivers(w))
+    host = host_ifname("c1", "eth0")
+    assert w.ports[host].bridge == "br-net1" and res.interfaces[0].name == host

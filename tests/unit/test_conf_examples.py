@@ -28,6 +28,7 @@ EXPECTED = {
     "50-static-ip-mac.conflist", "60-nad-vlan100.yaml", "70-bridge-ipam.conflist",
     "71-macvlan-ipam.conf", "80-chain-tuning-portmap-bandwidth.conflist", "kubernetes",
     "90-nad-ovnk-localnet.yaml", "91-nad-ovnk-layer2.yaml", "ovn.json",
+    "92-provider-net1.conflist", "provider-networks.yaml", "ovs-underlay-node.service",
 }
 SUPPORTED_VERSIONS = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 
@@ -62,8 +63,8 @@ def check_network(conf: dict[str, Any], where: str) -> list[IpamConf]:
         for cap in p.get("capabilities", {}):
             assert cap in {"ips", "mac", "portMappings", "bandwidth", "ipRanges"}, f"{w}: capability {cap}"
         if p["type"] == "ovs-underlay":
-            assert p.get("bridge") or p.get("ovnPort") or p.get("topology"), \
-                f"{w}: needs bridge (or ovnPort for br-int, or an ovn-kubernetes topology)"
+            assert p.get("bridge") or p.get("ovnPort") or p.get("topology") or p.get("provider"), \
+                f"{w}: needs bridge (or ovnPort for br-int, an ovn-kubernetes topology, or provider)"
             if "vlan" in p:
                 assert isinstance(p["vlan"], int) and 0 <= p["vlan"] <= 4094, f"{w}: vlan"
             for t in p.get("trunk", []):

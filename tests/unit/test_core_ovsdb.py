@@ -333,7 +333,7 @@ def test_client_answers_echo_and_checks_the_reply(fake_server: Any) -> None:
         if req.get("method") == "transact":
             _send(conn, {"method": "echo", "params": ["x"], "id": "echo-1"})
             _send(conn, {"id": req["id"], "error": None,
-                         "result": [{"rows": [{"datapath_type": "netdev"}]}]})
+                         "result": [{"rows": [{"datapath_type": "netdev", "external_ids": ["map", []]}]}]})
 
     c = Vswitch(fake_server(handler), timeout_s=5)
     try:
@@ -343,7 +343,8 @@ def test_client_answers_echo_and_checks_the_reply(fake_server: Any) -> None:
         c.close()
     transacts = [r for r in seen if r.get("method") == "transact"]
     assert transacts[0]["params"] == ["Open_vSwitch", {"op": "select", "table": "Bridge",
-                                                       "where": [["name", "==", "br0"]], "columns": ["datapath_type"]}]
+                                                       "where": [["name", "==", "br0"]],
+                                                       "columns": ["datapath_type", "external_ids"]}]
     assert {"id": "echo-1", "result": ["x"], "error": None} in seen
 
 

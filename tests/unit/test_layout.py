@@ -2,6 +2,7 @@
 
 - core imports neither cni nor ipamd (it is shared by the plugins, the daemon and the agent);
 - ipamd never imports cni;
+- the node agent imports only the core: neither cni nor ipamd (and no one imports the agent);
 - cni never imports ipamd at all: whatever the plugins share with the daemon (the IPAM spec, the
   client and its wire contract, netns sockets, frames) lives in core, so in particular cni never
   reaches ipamd's server side (allocator, stores, server, service).
@@ -23,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # package -> top-level packages it must never import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "core": ("cni", "ipamd"),
-    "ipamd": ("cni",),
-    "cni": ("ipamd",),
+    "core": ("cni", "ipamd", "agent"),
+    "ipamd": ("cni", "agent"),
+    "cni": ("ipamd", "agent"),
+    "agent": ("cni", "ipamd"),
 }
 
 
@@ -70,6 +72,8 @@ def test_every_package_states_its_rule() -> None:
     ("core", "def f():\n    import ipamd.allocator\n"),
     ("ipamd", "from cni import skel"),
     ("cni", "from ipamd.allocator import Allocator"),
+    ("agent", "from cni.errors import CniError"),
+    ("core", "from agent import plan"),
     ("cni", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ipamd.store import Store\n"),
 ])
 def test_the_checker_catches_a_planted_violation(tmp_path: Path, pkg: str, line: str) -> None:
