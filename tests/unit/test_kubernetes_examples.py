@@ -48,8 +48,8 @@ def applied() -> list[dict[str, Any]]:
     return [d for f in sorted(KUBE.glob("*.yaml")) for d in docs_of(f)]
 
 
-def the(kind: str) -> dict[str, Any]:
-    (obj,) = [d for d in applied() if d["kind"] == kind]
+def the(kind: str, name: str | None = None) -> dict[str, Any]:
+    (obj,) = [d for d in applied() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return obj
 
 
@@ -90,7 +90,7 @@ def bundle_programs() -> set[str]:
 
 
 def ipamd_config() -> dict[str, Any]:
-    return dict(json.loads(the("ConfigMap")["data"]["ipamd.json"]))
+    return dict(json.loads(the("ConfigMap", "ovs-underlay-ipamd")["data"]["ipamd.json"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def ipamd_config() -> dict[str, Any]:
 
 def test_apply_creates_namespace_config_and_daemonset_only() -> None:
     kinds = sorted(d["kind"] for d in applied())
-    assert kinds == ["ConfigMap", "DaemonSet", "Namespace"], kinds
+    assert kinds == ["ConfigMap", "ConfigMap", "DaemonSet", "Namespace"], kinds
     ns = the("Namespace")["metadata"]["name"]
     assert all(d["metadata"].get("namespace") == ns for d in applied() if d["kind"] != "Namespace")
     # Privileged hostPath pods: Pod Security Admission must allow them in this namespace.
@@ -232,7 +232,7 @@ def test_ipamd_runs_the_configmap_config_on_node_paths() -> None:
     config_file = c["args"][c["args"].index("--config") + 1]
     (cm_mount,) = [m for m in c["volumeMounts"] if "configMap" in volumes()[m["name"]]]
     assert config_file == posixpath.join(cm_mount["mountPath"], "ipamd.json")
-    assert volumes()[cm_mount["name"]]["configMap"]["name"] == the("ConfigMap")["metadata"]["name"]
+    assert volumes()[cm_mount["name"]]["configMap"]["name"] == "ovs-underlay-ipamd"
     # The socket the plugins use by default, on the node path the warm server and the node see.
     assert conf["socket"] == DEFAULT_DAEMON_SOCKET
     sock_dir = posixpath.dirname(conf["socket"])
@@ -330,3 +330,32 @@ def test_nad_static_ip_and_mac_reach_the_plugin_through_capabilities() -> None:
     assert ipam is not None
     (subnet,) = ipam.pool.subnets
     assert subnet.allocatable(subnet.subnet[50])
+
+
+def test_node_agent_container() -> None:
+    """The provider-network agent: its file from its ConfigMap (empty: nothing is bridged until
+    an admin lists networks), its journal on a node path that survives restarts and reboots,
+    OVSDB, the node's name, the host's /run read-only, readiness from `status --check` and no
+    liveness probe (a restart mid-apply is what must not be provoked)."""
+    from agent.config import parse_text
+
+    c = container("node")
+    args = c["args"]
+    assert args[:2] == ["node", "serve"]
+    config_file = args[args.index("--config") + 1]
+    (cm_mount,) = [m for m in c["volumeMounts"] if "configMap" in volumes()[m["name"]]]
+    assert posixpath.dirname(config_file) == cm_mount["mountPath"]
+    cm = the("ConfigMap", volumes()[cm_mount["name"]]["configMap"]["name"])
+    assert parse_text(cm["data"][posixpath.basename(config_file)]).networks == ()
+    state = args[args.index("--state-dir") + 1]
+    assert host_path_of(c, state) == state and volumes()["var-lib-ovs-underlay"]["hostPath"]["path"] == "/var/lib/ovs-underlay"
+    assert host_path_of(c, "/run/openvswitch") == "/run/openvswitch"
+    host_run = args[args.index("--host-run") + 1]
+    assert host_path_of(c, host_run) == "/run"
+    assert all(m.get("readOnly") for m in c["volumeMounts"] if m["mountPath"] in (host_run, cm_mount["mountPath"]))
+    (env,) = [e for e in c["env"] if e["name"] == "NODE_NAME"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe[0] == "/opt/ovs-underlay/ovs-underlay-node" and probe[-2:] == ["status", "--check"]
+    assert "livenessProbe" not in c and pod_spec()["hostNetwork"] is True
+
