@@ -110,7 +110,11 @@ class Drivers:
     _clients: list[Any] = field(default_factory=list)
 
     def ipam_client(self, ipam: IpamConf) -> IpamClientDriver:
-        client = self.ipam(ipam.daemon_socket, ipam.timeout_ms)
+        return self.ipam_at(ipam.daemon_socket, ipam.timeout_ms)
+
+    def ipam_at(self, socket_path: str, timeout_ms: int) -> IpamClientDriver:
+        """A client of the ipamd at `socket_path`, closed with the drivers."""
+        client = self.ipam(socket_path, timeout_ms)
         self._clients.append(client)
         return client
 

@@ -42,8 +42,17 @@ from netaddr import IPAddress
 from cni.errors import CniError, Code
 from cni.ovnconf import BridgeSource, NodeNorthbound, OvnAttach, Topology, no_node_northbound, parse_ovn
 from cni.types import CmdArgs, Result, parse_cni_args
+from core.attachment import name_problem
 from core.names import MAC_RE, NAME_RE, PROVIDER_NAME_RE, provider_bridge
-from core.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
+from core.spec import (
+    DEFAULT_DAEMON_SOCKET,
+    ConfigError,
+    IpamConf,
+    PodRef,
+    daemon_contract,
+    parse_ipam,
+    parse_requested_ips,
+)
 
 _log = logging.getLogger("ovs-underlay.netconf")
 IPAMD_TYPE = "ovs-underlay-ipam"
@@ -124,6 +133,33 @@ class NetConf:
             native = f", native {self.vlan}" if self.vlan is not None else ""
             return "trunk " + ",".join(f"{a}-{b}" if a != b else str(a) for a, b in self.trunk) + native
         return str(self.vlan) if self.vlan is not None else "untagged (all VLANs)"
+
+
+@dataclass(frozen=True)
+class IpamdSocket:
+    """DEL's view of an ipamd backend: where the lease is, nothing about the pool."""
+
+    socket: str = DEFAULT_DAEMON_SOCKET
+    timeout_ms: int = 10_000
+
+
+DelIpam = IpamdSocket | DelegateBackend | NoIpam
+
+
+@dataclass(frozen=True)
+class DelConf:
+    """What DEL reads of the config, leniently and field by field (`parse_del`).
+
+    DEL cleans up by identity (container id, ifname; core.attachment): the network, the IPAM
+    backend and the OVSDB endpoint are hints from the config, each None/default when it does
+    not validate, and the record that ADD left on the OVS Interface wins over them."""
+
+    cni_version: str
+    name: str | None = None
+    ovsdb_socket: str = DEFAULT_OVSDB
+    ipam: DelIpam | None = None  # None: the config names no usable IPAM backend
+    ovn: OvnAttach | None = None  # the OVN part, when it still parses (managed: the LSP to delete)
+    problems: tuple[str, ...] = ()
 
 
 def _bad(msg: str, details: str = "") -> CniError:
@@ -274,6 +310,64 @@ def _provider(conf: Mapping[str, Any]) -> tuple[str | None, str]:
         raise _bad(f"provider {provider!r} attaches to bridge {provider_bridge(provider)}, "
                    f"but bridge is {bridge!r}", "give provider or bridge")
     return provider, provider_bridge(provider)
+
+
+def parse_del(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound, *,
+              ipam_plugin: bool = False) -> DelConf:
+    """The config as DEL reads it: never raises. Nothing DEL does depends on the per-pod
+    channels, prevResult, VLANs or the pool definition, so those are not read at all; the
+    network name, the OVSDB endpoint and the IPAM backend are taken when they validate and
+    named in `problems` when they do not. `ipam_plugin`: the config is that of another main
+    plugin calling ovs-underlay-ipam, so the ipam section is ipamd's whatever its type."""
+    conf = {ALIASES.get(k, k): v for k, v in args.config.items()}  # a duplicate spelling: last wins
+    problems: list[str] = []
+    name = conf.get("name")
+    if (why := name_problem(name, "name")) is not None:
+        problems.append(why)
+        name = None
+    ovsdb = conf.get("ovsdbSocket", DEFAULT_OVSDB)
+    if not isinstance(ovsdb, str) or not ovsdb.startswith(("unix:", "tcp:", "ssl:")):
+        problems.append(f"ovsdbSocket {ovsdb!r} is not an OVSDB remote; using {DEFAULT_OVSDB}")
+        ovsdb = DEFAULT_OVSDB
+    ipam: DelIpam | None
+    section = conf.get("ipam")
+    if section is not None and not isinstance(section, Mapping):
+        problems.append(f"ipam {section!r} is not an object")
+        ipam = None
+    elif section and (ipam_plugin or section.get("type") == IPAMD_TYPE):
+        ipam = _del_ipamd(section, problems)
+    elif section:
+        itype = section.get("type")
+        if (why := name_problem(itype, "ipam.type")) is not None:
+            problems.append(why)
+            ipam = None
+        else:
+            ipam = DelegateBackend(str(itype))
+    elif any(k in conf for k in ("subnets", "excludeSubnets")):
+        ipam = _del_ipamd(conf, problems)
+    else:
+        ipam = None if ipam_plugin else NoIpam()
+    ovn = None if ipam_plugin else _del_ovn(conf, node_nb, problems)
+    return DelConf(args.cni_version, name, ovsdb, ipam, ovn, tuple(problems))
+
+
+def _del_ovn(conf: Mapping[str, Any], node_nb: NodeNorthbound, problems: list[str]) -> OvnAttach | None:
+    """The OVN part as far as DEL needs it (is the port's LSP ours, and where is the northbound):
+    the OVN keys alone, not the VLANs or the bridge they are checked against at ADD."""
+    raw_name = conf.get("name")
+    name = raw_name if isinstance(raw_name, str) and raw_name else "network"
+    try:
+        return parse_ovn(conf, name=name, vlan=None, trunk=False, bridge="", node_nb=node_nb).ovn
+    except (CniError, ConfigError, OSError, ValueError) as exc:  # the node's settings may fail too
+        problems.append(f"OVN keys: {getattr(exc, 'msg', exc)}")
+        return None
+
+
+def _del_ipamd(section: Mapping[str, Any], problems: list[str]) -> IpamdSocket:
+    socket, timeout = daemon_contract(section)
+    if socket is None and any(str(k).lower() in ("daemonsocket", "ipam_unix_socket_path") for k in section):
+        problems.append(f"the ipamd socket is not a usable path; trying {DEFAULT_DAEMON_SOCKET}")
+    return IpamdSocket(socket or DEFAULT_DAEMON_SOCKET, timeout or 10_000)
 
 
 def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -> NetConf:

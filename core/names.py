@@ -37,6 +37,32 @@ def provider_bridge(network: str) -> str:
     return f"br-{network}"
 
 
+IFNAMSIZ = 15  # the kernel's IFNAMSIZ (16) less the terminating NUL
+
+
+def container_id_problem(container_id: str) -> str | None:
+    """Why `container_id` is not a valid CNI_CONTAINERID, or None."""
+    if not container_id:
+        return "is empty"
+    if not CONTAINER_ID_RE.match(container_id):
+        return "must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$"
+    return None
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why `name` is not a valid interface name, or None (plugins `utils.ValidateInterfaceName`)."""
+    if not name:
+        return "is empty"
+    if len(name) > IFNAMSIZ:
+        return f"is longer than {IFNAMSIZ} characters"
+    if name in (".", ".."):
+        return "is '.' or '..'"
+    for ch in name:
+        if ch in "/:" or ch.isspace():
+            return f"contains {ch!r} ('/', ':' and whitespace are not allowed)"
+    return None
+
+
 def host_ifname(container_id: str, ifname: str) -> str:
     """The host end of an attachment's veth (and its OVS port): 15 characters at most."""
     return HOST_IF_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:12]

@@ -33,6 +33,8 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange
 
+from core.attachment import socket_problem
+
 DEFAULT_DAEMON_SOCKET = "/run/ovs-underlay/ipamd.sock"
 DEFAULT_GATEWAY_CHECK_TIMEOUT_MS = 1000
 DEFAULT_CONFLICT_CHECK_WAIT_MS = 100
@@ -556,8 +558,9 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
     if "disableGatewayCheck" in conf:
         gateway_check = not _bool(conf["disableGatewayCheck"], f"{where}.disableGatewayCheck")
     socket = conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET)
-    if not isinstance(socket, str) or not socket.startswith("/") or "\0" in socket:
-        raise ConfigError(f"{where}.daemonSocket: expected an absolute path, got {socket!r}")
+    why = socket_problem(socket, f"{where}.daemonSocket")
+    if why:
+        raise ConfigError(why)
 
     pool = PoolDef(
         subnets=subnets,
@@ -577,6 +580,24 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
                                     f"{where}.conflictCheckWaitMs", 0, 10_000),
         timeout_ms=_int(conf.get("timeoutMs", 10_000), f"{where}.timeoutMs", 100, 120_000),
     )
+
+
+def daemon_contract(section: Any) -> tuple[str | None, int | None]:
+    """The ipamd socket and RPC deadline that an ipam section (or an ovn-kubernetes top level)
+    names, read leniently: any spelling of the keys, and a value that does not validate reads as
+    None. For DEL, which must not depend on the rest of the section still validating."""
+    if not isinstance(section, Mapping):
+        return None, None
+    socket: str | None = None
+    timeout: int | None = None
+    for key, value in section.items():
+        canon = ALIASES.get(key) or (_ALIASES_LOWER.get(key.lower()) if isinstance(key, str) else None)
+        if canon == "daemonSocket" and socket_problem(value) is None:
+            socket = value
+        elif canon == "timeoutMs" and not isinstance(value, bool) and isinstance(value, int) \
+                and 100 <= value <= 120_000:
+            timeout = value
+    return socket, timeout
 
 
 def parse_requested_ips(values: Iterable[Any], where: str) -> tuple[IPAddress, ...]:

@@ -127,7 +127,7 @@ def test_mtu_mac_static_ip_and_external_ids(underlay: netbed.Underlay, pod_netns
                                     "sandbox": pod_netns.path}
     ids = netbed.interface(a.host)["external_ids"]
     assert ids == {"owner": "ovs-underlay", "container_id": a.container_id, "ifname": "eth0",
-                   "netns": pod_netns.path, "network": conf["name"], "pod_namespace": "ns1",
+                   "netns": pod_netns.path, "network": conf["name"], "ipam": "host-local", "pod_namespace": "ns1",
                    "pod_name": "web-0", "pod_uid": "uid-1", "attached_mac": "0a:58:c0:a8:64:2a",
                    "ip_addresses": "192.168.100.42/24"}
     port_ids = netbed.port(a.host)["external_ids"]

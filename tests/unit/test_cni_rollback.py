@@ -4,7 +4,7 @@ idempotent and runs every step; the gateway check message; OVSDB row builders.""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ from netaddr import IPAddress, IPNetwork
 from cni import plugin
 from cni.drivers import Drivers
 from cni.errors import CniError
-from cni.netconf import NetConf, parse_netconf
+from cni.netconf import DelConf, NetConf, parse_del, parse_netconf
 from cni.types import CmdArgs, Result
 from core.errors import CoreError, Unavailable
 from core.names import host_ifname
@@ -32,6 +32,7 @@ class World:
     def __init__(self, fail_at: str = "") -> None:
         self.fail_at = fail_at
         self.journal: list[str] = []
+        self.calls: list[str] = []  # ipamd clients made and releases, for DEL's choices
         self.links: dict[str, str] = {}  # host name -> alias
         self.ports: dict[str, PortSpec] = {}
         self.leases: set[tuple[str, str]] = set()
@@ -145,6 +146,7 @@ class FakeIpam:
     def release(self, *, network: str, container_id: str, ifname: str) -> list[Lease]:
         self._up()
         self.w.journal.append("undo:lease")
+        self.w.calls.append(f"release:{network}")
         had = (container_id, ifname) in self.w.leases
         self.w.leases.discard((container_id, ifname))
         return [Lease(container_id, ifname, ("10.0.0.5/24",))] if had else []
@@ -184,7 +186,11 @@ class FakeDelegate:
 
 
 def drivers(w: World) -> Drivers:
-    return Drivers(FakeNetlink(w), FakeOvsdb(w), lambda sock, t: FakeIpam(w), FakeDelegate(w))
+    def ipam(sock: str, timeout_ms: int) -> FakeIpam:
+        w.calls.append(f"ipamd:{sock}")
+        return FakeIpam(w)
+
+    return Drivers(FakeNetlink(w), FakeOvsdb(w), ipam, FakeDelegate(w))
 
 
 IPAMD = {"type": "ovs-underlay-ipam", "daemonSocket": "/x.sock",
@@ -197,6 +203,12 @@ def mk(conf: dict[str, Any], cid: str = "c1") -> tuple[CmdArgs, NetConf]:
     full = {k: v for k, v in full.items() if v is not None}  # None in `conf`: leave the key out
     a = CmdArgs("ADD", cid, "/run/netns/p", "eth0", "", ("/usr/lib/cni",), b"", full, "1.1.0")
     return a, parse_netconf(a)
+
+
+def dl(a: CmdArgs, config: dict[str, Any] | None = None, cni_args: str = "") -> tuple[CmdArgs, DelConf]:
+    """The DEL of the attachment ADDed with `a`, with the same config unless one is given."""
+    d = replace(a, command="DEL", config=config if config is not None else a.config, args=cni_args)
+    return d, parse_del(d)
 
 
 STEPS = {
@@ -304,13 +316,104 @@ def test_del_idempotent_and_after_failed_add() -> None:
     w = World()
     a, c = mk({"ipam": IPAMD})
     plugin.cmd_add(a, c, drivers(w))
-    plugin.cmd_del(a, c, drivers(w))
+    plugin.cmd_del(*dl(a), drivers(w))
     assert w.links == {} and w.ports == {} and w.leases == set()
-    plugin.cmd_del(a, c, drivers(w))  # twice
+    plugin.cmd_del(*dl(a), drivers(w))  # twice
     w2 = World(fail_at="configure")
     with pytest.raises(CoreError):
         plugin.cmd_add(a, c, drivers(w2))
-    plugin.cmd_del(a, c, drivers(w2))
+    plugin.cmd_del(*dl(a), drivers(w2))
+
+
+BROKEN = {  # configs that no longer validate at DEL time (the ADD used the valid one)
+    "vlan out of range": {"vlan": 5000},
+    "unknown ipam key": {"ipam": {**IPAMD, "excludeIpz": ["10.0.0.9"]}},
+    "bad prevResult": {"prevResult": {"cniVersion": "1.1.0", "ips": [{"address": "nope"}]}},
+    "bad trunk": {"trunk": "all"},
+    "ipam section not an object": {"ipam": "ovs-underlay-ipam"},
+    "no name": {"name": None},
+    "duplicate spellings": {"ovsdbSocket": "unix:/x", "socket_file": "unix:/y"},
+}
+
+
+@pytest.mark.parametrize("why", list(BROKEN))
+def test_del_cleans_up_by_identity_when_the_config_no_longer_validates(why: str) -> None:
+    """Issue 11 item 5: DEL parsed the whole config first, so any of these made DEL remove
+    nothing (and kubelet retry forever). Now the OVS port's record (core.attachment) says which
+    network and which ipamd hold the lease; the config is not needed."""
+    w = World()
+    a, c = mk({"ipam": {**IPAMD, "daemonSocket": "/run/ipamd-a.sock"}})
+    plugin.cmd_add(a, c, drivers(w))
+    host = host_ifname("c1", "eth0")
+    assert w.ports[host].iface_ids["ipam"] == "ovs-underlay-ipam"
+    assert w.ports[host].iface_ids["ipamd_socket"] == "/run/ipamd-a.sock"
+    w.calls.clear()
+    broken = {**a.config, **BROKEN[why]}
+    plugin.cmd_del(*dl(a, {k: v for k, v in broken.items() if v is not None}, "not-a-pair"), drivers(w))
+    assert w.links == {} and w.ports == {} and w.leases == set()
+    assert w.calls == ["ipamd:/run/ipamd-a.sock", "release:n1"]
+
+
+def test_del_uses_the_recorded_backend_over_the_config() -> None:
+    """The record is what ADD did: a config whose ipam now names a delegate (or another socket)
+    does not send DEL elsewhere."""
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    w.calls.clear()
+    plugin.cmd_del(*dl(a, {**a.config, "ipam": {"type": "host-local"}}), drivers(w))
+    assert w.leases == set() and w.calls == ["ipamd:/x.sock", "release:n1"]
+
+
+def test_del_without_a_record_uses_what_the_config_still_says() -> None:
+    """No port (OVS lost it, or ADD failed before it): the lenient config read decides; a
+    network nobody names is released in every network."""
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    w.ports.clear()
+    w.calls.clear()
+    plugin.cmd_del(*dl(a, {**a.config, "vlan": 9999, "name": "has space"}), drivers(w))
+    assert w.leases == set() and w.links == {}
+    assert w.calls == ["ipamd:/x.sock", "release:"]
+
+
+def test_del_ignores_a_hand_edited_record() -> None:
+    """Values read back are validated: a record pointing at a relative socket or an invalid
+    network reads as absent, and the config decides."""
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    spec = w.ports[host_ifname("c1", "eth0")]
+    w.ports[spec.name] = replace(spec, iface_ids={**spec.iface_ids, "ipamd_socket": "relative/x.sock",
+                                                  "network": "../etc"})
+    w.calls.clear()
+    plugin.cmd_del(*dl(a), drivers(w))
+    assert w.calls == ["ipamd:/x.sock", "release:n1"] and w.leases == set()
+
+
+@pytest.mark.parametrize(("ids", "expect"), [
+    ({}, None),
+    ({"owner": "someone-else", "container_id": "c", "ifname": "eth0"}, None),
+    ({"owner": "ovs-underlay", "container_id": "-bad", "ifname": "eth0"}, None),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "a/b"}, None),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0"}, ("c", None, None, None)),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "network": "n",
+      "ipam": "ovs-underlay-ipam", "ipamd_socket": "/run/s.sock"}, ("c", "n", "ovs-underlay-ipam", "/run/s.sock")),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "network": "n",
+      "ipam": "ovs-underlay-ipam"}, ("c", "n", None, None)),  # which ipamd is unknown
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "ipam": "host-local"},
+     ("c", None, "host-local", None)),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "ipam": "../../bin/sh"}, ("c", None, None, None)),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "ipam": "ovs-underlay-ipam",
+      "ipamd_socket": "/" + "x" * 200}, ("c", None, None, None)),
+])
+def test_read_record_validates_what_it_reads(ids: dict[str, str], expect: Any) -> None:
+    from core.attachment import read_record
+
+    r = read_record(ids)
+    got = None if r is None else (r.container_id, r.network, r.ipam, r.ipamd_socket)
+    assert got == expect
 
 
 def test_del_with_ipamd_down_is_11_but_port_and_veth_removed() -> None:
@@ -319,7 +422,7 @@ def test_del_with_ipamd_down_is_11_but_port_and_veth_removed() -> None:
     plugin.cmd_add(a, c, drivers(w))
     w.ipamd_up = False
     with pytest.raises(CniError) as e:
-        plugin.cmd_del(a, c, drivers(w))
+        plugin.cmd_del(*dl(a), drivers(w))
     assert e.value.code == 11
     assert w.links == {} and w.ports == {}
     assert w.leases == {("c1", "eth0")}  # left for GC
