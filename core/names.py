@@ -38,14 +38,20 @@ def provider_bridge(network: str) -> str:
 
 
 IFNAMSIZ = 15  # the kernel's IFNAMSIZ (16) less the terminating NUL
+# Runtimes use 64 hex digits (containerd, CRI-O, podman, Docker; containerd refuses more than
+# 76). The bound keeps the host veth's alias (IFALIASZ: 255 bytes) within what the kernel takes.
+MAX_CONTAINER_ID = 128
 
 
 def container_id_problem(container_id: str) -> str | None:
-    """Why `container_id` is not a valid CNI_CONTAINERID, or None."""
+    """Why `container_id` is not a valid CNI_CONTAINERID, or None (the CNI spec's pattern, and
+    at most MAX_CONTAINER_ID characters)."""
     if not container_id:
         return "is empty"
     if not CONTAINER_ID_RE.match(container_id):
         return "must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$"
+    if len(container_id) > MAX_CONTAINER_ID:
+        return f"is longer than {MAX_CONTAINER_ID} characters"
     return None
 
 

@@ -311,18 +311,43 @@ class Netlink:
                     raise AlreadyExists(f"cannot create veth {host}/{ifname}: {ifname} exists in {netns} "
                                         f"or {host} exists on the host") from exc
                 raise _nl_error(f"create veth {host} (peer {ifname} in {netns})", exc) from exc
-            try:
-                made = ipr.link("get", ifname=host)[0]
-            except NetlinkError as exc:
-                raise CoreError(f"veth {host} vanished after creation: {exc}") from exc
-            ipr.link("set", index=made["index"], ifalias=alias, state="up")
-            host_mac = str(made.get("address"))  # alias and state do not change the MAC
         finally:
             os.close(fd)
+        # The pair exists from here on: any failure below removes it again (deleting the host
+        # end deletes both), so the caller's rollback only ever covers a create_veth that
+        # returned. Seen before: a 250-character container id made the alias too long, and the
+        # pair was left behind.
+        try:
+            return self._finish_veth(host, netns, ifname, alias)
+        except BaseException as exc:
+            self._remove_new_veth(host, exc)
+            if isinstance(exc, NetlinkError):
+                raise _nl_error(f"set up veth {host} (peer {ifname} in {netns})", exc) from exc
+            raise
+
+    def _finish_veth(self, host: str, netns: str, ifname: str, alias: str) -> PodLink:
+        ipr = self._host_ipr()
+        try:
+            made = ipr.link("get", ifname=host)[0]
+        except NetlinkError as exc:
+            raise CoreError(f"veth {host} vanished after creation: {exc}") from exc
+        ipr.link("set", index=made["index"], ifalias=alias, state="up")
+        host_mac = str(made.get("address"))  # alias and state do not change the MAC
+        pod = self._pod(netns)
         msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
         pod.link("set", index=msg["index"], state="up")
         return PodLink(ifname, int(msg["index"]), str(msg.get("address")), int(msg.get("mtu")), True,
                        host_mac)
+
+    def _remove_new_veth(self, host: str, why: BaseException) -> None:
+        """Delete the pair this call just created (by name: its alias may not be set yet)."""
+        try:
+            self._host_ipr().link("del", ifname=host)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                _log.warning("could not remove veth %s after a failed set-up (%s): %s", host, why, exc)
+        else:
+            _log.info("removed veth %s after a failed set-up: %s", host, why)
 
     # -- pod side --------------------------------------------------------------------------
 
