@@ -6,7 +6,7 @@ skel-facing wrappers (`add`, `delete`, ...) only parse the config, build the def
 and close them. Nothing here writes to stdout.
 
 Identity without state (core.names): the host veth is `ovu` + sha256(container_id/ifname)[:12]
-with alias "ovs-underlay <container_id> <ifname>"; the OVS port has the same name and carries
+with alias "ovs-underlay <container_id> <ifname> <network>"; the OVS port has the same name and carries
 owner ids, so DEL/GC/CHECK find everything from (container id, ifname) alone. ADD also records
 the network and the IPAM backend on the OVS Interface (core.attachment), so DEL reads the config
 only leniently (cni.netconf.parse_del) and never fails on it.
@@ -58,7 +58,7 @@ from cni.ovnconf import NodeNorthbound
 from cni.types import CmdArgs, Interface, IPConfig, Result, addr_key
 from core.attachment import IPAMD, NO_IPAM, Record, read_record, record_ids
 from core.errors import CoreError
-from core.names import OWNER, host_alias, host_ifname
+from core.names import OWNER, host_alias, host_ifname, network_key, same_attachment
 from core.ovnsettings import load_northbound
 from core.spec import ConfigError
 
@@ -200,7 +200,8 @@ def _ipam_kind(conf: NetConf) -> str:
 
 
 def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
-    host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
+    host = host_ifname(args.container_id, args.ifname)
+    alias = host_alias(args.container_id, args.ifname, conf.name)
     managed = conf.ovn is not None and conf.ovn.managed
     with contextlib.ExitStack() as stack:
         target = preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
@@ -457,7 +458,7 @@ def _check_port(args: CmdArgs, conf: NetConf, d: Drivers) -> list[str]:
         out.append(f"OVS port {host} has tag {p.tag}, expected {target.tag}")
     if tuple(p.trunks) != target.trunks:
         out.append(f"OVS port {host} trunks {list(p.trunks)}, expected {list(target.trunks)}")
-    if d.netlink.host_link_alias(host) != host_alias(args.container_id, args.ifname):
+    if not same_attachment(d.netlink.host_link_alias(host), host_alias(args.container_id, args.ifname)):
         out.append(f"host veth {host} is missing or not ours")
     return out
 
@@ -509,9 +510,30 @@ def cmd_status(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
                 _log.info("IPAM plugin %s does not implement STATUS (CNI < 1.1.0)", plugin)
 
 
+def _gc_portless_veths(conf: NetConf, valid: set[tuple[str, str]], d: Drivers) -> list[CniError]:
+    """Host veths of this network (by their alias, core.names) that are not valid and have no
+    OVS port (a port that OVS lost, or an ADD killed between the veth and the port). A veth
+    whose alias names no network (an older ADD) is left to the reconciler."""
+    key = network_key(conf.name)
+    errors: list[CniError] = []
+    try:
+        links = [(name, a) for name, a in d.netlink.owned_host_links()
+                 if a.network_key == key and (a.container_id, a.ifname) not in valid]
+        for name, a in links:
+            if d.ovsdb.get_port(name) is not None:
+                continue  # a port of ours or someone's: the port pass decided about it
+            if d.netlink.delete_host_link(name, host_alias(a.container_id, a.ifname)):
+                _log.info("GC: removed veth %s of stale attachment %s/%s (no OVS port)", name,
+                          a.container_id, a.ifname)
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    return errors
+
+
 def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
     """Remove our OVS ports (and their host veths) of this network whose attachment is not in
-    cni.dev/valid-attachments, then forward to ipamd / the delegate. Continues after errors."""
+    cni.dev/valid-attachments, and our host veths of this network that are not valid and have
+    no port; then forward to ipamd / the delegate. Continues after errors."""
     if conf.valid_attachments is None:
         # A missing list must not read as "nothing is valid": that would wipe the network.
         raise CniError(Code.INVALID_NETWORK_CONFIG,
@@ -532,6 +554,7 @@ def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
                 errors.append(CniError(Code.INTERNAL, f"GC: delete veth of {cid}/{ifn}: {exc}"))
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
+    errors += _gc_portless_veths(conf, valid, d)
     try:
         ovn_attach.gc_lsps(conf, d, valid)
     except (CniError, CoreError) as exc:

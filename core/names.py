@@ -2,19 +2,30 @@
 CNI spec. One copy, for the plugins, ipamd's reconciler and the node agent.
 
 Why identity without state: the host veth is `ovu` + sha256(container id/ifname)[:12] with the
-alias "ovs-underlay <container id> <ifname>", and our OVS Port and Interface rows carry
+alias "ovs-underlay <container id> <ifname> <network>", and our OVS Port and Interface rows carry
 external_ids `owner=ovs-underlay`, `container_id`, `ifname`. So DEL, GC, CHECK and a reconciler
 find everything from (container id, ifname) alone, with no cache that a reboot could lose, and
-never touch a row or link without our marks. stdlib only.
+never touch a row or link without our marks.
+
+The network in the alias ties a veth to its network without its OVS port (a veth whose port is
+gone: CNI GC of that network removes it). It is the name itself when that fits in 64
+characters, else `#` + 24 hex digits of its sha256 (`network_key`; `#` is not a valid name
+character, so the two never collide); with the container id bounded (MAX_CONTAINER_ID) and
+the interface name at most 15 bytes, the alias stays within the kernel's 255. An alias of an
+older version has no network: it still proves ownership (`same_attachment`), and only a
+reconciler, which does not need the network, removes such a veth when its port is gone.
+stdlib only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 OWNER = "ovs-underlay"  # external_ids:owner of our OVS rows
-ALIAS_PREFIX = "ovs-underlay "  # IFLA_IFALIAS of our host veths: "<prefix><container id> <ifname>"
+ALIAS_PREFIX = "ovs-underlay "  # IFLA_IFALIAS of our host veths: "<prefix><cid> <ifname> <network>"
+MAX_NETWORK_IN_ALIAS = 64
 HOST_IF_PREFIX = "ovu"
 
 # CNI spec: container ids and network names (alphanumerics, then also _ . -).
@@ -74,6 +85,40 @@ def host_ifname(container_id: str, ifname: str) -> str:
     return HOST_IF_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:12]
 
 
-def host_alias(container_id: str, ifname: str) -> str:
-    return f"{ALIAS_PREFIX}{container_id} {ifname}"
+def network_key(network: str) -> str:
+    """How a host veth's alias names its network (see the module docstring)."""
+    if len(network) <= MAX_NETWORK_IN_ALIAS:
+        return network
+    return "#" + hashlib.sha256(network.encode()).hexdigest()[:24]
+
+
+def host_alias(container_id: str, ifname: str, network: str | None = None) -> str:
+    """The alias of an attachment's host veth. Without `network`: the identity part only, which
+    `same_attachment` matches against an alias with or without a network."""
+    base = f"{ALIAS_PREFIX}{container_id} {ifname}"
+    return base if network is None else f"{base} {network_key(network)}"
+
+
+@dataclass(frozen=True)
+class Alias:
+    container_id: str
+    ifname: str
+    network_key: str | None  # None: an alias written before the network was recorded
+
+
+def parse_alias(alias: str | None) -> Alias | None:
+    """The attachment an alias names, or None when it is not one of ours."""
+    if not alias or not alias.startswith(ALIAS_PREFIX):
+        return None
+    parts = alias[len(ALIAS_PREFIX):].split(" ")
+    if len(parts) not in (2, 3) or container_id_problem(parts[0]) or ifname_problem(parts[1]):
+        return None
+    return Alias(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+
+
+def same_attachment(have: str | None, want: str) -> bool:
+    """True when alias `have` belongs to the attachment that alias `want` names (the network
+    part, present in either or not, does not decide ownership)."""
+    a, b = parse_alias(have), parse_alias(want)
+    return a is not None and b is not None and (a.container_id, a.ifname) == (b.container_id, b.ifname)
 

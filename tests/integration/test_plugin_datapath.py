@@ -120,7 +120,7 @@ def test_mtu_mac_static_ip_and_external_ids(underlay: netbed.Underlay, pod_netns
     assert pod["mtu"] == 1400
     assert pod["address"] == "0a:58:c0:a8:64:2a"  # runtimeConfig wins over CNI_ARGS MAC
     assert netbed.link(a.host)["mtu"] == 1400
-    assert netbed.link(a.host)["ifalias"] == f"ovs-underlay {a.container_id} eth0"
+    assert netbed.link(a.host)["ifalias"] == f"ovs-underlay {a.container_id} eth0 {conf['name']}"
     assert netbed.addrs("eth0", ns=pod_netns.name) == ["192.168.100.42/24"]
     assert res["ips"][0]["address"] == "192.168.100.42/24"
     assert res["interfaces"][1] == {"name": "eth0", "mac": "0a:58:c0:a8:64:2a", "mtu": 1400,

@@ -16,7 +16,7 @@ from cni.errors import CniError
 from cni.netconf import DelConf, NetConf, parse_del, parse_netconf
 from cni.types import CmdArgs, Result
 from core.errors import CoreError, Unavailable
-from core.names import host_ifname
+from core.names import host_alias, host_ifname, parse_alias, same_attachment
 from core.netlink import PodLink
 from core.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
 from core.vswitch import BridgeView, PortInfo, PortSpec, iface_columns, port_columns
@@ -62,13 +62,16 @@ class FakeNetlink:
 
     def delete_host_link(self, name: str, alias: str) -> bool:
         self.w.journal.append("undo:veth")
-        if self.w.links.get(name) == alias:
+        if same_attachment(self.w.links.get(name), alias):
             del self.w.links[name]
             return True
         return False
 
     def host_link_alias(self, name: str) -> str | None:
         return self.w.links.get(name)
+
+    def owned_host_links(self) -> list[tuple[str, Any]]:
+        return [(n, a) for n, alias in self.w.links.items() if (a := parse_alias(alias)) is not None]
 
     def configure(self, *, netns: str, ifname: str, addresses: Sequence[Any], routes: Sequence[Any]) -> None:
         self.w.step("configure")
@@ -441,6 +444,36 @@ def test_gc_removes_only_stale_of_this_network() -> None:
     assert sorted(w.ports) == sorted(host_ifname(x, "eth0") for x in ("keep", "other"))
     assert sorted(w.links) == sorted(w.ports)
     assert ("stale", "eth0") not in w.leases and ("keep", "eth0") in w.leases
+
+
+def test_gc_removes_veths_of_this_network_that_lost_their_port() -> None:
+    """Issue 11 item 11: GC looked only at OVS ports, so a veth of ours whose port was gone (OVS
+    lost it, or an ADD died between the two) stayed forever. The alias now names the network,
+    and GC removes such veths of its own network that are not valid."""
+    w = World()
+    d = drivers(w)
+    for cid in ("keep", "stale", "stale2"):
+        plugin.cmd_add(*mk({"ipam": IPAMD}, cid=cid), d)
+    plugin.cmd_add(*mk({"ipam": IPAMD, "name": "other"}, cid="other"), d)
+    w.links["ovuold"] = host_alias("old", "eth0")  # an older ADD: no network in the alias
+    w.links["eth9"] = "someone else's"
+    w.ports.clear()  # OVS lost every port
+    gc_a, gc_c = mk({"ipam": IPAMD, "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]})
+    plugin.cmd_gc(gc_a, gc_c, d)
+    assert sorted(w.links) == sorted([host_ifname("keep", "eth0"), host_ifname("other", "eth0"), "ovuold", "eth9"])
+    assert w.links[host_ifname("keep", "eth0")] == "ovs-underlay keep eth0 n1"
+
+
+@pytest.mark.parametrize(("network", "key"), [("n1", "n1"), ("x" * 64, "x" * 64), ("x" * 65, None)])
+def test_alias_names_the_network_and_stays_within_the_kernel_limit(network: str, key: str | None) -> None:
+    alias = host_alias("c" * 128, "eth0123456789ab", network)
+    a = parse_alias(alias)
+    assert a is not None and a.container_id == "c" * 128 and a.ifname == "eth0123456789ab"
+    assert a.network_key == key if key else a.network_key is not None and a.network_key.startswith("#")
+    assert len(alias.encode()) <= 255
+    assert same_attachment(alias, host_alias("c" * 128, "eth0123456789ab"))
+    assert not same_attachment(alias, host_alias("c" * 128, "eth1"))
+    assert parse_alias("ovs-underlay a b c d") is None and parse_alias("not ours") is None
 
 
 def test_host_name_is_deterministic_and_short() -> None:
