@@ -70,7 +70,7 @@ from netaddr import IPAddress, IPNetwork
 from core.errors import AlreadyExists, CoreError, NetnsUnusable, NotOwned
 from core.frames import ETH_P_ARP, arp_announcement, unsolicited_na
 from core.names import Alias, parse_alias, same_attachment
-from core.netns import close_later, ifindex, socket_in_netns
+from core.netns import close_later, ifindex, open_netns, socket_in_netns
 from core.netstate import AF_INET6, FOREVER, IFA_F_SECONDARY, Address, Hop, IfaceState, Link, Route, Rule
 
 _log = logging.getLogger("ovs-underlay.netlink")
@@ -316,7 +316,10 @@ class Netlink:
             peer["mtu"] = mtu
         if mac:
             peer["address"] = mac
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = open_netns(netns)
+        except OSError as exc:
+            raise NetnsUnusable(f"cannot open netns {netns}: {exc.strerror or exc}") from exc
         try:
             peer["net_ns_fd"] = fd
             kw: dict[str, Any] = {"mtu": mtu} if mtu else {}
