@@ -42,8 +42,8 @@ from netaddr import IPAddress
 from cni.errors import CniError, Code
 from cni.ovnconf import BridgeSource, NodeNorthbound, OvnAttach, Topology, no_node_northbound, parse_ovn
 from cni.types import CmdArgs, Result, parse_cni_args
-from core.attachment import name_problem
-from core.names import MAC_RE, NAME_RE, PROVIDER_NAME_RE, provider_bridge
+from core.attachment import MAX_NAME, name_problem
+from core.names import MAC_RE, PROVIDER_NAME_RE, ifname_problem, provider_bridge
 from core.spec import (
     DEFAULT_DAEMON_SOCKET,
     ConfigError,
@@ -193,6 +193,15 @@ def _str(conf: Mapping[str, Any], key: str, default: str) -> str:
     return v
 
 
+def _bridge(conf: Mapping[str, Any]) -> str:
+    """An OVS bridge is also a network device of the same name: the interface name rules hold."""
+    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    why = ifname_problem(bridge)
+    if why:
+        raise _bad(f"bridge: {bridge!r} {why}")
+    return bridge
+
+
 def _trunk(value: Any) -> tuple[tuple[int, int], ...]:
     if value is None:
         return ()
@@ -298,7 +307,7 @@ def _ipam(conf: Mapping[str, Any]) -> IpamBackend:
 def _provider(conf: Mapping[str, Any]) -> tuple[str | None, str]:
     """(provider network, bridge). `provider` names a network of ovs-underlay-node: its bridge is
     br-<provider>; a `bridge` given as well must be that one."""
-    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    bridge = _bridge(conf)
     provider = conf.get("provider")
     if provider is None:
         return None, bridge
@@ -375,9 +384,9 @@ def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -
     `node_nb`, which reads the node's OVN settings (core.ovnsettings) when the network needs them)."""
     conf = canonicalize(args.config)
     name = conf.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if name_problem(name, "name") is not None or not isinstance(name, str):
         raise _bad(f"name: missing or invalid network name {name!r}",
-                   "must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$")
+                   f"must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$, at most {MAX_NAME} characters")
     ptype = conf.get("type")
     if not isinstance(ptype, str) or not ptype:
         raise _bad(f"type: missing or invalid plugin type {ptype!r}")

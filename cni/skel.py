@@ -142,11 +142,19 @@ def _setup_log(command: str, env: Mapping[str, str], config: Mapping[str, Any],
 def _decode(data: bytes) -> dict[str, Any]:
     try:
         config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CniError(Code.DECODE_FAILURE, f"cannot decode network config on stdin: {exc}") from exc
+    except RecursionError as exc:  # the decoder recurses per nesting level: 100k "[" is enough
+        raise CniError(Code.DECODE_FAILURE,
+                       "cannot decode network config on stdin: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
+        raise CniError(Code.DECODE_FAILURE, f"cannot decode network config on stdin: {_short(exc)}") from exc
     if not isinstance(config, dict):
         raise CniError(Code.DECODE_FAILURE, "network config on stdin is not a JSON object")
     return config
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_version(config: Mapping[str, Any], command: str, supported: tuple[str, ...]) -> str:

@@ -29,9 +29,10 @@ MAX_NETWORK_IN_ALIAS = 64
 HOST_IF_PREFIX = "ovu"
 
 # CNI spec: container ids and network names (alphanumerics, then also _ . -).
-CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+# \Z, not $: `$` also matches before a trailing newline ("abc\n" passed, into logs and OVSDB).
+CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
 NAME_RE = CONTAINER_ID_RE
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
 # Provider networks (the node agent): a network `net1` is bridged into `br-net1`; the agent marks
 # the Bridge row's external_ids with these keys, and the CNI plugin's `"provider": "net1"` reads
@@ -66,17 +67,31 @@ def container_id_problem(container_id: str) -> str | None:
     return None
 
 
+# Names the kernel will not take for a new interface although they pass dev_valid_name():
+# `all` and `default` are the per-protocol sysctl directories (net.ipv4.conf.all), and
+# `bonding_masters` is a file in /sys/class/net when the bonding module is loaded.
+RESERVED_IFNAMES = frozenset({"all", "default", "bonding_masters"})
+
+
 def ifname_problem(name: str) -> str | None:
-    """Why `name` is not a valid interface name, or None (plugins `utils.ValidateInterfaceName`)."""
+    """Why `name` is not a valid interface name, or None: the kernel's dev_valid_name() (at most
+    IFNAMSIZ-1 BYTES, not '.' or '..', no '/', ':' or whitespace) plus what it reserves (see
+    RESERVED_IFNAMES) and '%', which the kernel takes as a template ("eth%d" -> "eth0")."""
     if not name:
         return "is empty"
-    if len(name) > IFNAMSIZ:
-        return f"is longer than {IFNAMSIZ} characters"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (os.environ's surrogate escapes)
+        return "is not valid UTF-8"
+    if size > IFNAMSIZ:
+        return f"is longer than {IFNAMSIZ} bytes ({size})"
     if name in (".", ".."):
         return "is '.' or '..'"
+    if name in RESERVED_IFNAMES:
+        return f"is reserved by the kernel ({', '.join(sorted(RESERVED_IFNAMES))})"
     for ch in name:
-        if ch in "/:" or ch.isspace():
-            return f"contains {ch!r} ('/', ':' and whitespace are not allowed)"
+        if ch in "/:%" or ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            return f"contains {ch!r} ('/', ':', '%', whitespace and control characters are not allowed)"
     return None
 
 

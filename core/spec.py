@@ -488,18 +488,43 @@ def _routes(raw: Any, subnets: Sequence[SubnetSpec], where: str) -> tuple[RouteS
     return tuple(out)
 
 
+_DNS_KEYS = ("nameservers", "domain", "search", "options")
+
+
+def _dns_strings(raw: Mapping[str, Any], key: str, where: str, *, spaces: bool = False) -> tuple[str, ...]:
+    """A list of strings; each without control characters (they end up in the pod's
+    resolv.conf, where a newline would start a line of the config author's choosing) and,
+    for names, without whitespace."""
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}.dns.{key}: expected a list of non-empty strings, got {value!r}")
+    for v in value:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F or (c.isspace() and not spaces) for c in v):
+            raise ConfigError(f"{where}.dns.{key}: {v!r} contains a control character or whitespace")
+    return tuple(value)
+
+
 def _dns(raw: Any, where: str) -> DnsSpec:
     if raw is None:
         return DnsSpec()
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}.dns: expected an object, got {raw!r}")
-    for ns in raw.get("nameservers") or []:
+    unknown = [k for k in raw if k not in _DNS_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}.dns: unknown key {unknown[0]!r} (expected {', '.join(_DNS_KEYS)})")
+    nameservers = _dns_strings(raw, "nameservers", where)
+    for ns in nameservers:
         parse_ip(ns, f"{where}.dns.nameservers")
+    domain = raw.get("domain") or ""
+    if not isinstance(domain, str) or any(ord(c) <= 0x20 or ord(c) == 0x7F or c.isspace() for c in domain):
+        raise ConfigError(f"{where}.dns.domain: expected a domain name, got {domain!r}")
     return DnsSpec(
-        nameservers=tuple(raw.get("nameservers") or ()),
-        domain=str(raw.get("domain") or ""),
-        search=tuple(raw.get("search") or ()),
-        options=tuple(raw.get("options") or ()),
+        nameservers=nameservers,
+        domain=domain,
+        search=_dns_strings(raw, "search", where),
+        options=_dns_strings(raw, "options", where, spaces=True),
     )
 
 

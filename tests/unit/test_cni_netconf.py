@@ -65,6 +65,21 @@ def test_ovs_cni_spellings_through_alias_table() -> None:
     ({"runtimeConfig": {"ips": ["10.0.0.300"]}, "ipam": {"type": "host-local"}}, "invalid IP"),
     ({"runtimeConfig": {"ips": ["10.0.0.3"]}}, "has no IPAM"),
     ({"cni.dev/valid-attachments": [{"containerID": 1}]}, "valid-attachments"),
+    # issue 11 item 14: these answered 999 with a traceback, or slipped through
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"search": 5}}}, "dns.search"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"search": "a.b"}}}, "dns.search"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"nameservers": 5}}},
+     "dns.nameservers"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"domain": ["a"]}}}, "dns.domain"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"],
+               "dns": {"search": ["x\nnameserver 6.6.6.6"]}}}, "control character"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"nameserver": ["1.1.1.1"]}}},
+     "unknown key 'nameserver'"),
+    ({"name": "n" * 254}, "at most 253"),
+    ({"name": "net\n"}, "network name"),
+    ({"bridge": "br-0123456789abc"}, "longer than 15 bytes"),
+    ({"bridge": "br/0"}, "bridge"),
+    ({"args": {"cni": {"mac": "0a:00:00:00:00:01\n"}}}, "invalid MAC"),
 ])
 def test_invalid_configs_are_code_7(conf: dict[str, Any], text: str) -> None:
     with pytest.raises(CniError) as e:
