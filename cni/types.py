@@ -7,7 +7,8 @@ place. Pure: netaddr and stdlib only.
 Versions (CNI SPEC.md, libcni `types/100 convertTo04x`, cni.dev `spec-upgrades.md`):
 - 1.1.0: interfaces {name, mac, mtu, sandbox, socketPath, pciID}; ips {address, gateway,
   interface}; routes {dst, gw, mtu, advmss, priority, table, scope}; dns.
-- 1.0.0: as 1.1.0 without interface socketPath/pciID and without the 1.1-only route fields.
+- 1.0.0: as 1.1.0 without the interface fields 1.1.0 added (mtu, socketPath, pciID) and
+  without the 1.1-only route fields (mtu, advmss, priority, table, scope).
 - 0.3.0 / 0.3.1 / 0.4.0: ips[] gain "version": "4"|"6"; interfaces keep only name/mac/sandbox;
   routes keep only dst/gw.
 """
@@ -134,7 +135,7 @@ class Result:
         v11 = at_least(v, "1.1.0")
         out: dict[str, Any] = {"cniVersion": v}
         if self.interfaces:
-            out["interfaces"] = [_iface_json(i, legacy, v11) for i in self.interfaces]
+            out["interfaces"] = [_iface_json(i, v11) for i in self.interfaces]
         if self.ips:
             out["ips"] = [_ip_json(ip, legacy) for ip in self.ips]
         if self.routes:
@@ -154,11 +155,11 @@ class Result:
             raise CniError(Code.DECODE_FAILURE, f"cannot decode CNI result: {exc}", repr(data)[:500]) from exc
 
 
-def _iface_json(i: Interface, legacy: bool, v11: bool) -> dict[str, Any]:
+def _iface_json(i: Interface, v11: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"name": i.name}
     if i.mac:
         d["mac"] = i.mac
-    if i.mtu and not legacy:
+    if i.mtu and v11:  # interfaces[].mtu is a 1.1.0 field (SPEC 1.1.0), like socketPath and pciID
         d["mtu"] = i.mtu
     if i.sandbox:
         d["sandbox"] = i.sandbox

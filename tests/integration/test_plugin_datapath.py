@@ -161,7 +161,7 @@ def test_result_shape_per_version(version: str, underlay: netbed.Underlay, pod_n
     host_if, pod_if = res["interfaces"]
     assert host_if["name"] == a.host and set(host_if) == {"name", "mac"}
     assert pod_if["sandbox"] == pod_netns.path
-    assert ("mtu" in pod_if) == (not legacy)
+    assert ("mtu" in pod_if) == (version == "1.1.0")  # a 1.1.0 field
     assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "192.168.100.1"}]
     rc, out, err = a.delete()
     assert rc == 0, (out, err)
