@@ -21,9 +21,12 @@ Per-pod values, highest precedence first (documented contract; Multus may send s
   it whenever present) > args.cni.mac > CNI_ARGS `MAC=` > lease MAC (ipamd macFromIP) > kernel.
 - IPs: runtimeConfig.ips > args.cni.ips > CNI_ARGS `IP=` (comma list). The first channel that
   is present wins entirely (lists are not merged).
-- ovnPort (`external_ids:iface-id`, and the logical switch port's name): the network config
-  only. A pod's args.cni.ovnPort / CNI_ARGS `OvnPort=` (a pod annotation through Multus) is
-  ignored with a warning: it would let a pod claim another pod's logical port.
+- ovnPort (`external_ids:iface-id`, and the logical switch port's name): the network config's
+  `ovnPort`. A pod's args.cni.ovnPort / CNI_ARGS `OvnPort=` (a pod annotation through Multus)
+  would let a pod claim another pod's logical port, so it is ignored with a warning, unless the
+  network config opts in with `allowPodOvnPort: true` (the admin's choice, for a CMS that names
+  the port per pod); then args.cni.ovnPort > CNI_ARGS `OvnPort=` > config (`_ovn_port`, the one
+  place that decides).
 OVN keys (ovnPort, logicalSwitch, ovnNorthbound, ovn-kubernetes' topology spelling): cni.ovnconf.
 CNI_ARGS keys are case-insensitive; `IgnoreUnknown` (true/1) is accepted and unknown keys are
 always ignored. K8S_POD_NAMESPACE / K8S_POD_NAME / K8S_POD_UID are recorded in OVSDB and sent
@@ -40,7 +43,15 @@ from typing import Any
 from netaddr import IPAddress
 
 from cni.errors import CniError, Code
-from cni.ovnconf import BridgeSource, NodeNorthbound, OvnAttach, Topology, no_node_northbound, parse_ovn
+from cni.ovnconf import (
+    OVN_NAME_RE,
+    BridgeSource,
+    NodeNorthbound,
+    OvnAttach,
+    Topology,
+    no_node_northbound,
+    parse_ovn,
+)
 from cni.types import CmdArgs, Result, parse_cni_args
 from core.attachment import MAX_NAME, name_problem
 from core.names import MAC_RE, PROVIDER_NAME_RE, ifname_problem, provider_bridge
@@ -67,10 +78,12 @@ ALIASES: dict[str, str] = {
     "datapath_type": "datapathType",
     "ovn_port": "ovnPort",
     "logical_switch": "logicalSwitch",
+    "allow_pod_ovn_port": "allowPodOvnPort",
     "log_file": "logFile",
     "log_level": "logLevel",
 }
 VALID_ATTACHMENTS_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
+_log = logging.getLogger("ovs-underlay.netconf")
 
 
 @dataclass(frozen=True)
@@ -262,6 +275,29 @@ def _mapping(conf: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return v
 
 
+def _ovn_port(conf: Mapping[str, Any], acni: Mapping[str, Any], cargs: Mapping[str, str]) -> str | None:
+    """Who may set the iface-id (see the module docstring): the network config, and the pod only
+    where the config says `allowPodOvnPort: true`."""
+    allow = conf.get("allowPodOvnPort", False)
+    if not isinstance(allow, bool):
+        raise _bad(f"allowPodOvnPort: expected true or false, got {allow!r}")
+    chosen: str | None = None
+    channels = (("args.cni.ovnPort", acni.get("ovnPort")), ("CNI_ARGS OvnPort", cargs.get("OVNPORT")),
+                ("ovnPort", conf.get("ovnPort")))
+    for where, value in channels:
+        if value is None or (value == "" and where != "ovnPort"):  # an empty pod channel: absent
+            continue
+        if where != "ovnPort" and not allow:
+            _log.warning("ignoring %s=%r: only the network config sets ovnPort "
+                         "(set allowPodOvnPort: true in it to let pods choose)", where, value)
+            continue
+        if not isinstance(value, str) or not OVN_NAME_RE.match(value):
+            raise _bad(f"{where}: invalid OVN logical port name {value!r}",
+                       f"must match {OVN_NAME_RE.pattern}")
+        chosen = chosen or value
+    return chosen
+
+
 def _attachments(conf: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
     found: list[tuple[str, str]] = []
     seen = False
@@ -408,14 +444,12 @@ def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -
         if source.get(key):
             ips = _ips(source[key], where)
             break
-    for where, given in (("args.cni.ovnPort", acni.get("ovnPort")),
-                         ("CNI_ARGS OvnPort", cargs.get("OVNPORT"))):
-        if given:
-            _log.warning("ignoring %s=%r: only the network config sets ovnPort", where, given)
     vlan = None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan")
     trunk = _trunk(conf.get("trunk"))
     provider, bridge = _provider(conf)
-    ovn = parse_ovn(conf, name=name, vlan=vlan, trunk=bool(trunk), bridge=bridge, node_nb=node_nb)
+    port = _ovn_port(conf, acni, cargs)
+    ovn_conf = conf if port is conf.get("ovnPort") else {**conf, "ovnPort": port}
+    ovn = parse_ovn(ovn_conf, name=name, vlan=vlan, trunk=bool(trunk), bridge=bridge, node_nb=node_nb)
 
     backend = _ipam(conf)
     if ips and isinstance(backend, NoIpam):

@@ -133,6 +133,25 @@ def test_ovn_port_only_from_the_network_config(caplog: pytest.LogCaptureFixture)
     assert parse_netconf(args({"args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env")).ovn is None
 
 
+def test_ovn_port_pod_values_with_the_admins_opt_in() -> None:
+    """With allowPodOvnPort: true (the admin's opt-in in the network config) the pod's value
+    wins: args.cni.ovnPort > CNI_ARGS OvnPort= > config."""
+    def port(conf: dict[str, Any], cargs: str = "") -> str | None:
+        c = parse_netconf(args(conf, cargs))
+        return c.ovn.logical_port if c.ovn is not None else None
+
+    opt = {"ovnPort": "cfg", "allowPodOvnPort": True}
+    assert port(opt) == "cfg"
+    assert port(opt, "OvnPort=env") == "env"
+    assert port({**opt, "args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env") == "acni"
+    assert port({"allowPodOvnPort": True}, "OvnPort=env") == "env"
+    for bad in ({"allowPodOvnPort": "yes"}, {"ovnPort": "a b"}, {"ovnPort": 5},
+                {**opt, "args": {"cni": {"ovnPort": "x\ny"}}}):
+        with pytest.raises(CniError) as e:
+            parse_netconf(args(bad))
+        assert e.value.code == 7
+
+
 def test_gc_attachments_both_keys_and_prev_result() -> None:
     c = parse_netconf(args({"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}],
                             "cni.dev/attachments": [{"containerID": "a", "ifname": "eth0"},
