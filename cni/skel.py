@@ -130,13 +130,15 @@ def _write(stdout: IO[str], doc: Mapping[str, Any]) -> None:
 
 def _setup_log(command: str, env: Mapping[str, str], config: Mapping[str, Any],
                stderr: IO[str] | None) -> None:
-    # logFile/logLevel are plumbing keys every config of ours may carry; read here so that the
-    # very first failure (bad version, bad env) already lands in the right log file.
-    log_file = config.get("logFile")
-    level = config.get("logLevel")
     log.setup(command=command, container_id=env.get("CNI_CONTAINERID", ""), netns=env.get("CNI_NETNS", ""),
-              ifname=env.get("CNI_IFNAME", ""), log_file=log_file if isinstance(log_file, str) else None,
-              level=level if isinstance(level, str) else None, env=env, stderr=stderr or sys.stderr)
+              ifname=env.get("CNI_IFNAME", ""), env=env, stderr=stderr or sys.stderr)
+    # The host decides where the plugin logs (cni.log); a config key is never a path root
+    # writes to. Multus users copy these keys from other plugins: accept, say they are ignored.
+    for key in ("logFile", "logLevel", "log_file", "log_level"):
+        if key in config:
+            logging.getLogger(log.LOGGER_NAME).warning(
+                "ignoring %s=%r in the network config: the host sets the plugin's log file and level "
+                "(%s, %s)", key, config[key], log.ENV_FILE, log.ENV_LEVEL)
 
 
 def _decode(data: bytes) -> dict[str, Any]:

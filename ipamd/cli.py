@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.errors import CoreError
+from core.logsafe import SafeFormatter, escape
 from core.spec import DEFAULT_DAEMON_SOCKET
 
 PROG = "ovs-underlay-ipamd"
@@ -112,11 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- serve -----------------------------------------------------------------------------------
 
 
-class _KeyValueFormatter(logging.Formatter):
+class _KeyValueFormatter(SafeFormatter):
+    """key=value lines; request fields (network, container id, netns...) are escaped by
+    SafeFormatter, so a request cannot forge a line of the daemon's log."""
+
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} " \
-               f"logger={record.name} {record.getMessage()}"
+               f"logger={record.name} {escape(record.getMessage())}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -146,10 +146,10 @@ def test_plugin_add_announces_every_address_and_logs_phases(
             "ranges": [[{"subnet": "192.168.100.0/24", "rangeStart": "192.168.100.160",
                          "gateway": "192.168.100.1"}],
                        [{"subnet": "fd00:100::/64", "rangeStart": "fd00:100::160", "gateway": "fd00:100::1"}]]}
-    conf = ph.network(underlay.bridge, vlan=100, ipam=ipam, logLevel="debug")
+    conf = ph.network(underlay.bridge, vlan=100, ipam=ipam)
     a = attacher.new(conf, pod_netns.path)
     with netbed.capture(underlay.uplink, "vlan 100 and (arp or icmp6)") as lines:
-        res = a.add()
+        res = a.add(extra_env={"OVS_UNDERLAY_LOG_LEVEL": "debug"})
     v4, v6 = (ip["address"].split("/")[0] for ip in res["ips"])
     assert any(f"Request who-has {v4} tell {v4}" in ln or f"Announcement {v4}" in ln for ln in lines), lines
     assert any("neighbor advertisement" in ln and f"tgt is {v6}" in ln for ln in lines), lines

@@ -142,6 +142,12 @@ class FakeLinks:
         self.state = "down"
 
 
+@pytest.fixture(autouse=True)
+def _log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin logs only inside cni.log.LOG_DIR: here, each test's tmp_path."""
+    monkeypatch.setattr("cni.log.LOG_DIR", str(tmp_path))
+
+
 def conf(version: str = "1.1.0", **ipam_extra: Any) -> dict[str, Any]:
     ipam: dict[str, Any] = {"type": "ovs-underlay-ipam", "daemonSocket": SOCK,
                             "subnets": [{"subnet": "10.1.0.0/24", "gateway": "10.1.0.1"}],
