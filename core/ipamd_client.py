@@ -139,8 +139,10 @@ class IpamClient:
 
     @_translate
     def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[pb.Lease]:
-        """Release every live lease of `network` ("" = all) whose (container id, ifname) is not
-        in `valid`. Returns the released leases."""
+        """Release every live lease of `network` whose (container id, ifname) is not in `valid`.
+        Returns the released leases. An empty network is refused (by the daemon too)."""
+        if not network:
+            raise IpamdRefused(Reason.INVALID_REQUEST, "garbage collection needs a network name")
         req = pb.GcRequest(network=network,
                            valid=[pb.Attachment(container_id=c, ifname=i) for c, i in valid])
         return list(self._stub.GarbageCollect(req, timeout=self.timeout_s).released)

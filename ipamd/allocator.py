@@ -29,6 +29,7 @@ from netaddr import IPAddress, IPNetwork
 from core.spec import PoolDef
 from ipamd import policy
 from ipamd.conflicts import ConflictProber, probe_grant
+from ipamd.errors import InvalidRequest
 from ipamd.group_commit import Write
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.pipeline import NeedsQuiesce, Pipeline, Plan, Prefetch
@@ -222,10 +223,12 @@ class Allocator:
         """A release is durable (called by the pipeline, under its lock): its addresses cool down."""
         self._state.released(entries)
 
-    def gc(self, network: str | None, valid: Iterable[tuple[str, str]]) -> list[Entry]:
-        """Release every live attachment of this node not in `valid` (never another node's lease:
-        with a cluster store the network spans nodes): quiesced (the store lists them all), one
-        batch (one fsync)."""
+    def gc(self, network: str, valid: Iterable[tuple[str, str]]) -> list[Entry]:
+        """Release every live attachment of this node in `network` not in `valid` (never another
+        node's lease: with a cluster store the network spans nodes): quiesced (the store lists
+        them all), one batch (one fsync). Always one network: there is no "every network"."""
+        if not network:
+            raise InvalidRequest("garbage collection needs a network name")
         keep = set(valid)
 
         def plan(quiesced: bool) -> Plan[list[Write]]:

@@ -210,6 +210,10 @@ def _release(client: Any, args: argparse.Namespace) -> int:
 
 
 def _gc(client: Any, args: argparse.Namespace) -> int:
+    if not args.network.strip():
+        # "" meant "every network" in the daemon once: 980 leases released by one typo.
+        sys.stderr.write(f"{PROG} gc: --network must name a network (GC is per network)\n")
+        return 2
     keep = []
     for item in args.keep or []:
         cid, sep, ifname = item.rpartition("/")

@@ -153,11 +153,13 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
 
     @_rpc
     def GarbageCollect(self, request: pb.GcRequest, context: Any) -> pb.GcResponse:
-        released = self.allocator.gc(request.network or None,
-                                     [(a.container_id, a.ifname) for a in request.valid])
+        # An empty network used to mean "every network": one call with a typo (or from a tool
+        # that left the field unset) released every lease of the node. GC is per network.
+        _required(network=request.network)
+        released = self.allocator.gc(request.network, [(a.container_id, a.ifname) for a in request.valid])
         if released:
-            self.metrics.inc("ipamd_releases_total", len(released), network=request.network or "*")
-        log.info("rpc=GarbageCollect network=%s kept=%d released=%s", request.network or "*",
+            self.metrics.inc("ipamd_releases_total", len(released), network=request.network)
+        log.info("rpc=GarbageCollect network=%s kept=%d released=%s", request.network,
                  len(request.valid), ",".join(f"{e.network}/{e.ip}" for e in released) or "-")
         return pb.GcResponse(released=leases_to_pb(released))
 

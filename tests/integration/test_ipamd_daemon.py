@@ -209,6 +209,22 @@ def test_gc_cli_keeps_only_listed(ipamd: netbed.Ipamd) -> None:
     assert ipamd.leases("gcnet") == []
 
 
+def test_gc_of_an_empty_network_is_refused(ipamd: netbed.Ipamd) -> None:
+    """Issue 11 item 9: `gc --network ""` (and GarbageCollect(network="")) meant every network:
+    seen, 980 leases released by one call. Refused by the CLI (2) and by the RPC
+    (INVALID_ARGUMENT / INVALID_REQUEST); nothing is released."""
+    with IpamClient(ipamd.socket) as c:
+        for net in ("gce1", "gce2"):
+            c.allocate(network=net, pool=POOL, container_id=netbed.container_id("gce"), ifname="eth0")
+    before = ipamd.leases()
+    for net in ("", " "):
+        res = ipamd.cli("gc", "--network", net, "--release-all", check=False)
+        assert res.returncode == 2 and "--network must name a network" in res.stderr, res
+    got = _raw(ipamd.socket, "GarbageCollect", pb.GcRequest(network=""))
+    assert got[0] == grpc.StatusCode.INVALID_ARGUMENT and got[2] == "INVALID_REQUEST" and "network" in got[1], got
+    assert ipamd.leases() == before and len(before) >= 2
+
+
 def _raw(sock: str, method: str, req: object) -> tuple[grpc.StatusCode, str, str]:
     with grpc.insecure_channel(f"unix://{sock}") as ch:
         stub = ipam_pb2_grpc.IpamStub(ch)
