@@ -1,0 +1,64 @@
+"""The SQLite store's files are root's only (issue 11 item 15).
+
+The database holds every lease with its pod, netns path and MAC. SQLite creates the -wal and
+-shm files of WAL mode with the database file's mode, and the database file under the process
+umask (0644 by default): all three were world-readable. No root needed (modes of our own files).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+from core.spec import PodRef
+from ipamd.model import Entry
+from ipamd.store_sqlite import SqliteStore
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    old = os.umask(0o022)  # what a daemon started by hand or by a unit without UMask= gets
+    yield
+    os.umask(old)
+
+
+def _modes(db: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in db.parent.iterdir() if p.name.startswith(db.name)}
+
+
+def _write(store: SqliteStore) -> None:
+    store.reserve([Entry(network="n", address=IPNetwork("10.0.0.5/24"), subnet_index=0, container_id="c",
+                         ifname="eth0", state="active", gateway=IPAddress("10.0.0.1"), pod=PodRef())])
+
+
+def test_database_wal_and_shm_are_0600(tmp_path: Path, loose_umask: None) -> None:
+    db = tmp_path / "ipam.db"
+    store = SqliteStore(str(db))
+    try:
+        _write(store)
+        modes = _modes(db)
+        assert {"ipam.db", "ipam.db-wal", "ipam.db-shm"} <= set(modes)
+        assert all(m == 0o600 for m in modes.values()), {k: oct(v) for k, v in modes.items()}
+        assert os.umask(0o022) == 0o022  # the store put the process umask back
+    finally:
+        store.close()
+
+
+def test_existing_files_with_loose_modes_are_tightened(tmp_path: Path, loose_umask: None) -> None:
+    db = tmp_path / "ipam.db"
+    SqliteStore(str(db)).close()
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(f"{db}{suffix}")
+        p.touch()
+        p.chmod(0o644)
+    store = SqliteStore(str(db))
+    try:
+        _write(store)
+        assert all(m == 0o600 for m in _modes(db).values()), {k: oct(v) for k, v in _modes(db).items()}
+    finally:
+        store.close()
