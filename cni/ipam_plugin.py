@@ -319,6 +319,10 @@ def cmd_status(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
         pools = d.client.list_pools(network=conf.network)
     except CoreError as exc:
         raise CniError(Code.NOT_AVAILABLE, f"ipamd at {sock} is not available: {exc.msg}") from exc
+    broken = [p for p in pools if getattr(p, "definition_error", "")]
+    if broken:
+        raise CniError(Code.NOT_AVAILABLE, f"network {conf.network} is quarantined by ipamd: "
+                                           f"{broken[0].definition_error}")
     full = [p for p in pools if int(p.used) + int(p.quarantined) >= int(p.total)]
     if full:
         raise CniError(Code.NOT_AVAILABLE, f"network {conf.network}: no free address in " + ", ".join(

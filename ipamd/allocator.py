@@ -29,7 +29,7 @@ from netaddr import IPAddress, IPNetwork
 from core.spec import PoolDef
 from ipamd import policy
 from ipamd.conflicts import ConflictProber, probe_grant
-from ipamd.errors import InvalidRequest
+from ipamd.errors import InvalidRequest, NetworkQuarantined
 from ipamd.group_commit import Write
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.pipeline import NeedsQuiesce, Pipeline, Plan, Prefetch
@@ -75,12 +75,21 @@ class Allocator:
 
     def warm(self) -> int:
         """Build every stored network's occupancy now (the daemon does this before serving, so
-        that no request pays for it). Returns the number of networks."""
+        that no request pays for it). A network whose stored definition does not parse is
+        quarantined (pool_state) and the others are served. Returns the number of networks."""
         with self._pipeline.lock:
             nets = self.store.networks()
             for net in nets:
-                self._state.occupancy(net)
+                try:
+                    self._state.occupancy(net)
+                except NetworkQuarantined:
+                    continue  # logged by pool_state; the daemon serves every other network
             return len(nets)
+
+    def quarantined(self) -> dict[str, str]:
+        """Networks whose stored definition does not parse -> why (refused until repaired)."""
+        with self._pipeline.lock:
+            return self._state.quarantined()
 
     # ---- pool definitions --------------------------------------------------------------------
 
@@ -263,7 +272,7 @@ class Allocator:
 
     def _plan_reserve(self, network: str, quiesced: bool = False) -> Plan[int]:
         cluster = self.cluster
-        pool = self._state.pool(network)
+        pool = self._state.usable_pool(network)  # a quarantined network keeps no reserve
         if cluster is None or pool is None:
             return Plan(0)
         occs = self._state.occupancy(network)
@@ -319,7 +328,7 @@ class Allocator:
         with self._pipeline.lock:
             nets = [network] if network else self.store.networks()
             for net in nets:
-                pool = self._state.pool(net)
+                pool = self._state.usable_pool(net)  # a quarantined network has no usage to show
                 if pool is None:
                     continue
                 occ = self._state.occupancy(net)

@@ -20,7 +20,8 @@ said no or could not be reached (one line on stderr, no traceback), 2 bad usage 
 JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, state, mac, netns,
 podNamespace, podName, podUID, createdUnixMs, conflictMAC, node}]; `nodes` -> [{node, alive,
 self, leases, reserved, blocks: [{network, subnet, index, first, last}]}], `pools` -> [{network, subnet,
-gateway, used, total, free, quarantined}].
+gateway, used, total, free, quarantined}], and [{network, definitionError}] for a network ipamd
+quarantined because its stored definition does not parse.
 """
 
 from __future__ import annotations
@@ -188,10 +189,18 @@ _LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "p
 
 
 def _pools(client: Any, args: argparse.Namespace) -> int:
-    rows = [{"network": p.network, "subnet": p.subnet, "gateway": p.gateway, "used": int(p.used),
-             "total": int(p.total), "free": int(p.total) - int(p.used) - int(p.quarantined),
-             "quarantined": int(p.quarantined)} for p in client.list_pools(network=args.network)]
-    _print(rows, ("network", "subnet", "gateway", "used", "total", "free", "quarantined"), args.output)
+    rows: list[dict[str, Any]] = []
+    for p in client.list_pools(network=args.network):
+        if p.definition_error:  # a quarantined network: its stored definition does not parse
+            rows.append({"network": p.network, "definitionError": p.definition_error})
+            continue
+        rows.append({"network": p.network, "subnet": p.subnet, "gateway": p.gateway, "used": int(p.used),
+                     "total": int(p.total), "free": int(p.total) - int(p.used) - int(p.quarantined),
+                     "quarantined": int(p.quarantined)})
+    cols: tuple[str, ...] = ("network", "subnet", "gateway", "used", "total", "free", "quarantined")
+    if any("definitionError" in r for r in rows):
+        cols = (*cols, "definitionError")
+    _print(rows, cols, args.output)
     return 0
 
 

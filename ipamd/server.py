@@ -130,6 +130,8 @@ class Daemon:
                                    quarantine_s=cfg.quarantine_seconds, prober=self.prober,
                                    node=cfg.node_name, cluster=self.cluster)
         self.metrics.add_gauges(self._pool_gauges)
+        self.metrics.describe("ipamd_networks_quarantined", "gauge",
+                              "Networks whose stored definition does not parse (allocations refused)")
         self.metrics.describe("ipamd_commit_batches_total", "counter",
                               "Store transactions committed or failed (group commits: one fsync each)")
         self.metrics.describe("ipamd_commit_writes_total", "counter",
@@ -154,6 +156,9 @@ class Daemon:
             out += [("ipamd_pool_used", labels, u.used), ("ipamd_pool_total", labels, u.total),
                     ("ipamd_pool_quarantined", labels, u.quarantined),
                     ("ipamd_pool_utilisation", labels, u.used / u.total if u.total else 1.0)]
+        quarantined = self.allocator.quarantined()
+        out += [("ipamd_network_quarantined", (("network", net),), 1.0) for net in sorted(quarantined)]
+        out.append(("ipamd_networks_quarantined", (), float(len(quarantined))))
         out += [("ipamd_commit_batches_total", (), self.allocator.commits.batches),
                 ("ipamd_commit_writes_total", (), self.allocator.commits.writes)]
         if self.cluster is not None:
@@ -206,6 +211,10 @@ class Daemon:
         gc.collect()
         gc.freeze()
         log.info("networks=%d msg=%s", nets, "occupancy built from the store")
+        for net, why in sorted(self.allocator.quarantined().items()):
+            log.error("network=%s error=%s msg=%s", net, why,
+                      "network QUARANTINED: its stored definition does not parse; its allocations are "
+                      "refused until it is repaired, every other network is served")
         self._bind()
         self.server.start()
         os.chmod(self.cfg.socket, 0o600)

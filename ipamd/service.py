@@ -165,10 +165,13 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
 
     @_rpc
     def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
-        return pb.ListPoolsResponse(pools=[
-            pb.PoolUsage(network=u.network, subnet=str(u.subnet), used=u.used, total=u.total,
-                         quarantined=u.quarantined, gateway=str(u.gateway) if u.gateway else "")
-            for u in self.allocator.usage(request.network or None)])
+        pools = [pb.PoolUsage(network=u.network, subnet=str(u.subnet), used=u.used, total=u.total,
+                              quarantined=u.quarantined, gateway=str(u.gateway) if u.gateway else "")
+                 for u in self.allocator.usage(request.network or None)]
+        pools += [pb.PoolUsage(network=net, definition_error=why)
+                  for net, why in sorted(self.allocator.quarantined().items())
+                  if not request.network or net == request.network]
+        return pb.ListPoolsResponse(pools=pools)
 
     @_rpc
     def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:

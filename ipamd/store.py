@@ -28,7 +28,10 @@ from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 class Store(Protocol):
     max_batch: int  # writes per group commit at most (0: no limit); etcd caps a transaction's ops
 
-    def get_pool(self, network: str) -> PoolDef | None: ...
+    def get_pool(self, network: str) -> PoolDef | None:
+        """The stored definition, None for an unknown network. Raises spec.ConfigError when the
+        stored definition no longer parses (the allocator then quarantines that network only)."""
+        ...
 
     def put_pool(self, network: str, pool: PoolDef) -> None: ...
 

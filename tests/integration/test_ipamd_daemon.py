@@ -310,3 +310,38 @@ def test_metrics_endpoint_on_loopback(ipamd_factory: Callable[..., netbed.Ipamd]
     assert 'ipamd_allocations_total{network="m"} 2' in body
     assert 'ipamd_pool_used{network="m",subnet="10.20.0.0/22"} 1' in body
     assert "ipamd_commit_batches_total 1\n" in body and "ipamd_commit_writes_total 1\n" in body
+
+
+def test_a_corrupt_definition_quarantines_one_network_and_the_daemon_serves_the_others(
+        ipamd: netbed.Ipamd) -> None:
+    """Issue 11 item 16: one stored pool definition that no longer parses stopped ipamd from
+    starting for every network. Now it starts, says SERVING, serves the other networks, refuses
+    the broken one's allocations with FAILED_PRECONDITION / NETWORK_QUARANTINED, still releases
+    its leases, and shows it in `pools` and the metrics."""
+    import sqlite3
+
+    good, bad = netbed.container_id("good"), netbed.container_id("bad")
+    with IpamClient(ipamd.socket) as c:
+        c.allocate(network="qgood", pool=POOL, container_id=good, ifname="eth0")
+        c.allocate(network="qbad", pool=POOL, container_id=bad, ifname="eth0")
+    ipamd.stop()
+    with sqlite3.connect(os.path.join(ipamd.state_dir, "ipam.db")) as raw:
+        raw.execute("UPDATE pools SET definition = 'not json at all' WHERE network = 'qbad'")
+    ipamd.start()
+    assert ipamd.cli("health").stdout.strip() == "SERVING"
+    assert "network=qbad" in ipamd.log() and "QUARANTINED" in ipamd.log()
+    got = _raw(ipamd.socket, "Allocate", pb.AllocateRequest(
+        network="qbad", pool=wire_pool(POOL), container_id=netbed.container_id("new"), ifname="eth0"))
+    assert got[0] == grpc.StatusCode.FAILED_PRECONDITION and got[2] == "NETWORK_QUARANTINED", got
+    assert "network qbad is quarantined" in got[1] and "not JSON" in got[1]
+    with IpamClient(ipamd.socket) as c:
+        c.allocate(network="qgood", pool=POOL, container_id=netbed.container_id("more"), ifname="eth0")
+        assert len(c.release(network="qbad", container_id=bad, ifname="eth0")) == 1
+    pools = ipamd.pools()
+    assert {p["network"] for p in pools if "definitionError" not in p} == {"qgood"}
+    assert [p["network"] for p in pools if "definitionError" in p] == ["qbad"]
+
+
+def wire_pool(pool: PoolDef) -> pb.PoolSpec:
+    from core import wire
+    return wire.pool_to_pb(pool)

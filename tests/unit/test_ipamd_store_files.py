@@ -62,3 +62,44 @@ def test_existing_files_with_loose_modes_are_tightened(tmp_path: Path, loose_uma
         assert all(m == 0o600 for m in _modes(db).values()), {k: oct(v) for k, v in _modes(db).items()}
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11 item 16: one stored definition that no longer parses quarantines that network only
+
+
+def test_a_definition_that_no_longer_parses_quarantines_only_its_network(tmp_path: Path) -> None:
+    """It used to stop ipamd from starting for every network (warm() raised). Now warm() goes
+    on, the broken network's allocations are refused with NetworkQuarantined naming the cause,
+    its leases can still be released, and every other network is served."""
+    import sqlite3
+
+    from core.spec import parse_ipam
+    from ipamd.allocator import Allocator, Request
+    from ipamd.errors import NetworkQuarantined
+
+    db = str(tmp_path / "ipam.db")
+    good, bad = (parse_ipam({"subnets": [{"subnet": s, "gateway": g}]}).pool
+                 for s, g in (("10.1.0.0/24", "10.1.0.1"), ("10.2.0.0/24", "10.2.0.1")))
+    store = SqliteStore(db)
+    a = Allocator(store)
+    for net, p in (("good", good), ("bad", bad)):
+        a.allocate(Request(network=net, pool=p, container_id="c1", ifname="eth0"))
+    store.close()
+    with sqlite3.connect(db) as raw:  # an older or damaged version wrote something we cannot read
+        raw.execute("UPDATE pools SET definition = ? WHERE network = 'bad'", ('{"subnets": [{"subnet": "10.2.0.0/99"}]}',))
+    store = SqliteStore(db)
+    try:
+        a = Allocator(store)
+        assert a.warm() == 2
+        assert list(a.quarantined()) == ["bad"] and "10.2.0.0/99" in a.quarantined()["bad"]
+        assert [str(e.ip) for e in a.allocate(Request(network="good", pool=good, container_id="c2",
+                                                      ifname="eth0")).entries] == ["10.1.0.3"]
+        with pytest.raises(NetworkQuarantined) as e:
+            a.allocate(Request(network="bad", pool=bad, container_id="c3", ifname="eth0"))
+        assert "network bad is quarantined" in e.value.msg and "10.2.0.0/99" in e.value.msg
+        assert [u.network for u in a.usage()] == ["good"]
+        assert [str(x.ip) for x in a.release("bad", "c1", "eth0")] == ["10.2.0.2"]  # DEL still works
+        assert a.gc("bad", []) == [] and a.quarantined() == {"bad": a.quarantined()["bad"]}
+    finally:
+        store.close()
