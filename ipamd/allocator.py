@@ -70,6 +70,17 @@ class Allocator:
         if cluster is not None:
             cluster.subscribe(self._external)
 
+    def observe_commits(self, observe: Callable[[BaseException | None], None]) -> None:
+        """Be told every commit's outcome (None: durable; else the store's error)."""
+        self._pipeline.observe = observe
+
+    def probe_write(self) -> None:
+        """The store's heartbeat write (Store.probe_write), through the pipeline like any write,
+        so its outcome reaches the commit observer. For readiness while writes fail. Raises
+        CommitFailed when the store still cannot make it durable."""
+        self._pipeline.execute(lambda quiesced: Plan(None, self._pipeline.submit(Write(
+            lambda s: s.probe_write()), {}, ())))
+
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 

@@ -38,6 +38,7 @@ class DaemonConfig:
     gateway_cache_seconds: float = 10.0  # positive gateway answers are reused this long
     workers: int = 32
     shutdown_grace_seconds: float = 10.0
+    health_interval_seconds: float = 5.0  # store check; a probe write only while writes fail
     log_level: str = "info"
     # Where leases live: "sqlite" (one node, embedded) or "etcd" (cluster-wide; issue 10).
     store: str = "sqlite"
@@ -63,6 +64,7 @@ _KEYS = {
     "store": "store", "etcdEndpoints": "etcd_endpoints", "etcdCACert": "etcd_cacert",
     "etcdCert": "etcd_cert", "etcdKey": "etcd_key", "etcdPrefix": "etcd_prefix", "nodeName": "node_name",
     "blockSize": "block_size", "outageReserve": "outage_reserve",
+    "healthIntervalSeconds": "health_interval_seconds",
 }
 _TYPES = {f.name: f.type for f in fields(DaemonConfig)}
 

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, base_mod INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS uncertain (key TEXT PRIMARY KEY, base_mod INTEGER NOT NULL, old TEXT, new TEXT);
 CREATE TABLE IF NOT EXISTS cursors (network TEXT NOT NULL, subnet_index INTEGER NOT NULL, ip TEXT NOT NULL,
                                     PRIMARY KEY (network, subnet_index));
+CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), payload BLOB NOT NULL);
 """
+HEARTBEAT_BYTES = 64 * 1024  # as the SQLite store's (store_sqlite.HEARTBEAT_BYTES): see there why
 
 
 class Pending(NamedTuple):
@@ -124,6 +126,12 @@ class Journal:
             row = self._db.execute("SELECT ip FROM cursors WHERE network = ? AND subnet_index = ?",
                                    (network, subnet_index)).fetchone()
         return str(row[0]) if row else None
+
+    def probe_write(self) -> None:
+        """A durable write nothing reads, for readiness while writes fail (Store.probe_write)."""
+        with self._lock:
+            self._db.execute("INSERT INTO heartbeat (id, payload) VALUES (1, zeroblob(?)) "
+                             "ON CONFLICT (id) DO UPDATE SET payload = excluded.payload", (HEARTBEAT_BYTES,))
 
     def close(self) -> None:
         with self._lock:

@@ -75,6 +75,13 @@ class Store(Protocol):
 
     def get_cursor(self, network: str, subnet_index: int) -> str | None: ...
 
+    def probe_write(self) -> None:
+        """Make one durable write that nothing else reads (a heartbeat), at least as large as a
+        commit of one request's writes, and raise like a failed commit when the store cannot
+        make it durable. Readiness calls it only while commits fail, to notice that they would
+        succeed again (ipamd/readiness.py). Changes nothing any other method returns."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -275,6 +282,9 @@ class MemoryStore:
     def get_cursor(self, network: str, subnet_index: int) -> str | None:
         with self._lock:
             return self._cursors.get((network, subnet_index))
+
+    def probe_write(self) -> None:
+        self.heartbeats = getattr(self, "heartbeats", 0) + 1  # nothing to make durable in memory
 
     def close(self) -> None:
         pass

@@ -692,6 +692,11 @@ class EtcdStore:
                     bk = self._block_key(network, k, n)
                     self._write(b, bk, None, self._mods.get(bk, 0))
 
+    def probe_write(self) -> None:
+        """Store.probe_write: the local journal's heartbeat (what a full disk stops; etcd's own
+        writes are the node heartbeat's business, and an etcd outage is Cluster.serving's)."""
+        self.journal.probe_write()
+
     def networks(self) -> list[str]:
         with self._mu:
             return sorted({*self._pools, *self._broken_pools})

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 
 log = logging.getLogger("ipamd.store")
 SCHEMA_VERSION = 2  # 2: entries.node (issue 10: every lease records its node)
+HEARTBEAT_BYTES = 64 * 1024  # 16 pages: more than one commit of a few requests' writes
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default; measured best here (a larger WAL slows commits)
 
 _SCHEMA = f"""
@@ -68,6 +70,11 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (network, ip)
 );
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (container_id, ifname) WHERE state = '{ACTIVE}';
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    written_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cursors (
     network TEXT NOT NULL,
     subnet_index INTEGER NOT NULL,
@@ -332,6 +339,17 @@ class SqliteStore:
         rows = self._read("SELECT ip FROM cursors WHERE network = ? AND subnet_index = ?",
                           (network, subnet_index))
         return str(rows[0][0]) if rows else None
+
+    def probe_write(self) -> None:
+        """One row of HEARTBEAT_BYTES in its own table: a full disk makes it fail as it makes an
+        allocation fail. Its size matters: a commit that failed for want of space leaves the
+        pages it did write at the end of the WAL, and a write of a page or two would fit there
+        and pass while every allocation (several pages) still fails."""
+        with self._tx() as cur:
+            cur.execute("INSERT INTO heartbeat (id, written_ms, payload) VALUES (1, ?, zeroblob(?)) "
+                        "ON CONFLICT (id) DO UPDATE SET written_ms = excluded.written_ms, "
+                        "payload = excluded.payload",
+                        (int(time.time() * 1000), HEARTBEAT_BYTES))
 
     def close(self) -> None:
         with self._lock, self._rlock:

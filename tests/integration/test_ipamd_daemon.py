@@ -3,6 +3,7 @@ lifecycle, CLI contract and error statuses. Oracles: the CLI's JSON, `stat`, raw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -345,3 +346,63 @@ def test_a_corrupt_definition_quarantines_one_network_and_the_daemon_serves_the_
 def wire_pool(pool: PoolDef) -> pb.PoolSpec:
     from core import wire
     return wire.pool_to_pb(pool)
+
+
+@pytest.fixture
+def full_disk_ipamd(tmp_path: Path) -> Iterator[tuple[netbed.Ipamd, Path]]:
+    """ipamd whose state dir is a 1 MiB tmpfs (filled up by the test), health checked every 0.3 s."""
+    work = tmp_path / "fd"
+    state = work / "state"
+    state.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True)
+    d: netbed.Ipamd | None = None
+    try:
+        cfg = tmp_path / "ipamd.json"
+        cfg.write_text(json.dumps({"healthIntervalSeconds": 0.3}))
+        d = netbed.start_ipamd(str(work), ["--config", str(cfg)])
+        yield d, state
+    finally:
+        if d is not None:
+            d.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_health_says_not_serving_while_writes_fail_on_a_full_disk(
+        full_disk_ipamd: tuple[netbed.Ipamd, Path]) -> None:
+    """Issue 11 item 17: health read the store and said SERVING while every write failed on a
+    full disk. A failed commit flips it to NOT_SERVING at once; once the disk has room again,
+    the daemon's own probe write (made only while writes fail) flips it back, with no client."""
+    d, state = full_disk_ipamd
+    with IpamClient(d.socket) as c:
+        c.allocate(network="full", pool=POOL, container_id=netbed.container_id("f0"), ifname="eth0")
+        filler = state / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):  # until ENOSPC
+                while os.write(fd, b"\0" * 4096):
+                    pass
+        finally:
+            os.close(fd)
+        failed = None
+        for i in range(40):  # the WAL's last page may still hold a frame or two
+            try:
+                c.allocate(network="full", pool=POOL, container_id=netbed.container_id(f"f{i + 1}"), ifname="eth0")
+            except IpamdRefused as exc:
+                failed = exc
+                break
+        assert failed is not None and failed.reason == "COMMIT_FAILED", failed
+        assert c.health() is False  # at once: no wait for a periodic check
+        time.sleep(1.0)
+        assert c.health() is False  # the probe writes fail too
+        filler.unlink()
+        assert _wait(c.health)
+    assert "NOT_SERVING" in d.log() and "writes succeed" in d.log()
+
+
+def _wait(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return bool(pred())
