@@ -1,9 +1,11 @@
 """`ovs-underlay-ipamd`: `serve` and the admin subcommands (a contract other tools rely on).
 
-    serve   [--config FILE] [--socket PATH] [--state-dir DIR] [--metrics-port N] [--listen ADDR]
-            [--log-level L] [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
+    serve   [--config FILE] [--socket PATH] [--state-dir DIR] [--metrics-port N] [--log-level L]
+            [--listen ADDR --tls-cert F --tls-key F --tls-client-ca F]
+            [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
             [--etcd-cert F] [--etcd-key F] [--etcd-prefix P] [--node-name N] [--block-size N]
-            [--outage-reserve N]                  flags override the file; no config = defaults
+            [--outage-reserve N]                  flags override the file; no config = defaults;
+                                                  TCP is mutual TLS only
     pools   [--network N] [-o table|json]         used/total per subnet entry
     leases  [--network N] [--all] [-o table|json] one row per address; live only unless --all
     release --container ID --ifname IF [--network N]
@@ -15,7 +17,8 @@
     nodes release NODE                            free a dead node's blocks, leases and reserve;
                                                   refused while its heartbeat is alive
 
-Every admin subcommand takes --socket PATH and --timeout-ms. Exit codes: 0 ok, 1 the daemon
+Every admin subcommand takes --socket PATH (or --server HOST:PORT with --tls-ca, --tls-cert,
+--tls-key: ipamd's mutual-TLS listener) and --timeout-ms. Exit codes: 0 ok, 1 the daemon
 said no or could not be reached (one line on stderr, no traceback), 2 bad usage (argparse).
 JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, state, mac, netns,
 podNamespace, podName, podUID, createdUnixMs, conflictMAC, node}]; `nodes` -> [{node, alive,
@@ -50,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", help=f"unix socket (default {DEFAULT_DAEMON_SOCKET})")
     s.add_argument("--state-dir", help="directory of the SQLite store (default /var/lib/ovs-underlay)")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
-    s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default)")
+    s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default); "
+                                    "mutual TLS only: needs --tls-cert, --tls-key and --tls-client-ca")
+    s.add_argument("--tls-cert", help="TCP listener: the server's certificate (PEM)")
+    s.add_argument("--tls-key", help="TCP listener: the server's private key (PEM)")
+    s.add_argument("--tls-client-ca",
+                   help="TCP listener: the CA (PEM) whose certificates clients must present")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     s.add_argument("--store", choices=("sqlite", "etcd"),
                    help="where leases live: sqlite (one node, default) or etcd (cluster-wide)")
@@ -68,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     def admin(name: str, help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help)
         a.add_argument("--socket", default=DEFAULT_DAEMON_SOCKET, help="ipamd socket")
+        a.add_argument("--server", metavar="HOST:PORT",
+                       help="ipamd's TCP listener instead of the socket "
+                            "(mutual TLS: --tls-ca, --tls-cert, --tls-key)")
+        a.add_argument("--tls-ca", help="with --server: the CA (PEM) that signed ipamd's certificate")
+        a.add_argument("--tls-cert", help="with --server: this client's certificate (PEM)")
+        a.add_argument("--tls-key", help="with --server: this client's private key (PEM)")
+        a.add_argument("--tls-server-name", help="with --server: the name to expect in ipamd's certificate "
+                                                 "(default: the host of --server)")
         a.add_argument("--timeout-ms", type=int, default=5000, help="deadline of the call")
         return a
 
@@ -101,10 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "serve":
         return _serve(args)
-    from core.ipamd_client import IpamClient  # grpc only for the admin commands
+    from core.ipamd_client import ClientTls, IpamClient  # grpc only for the admin commands
 
+    tls = None
+    if args.server:
+        missing = [f"--{k.replace('_', '-')}" for k in ("tls_ca", "tls_cert", "tls_key")
+                   if not getattr(args, k)]
+        if missing:
+            sys.stderr.write(f"{PROG} {args.cmd}: --server needs mutual TLS: give {', '.join(missing)}\n")
+            return 2
+        tls = ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                        server_name=args.tls_server_name)
     try:
-        with IpamClient(args.socket, timeout_ms=args.timeout_ms) as client:
+        with IpamClient(args.server or args.socket, timeout_ms=args.timeout_ms, tls=tls) as client:
             return int(_ADMIN[args.cmd](client, args))
     except CoreError as exc:
         sys.stderr.write(f"{PROG} {args.cmd}: {exc.msg}\n")
@@ -134,6 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
                                  "metrics_port": args.metrics_port, "listen": args.listen,
+                                 "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                                 "tls_client_ca": args.tls_client_ca,
                                  "log_level": args.log_level, "store": args.store,
                                  "etcd_endpoints": args.etcd_endpoints, "etcd_cacert": args.etcd_cacert,
                                  "etcd_cert": args.etcd_cert, "etcd_key": args.etcd_key,

@@ -4,6 +4,8 @@ Why these steps, in this order:
 - one daemon per socket: an flock on `<socket>.lock`, then a health call on an existing socket
   file (refuse if someone answers), then the stale file is removed;
 - the socket is created under umask 0177 and chmod'ed 0600: only root may ask for addresses;
+  the optional TCP listener (`listen`) is mutual TLS only: a client must present a certificate
+  signed by the configured client CA (the same whole API: nothing is served without it);
 - every stored network's occupancy is built before the socket is bound (a /16 with 60,000 leases
   takes about a second): no request pays for it; then what survived start-up is frozen
   (gc.freeze) so that a full cyclic-GC collection during an RPC no longer scans it (measured:
@@ -191,9 +193,36 @@ class Daemon:
             os.umask(old)
         if self.cfg.listen:
             addr = listen_address(self.cfg.listen)
-            if self.server.add_insecure_port(addr) == 0:
+            port = self.server.add_secure_port(addr, self._tls_credentials())
+            if port == 0:
                 raise StartupError(f"cannot listen on {addr}")
-            log.warning("listen=%s msg=%s", addr, "TCP listener enabled (unauthenticated)")
+            log.info("listen=%s port=%d msg=%s", addr, port,
+                     "TCP listener with mutual TLS: clients need a certificate signed by the client CA")
+
+    def _tls_credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS for the TCP listener (config.load refuses --listen without it): the
+        server proves itself with its certificate, and a client is served only with a
+        certificate the client CA signed (require_client_auth). The whole API stays behind it,
+        as behind the root-only unix socket."""
+        files = {"tlsCert": self.cfg.tls_cert, "tlsKey": self.cfg.tls_key,
+                 "tlsClientCa": self.cfg.tls_client_ca}
+        data: dict[str, bytes] = {}
+        for key, path in files.items():
+            try:
+                with open(path, "rb") as fh:
+                    data[key] = fh.read()
+                    mode = os.fstat(fh.fileno()).st_mode
+            except OSError as exc:
+                raise StartupError(f"{key} {path}: {exc.strerror}") from exc
+            if key == "tlsKey" and mode & 0o077:
+                log.warning("file=%s mode=%o msg=%s", path, stat.S_IMODE(mode),
+                            "the TLS key is readable by other users than its owner")
+        try:
+            return grpc.ssl_server_credentials([(data["tlsKey"], data["tlsCert"])],
+                                               root_certificates=data["tlsClientCa"],
+                                               require_client_auth=True)
+        except Exception as exc:  # grpc raises plain RuntimeError/ValueError on malformed PEM
+            raise StartupError(f"TLS files do not load: {exc}") from exc
 
     def _set_health(self, serving: bool, why: str = "") -> None:
         if self._stop.is_set():
