@@ -151,7 +151,7 @@ class Result:
             return _parse_result(data, default_version)
         except CniError:
             raise
-        except (KeyError, TypeError, ValueError, AddrFormatError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, AddrFormatError) as exc:
             raise CniError(Code.DECODE_FAILURE, f"cannot decode CNI result: {exc}", repr(data)[:500]) from exc
 
 
@@ -229,6 +229,26 @@ def _int_or(value: Any, default: int | None, what: str) -> Any:
     return value
 
 
+def _ip(value: Any, what: str) -> IPAddress:
+    if not isinstance(value, str):  # netaddr takes ints and more; a result has strings
+        raise ValueError(f"{what}: expected an IP address string, got {value!r}")
+    return IPAddress(value)
+
+
+def _net(value: Any, what: str) -> IPNetwork:
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(f"{what}: expected a CIDR string, got {value!r}")
+    return IPNetwork(value)
+
+
+def _objects(value: Any, what: str) -> list[Mapping[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, Mapping) for x in value):
+        raise ValueError(f"{what}: expected a list of objects")
+    return value
+
+
 def _parse_result(data: Any, default_version: str) -> Result:
     if not isinstance(data, Mapping):
         raise ValueError("a result must be a JSON object")
@@ -236,22 +256,23 @@ def _parse_result(data: Any, default_version: str) -> Result:
     if version not in SUPPORTED_VERSIONS:
         raise CniError(Code.INCOMPATIBLE_VERSION, f"result has unsupported cniVersion {version!r}")
     ifaces = []
-    for raw in data.get("interfaces") or []:
+    for raw in _objects(data.get("interfaces"), "interfaces"):
+        if not isinstance(raw.get("name"), str):
+            raise ValueError(f"interfaces[].name: expected a string, got {raw.get('name')!r}")
         ifaces.append(Interface(
-            name=str(raw["name"]), mac=str(raw.get("mac") or ""), mtu=_int_or(raw.get("mtu"), 0, "mtu"),
+            name=raw["name"], mac=str(raw.get("mac") or ""), mtu=_int_or(raw.get("mtu"), 0, "mtu"),
             sandbox=str(raw.get("sandbox") or ""), socket_path=str(raw.get("socketPath") or ""),
             pci_id=str(raw.get("pciID") or "")))
     ips = []
-    for raw in data.get("ips") or []:
-        addr = IPNetwork(raw["address"])
-        if "/" not in raw["address"]:
-            raise ValueError(f"ips[].address {raw['address']!r} has no prefix length")
-        gw = IPAddress(raw["gateway"]) if raw.get("gateway") else None
+    for raw in _objects(data.get("ips"), "ips"):
+        addr = _net(raw.get("address"), "ips[].address")
+        gw = _ip(raw["gateway"], "ips[].gateway") if raw.get("gateway") else None
         ips.append(IPConfig(addr, gw, _int_or(raw.get("interface"), None, "ips[].interface")))
     routes = []
-    for raw in data.get("routes") or []:
+    for raw in _objects(data.get("routes"), "routes"):
         routes.append(Route(
-            dst=IPNetwork(raw["dst"]).cidr, gw=IPAddress(raw["gw"]) if raw.get("gw") else None,
+            dst=_net(raw.get("dst"), "routes[].dst").cidr,
+            gw=_ip(raw["gw"], "routes[].gw") if raw.get("gw") else None,
             mtu=_int_or(raw.get("mtu"), 0, "mtu"), advmss=_int_or(raw.get("advmss"), 0, "advmss"),
             priority=_int_or(raw.get("priority"), 0, "priority"),
             table=_int_or(raw.get("table"), None, "table"), scope=_int_or(raw.get("scope"), None, "scope")))

@@ -76,7 +76,11 @@ def test_ipam_result_without_interfaces_and_default_version() -> None:
 
 
 @pytest.mark.parametrize("bad", [[], {"ips": [{"address": "10.0.0.1"}]}, {"ips": [{"address": "x/24"}]},
-                                 {"routes": [{"gw": "1.2.3.4"}]}, {"dns": "x"}, {"cniVersion": "0.1.0"}])
+                                 {"routes": [{"gw": "1.2.3.4"}]}, {"dns": "x"}, {"cniVersion": "0.1.0"},
+                                 # found by tests/unit/test_fuzz_config.py (AttributeError in netaddr: 999)
+                                 {"routes": [{"dst": "0.0.0.0/0", "gw": [None]}]}, {"ips": "x"},
+                                 {"ips": [{"address": 167772161}]}, {"interfaces": [{"name": 5}]},
+                                 {"interfaces": ["eth0"]}])
 def test_bad_results(bad: object) -> None:
     with pytest.raises(CniError) as e:
         Result.from_json(bad, "1.0.0")
