@@ -24,6 +24,8 @@ import grpc
 from core import wire
 from core._proto import ipam_pb2 as pb
 from core._proto import ipam_pb2_grpc
+from core.attachment import name_problem
+from core.names import container_id_problem, ifname_problem
 from core.spec import ConfigError, PoolDef
 from core.wire import REASON_KEY, Reason
 from ipamd.allocator import Allocator, Request
@@ -74,6 +76,16 @@ def _required(**fields: str) -> None:
         raise InvalidRequest(f"missing required field(s): {', '.join(missing)}")
 
 
+def _identity(network: str, container_id: str, ifname: str) -> None:
+    """What ipamd stores and logs as an attachment's identity follows the plugins' rules (core.names,
+    core.attachment): a direct client cannot put a name into the store that no plugin would."""
+    for why in (name_problem(network, "network"),
+                f"container_id {container_id!r} {p}" if (p := container_id_problem(container_id)) else None,
+                f"ifname {ifname!r} {p}" if (p := ifname_problem(ifname)) else None):
+        if why:
+            raise InvalidRequest(why)
+
+
 def _netns(path: str) -> str:
     if path and not os.path.isabs(path):
         raise InvalidRequest(f"netns {path!r} must be an absolute path")
@@ -109,6 +121,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
     @_rpc
     def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
         _required(network=request.network, container_id=request.container_id, ifname=request.ifname)
+        _identity(request.network, request.container_id, request.ifname)
         parsed = self._parsed_pool(request.pool)
         pool = parsed.pool
         grant = self.allocator.allocate(Request(
@@ -203,6 +216,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
     @_rpc
     def ProbeGateway(self, request: pb.ProbeGatewayRequest, context: Any) -> pb.ProbeGatewayResponse:
         _required(netns=request.netns, ifname=request.ifname, gateway=request.gateway)
+        if (why := ifname_problem(request.ifname)) is not None:
+            raise InvalidRequest(f"ifname {request.ifname!r} {why}")
         gw = wire.ip_from_pb(request.gateway, "gateway")
         sender = wire.ip_from_pb(request.sender_ip, "sender_ip") if request.sender_ip else None
         timeout_ms = min(max(int(request.timeout_ms or 1000), 1), 60_000)
