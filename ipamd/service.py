@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
+from netaddr import IPAddress
 
 from core import wire
 from core._proto import ipam_pb2 as pb
@@ -86,6 +87,21 @@ def _identity(network: str, container_id: str, ifname: str) -> None:
             raise InvalidRequest(why)
 
 
+def _request_ips(values: Iterable[str]) -> tuple[IPAddress, ...]:
+    """Requested addresses; garbage is a bad request (INVALID_REQUEST), not a bad pool."""
+    try:
+        return wire.ips_from_pb(list(values))
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _request_ip(value: str, what: str) -> IPAddress:
+    try:
+        return wire.ip_from_pb(value, what)
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
 def _netns(path: str) -> str:
     if path and not os.path.isabs(path):
         raise InvalidRequest(f"netns {path!r} must be an absolute path")
@@ -126,7 +142,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         pool = parsed.pool
         grant = self.allocator.allocate(Request(
             network=request.network, pool=pool, container_id=request.container_id, ifname=request.ifname,
-            pod=wire.pod_from_pb(request.pod), requested_ips=wire.ips_from_pb(request.requested_ips),
+            pod=wire.pod_from_pb(request.pod), requested_ips=_request_ips(request.requested_ips),
             requested_mac=request.requested_mac, netns=_netns(request.netns),
             conflict_check=request.conflict_check,
             conflict_check_wait_ms=min(int(request.conflict_check_wait_ms or 100), 10_000),
@@ -218,8 +234,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         _required(netns=request.netns, ifname=request.ifname, gateway=request.gateway)
         if (why := ifname_problem(request.ifname)) is not None:
             raise InvalidRequest(f"ifname {request.ifname!r} {why}")
-        gw = wire.ip_from_pb(request.gateway, "gateway")
-        sender = wire.ip_from_pb(request.sender_ip, "sender_ip") if request.sender_ip else None
+        gw = _request_ip(request.gateway, "gateway")
+        sender = _request_ip(request.sender_ip, "sender_ip") if request.sender_ip else None
         timeout_ms = min(max(int(request.timeout_ms or 1000), 1), 60_000)
         res = self.prober.gateway(_netns(request.netns), request.ifname, gw, sender, timeout_ms,
                                   request.cache_key)
