@@ -117,10 +117,11 @@ FILE_MODE = 0o600  # the database, its -wal and -shm: leases, pods and netns pat
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
 
 
-def _private_files(path: str) -> None:
+def private_files(path: str) -> None:
     """Create the database file 0600 if missing and take every existing file of it (-wal, -shm,
-    -journal) to 0600. SQLite creates the -wal and -shm with the database file's mode, but the
-    file itself under the process umask (0644 by default), so they were world-readable."""
+    -journal) to 0600: this store's database and the etcd store's journal. SQLite creates the
+    -wal and -shm with the database file's mode, but the file itself under the process umask
+    (0644 by default), so they were world-readable."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     os.close(fd)
     for suffix in _SIDE_FILES:
@@ -151,7 +152,7 @@ class SqliteStore:
         # process-wide umask changes nothing else.
         old_umask = os.umask(0o077)
         try:
-            _private_files(path)
+            private_files(path)
             self._open(path)
         finally:
             os.umask(old_umask)
@@ -181,7 +182,7 @@ class SqliteStore:
         self._rlock = threading.Lock()  # the reader connection
         self._rdb = self._connect(path)
         self._rdb.execute("PRAGMA query_only=ON")
-        _private_files(path)  # the -wal and -shm exist now: make sure of their mode
+        private_files(path)  # the -wal and -shm exist now: make sure of their mode
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:

@@ -103,3 +103,18 @@ def test_a_definition_that_no_longer_parses_quarantines_only_its_network(tmp_pat
         assert a.gc("bad", []) == [] and a.quarantined() == {"bad": a.quarantined()["bad"]}
     finally:
         store.close()
+
+
+def test_the_etcd_stores_journal_files_are_0600_too(tmp_path: Path, loose_umask: None) -> None:
+    """The etcd store keeps this node's leases in a local SQLite journal: the same rule."""
+    from ipamd.etcd_journal import Journal
+
+    db = tmp_path / "etcd-journal.db"
+    j = Journal(str(db))
+    try:
+        j.write(own=[("/ovs-underlay/ips/n/10.0.0.5", "{}", 1)])
+        modes = _modes(db)
+        assert {"etcd-journal.db", "etcd-journal.db-wal", "etcd-journal.db-shm"} <= set(modes)
+        assert all(m == 0o600 for m in modes.values()), {k: oct(v) for k, v in modes.items()}
+    finally:
+        j.close()
