@@ -27,6 +27,7 @@ class Bed:
     def __init__(self, work: Path, n_netns: int) -> None:
         self.work = work
         self.cleanup: list[Any] = []
+        self.cleanup.append(lambda: netbed.plugin_log("bench").unlink(missing_ok=True))
         self.underlay = netbed.make_underlay({VLAN: [f"{GATEWAY}/16"]})
         self.cleanup.append(self.underlay.destroy)
         (work / "ipamd").mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ class Bed:
             "CNI_NETNS": ns.path,
             "CNI_IFNAME": "eth0",
             "CNI_PATH": f"{DIST}:{REF_DIR}" if mode.startswith("ipam-") else REF_DIR,
-            "OVS_UNDERLAY_LOG_FILE": str(self.work / "plugin.log"),
+            "OVS_UNDERLAY_LOG_FILE": str(netbed.plugin_log("bench")),
             "OVS_UNDERLAY_WARM_SOCKET": self.warm_sock,
             "OVS_UNDERLAY_WARM": "0" if mode.endswith("inproc") else "1",
         }

@@ -82,7 +82,7 @@ def phase_breakdown(bed: Any) -> dict[str, Any]:
         "CNI_NETNS": ns.path,
         "CNI_IFNAME": "eth0",
         "CNI_PATH": REF_DIR,
-        "OVS_UNDERLAY_LOG_FILE": str(bed.work / "plugin.log"),
+        "OVS_UNDERLAY_LOG_FILE": str(netbed.plugin_log("bench-phases")),
         "PYTHONPATH": str(ROOT),
     }
     p = subprocess.run(

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from netaddr import IPAddress, IPNetwork
 
     from cni.types import CmdArgs, Result
+    from core.names import Alias
     from core.netlink import PodLink, PodState, RouteLike
     from core.ovn import Chassis, Lsp, LspSpec, NodeView
     from core.ovnsettings import Northbound
@@ -32,6 +33,7 @@ class NetlinkDriver(Protocol):
     def set_pod_mac(self, *, netns: str, ifname: str, mac: str) -> None: ...
     def delete_host_link(self, name: str, alias: str) -> bool: ...
     def host_link_alias(self, name: str) -> str | None: ...
+    def owned_host_links(self) -> list[tuple[str, Alias]]: ...
     def configure(self, *, netns: str, ifname: str, addresses: Sequence[IPNetwork],
                   routes: Sequence[RouteLike]) -> None: ...
     def pod_state(self, netns: str, ifname: str) -> PodState | None: ...
@@ -110,7 +112,11 @@ class Drivers:
     _clients: list[Any] = field(default_factory=list)
 
     def ipam_client(self, ipam: IpamConf) -> IpamClientDriver:
-        client = self.ipam(ipam.daemon_socket, ipam.timeout_ms)
+        return self.ipam_at(ipam.daemon_socket, ipam.timeout_ms)
+
+    def ipam_at(self, socket_path: str, timeout_ms: int) -> IpamClientDriver:
+        """A client of the ipamd at `socket_path`, closed with the drivers."""
+        client = self.ipam(socket_path, timeout_ms)
         self._clients.append(client)
         return client
 

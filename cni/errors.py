@@ -83,6 +83,9 @@ REASON_CODES: dict[str, Code] = {
     "NODE_ALIVE": Code.INVALID_NETWORK_CONFIG,
     "NOT_CLUSTERED": Code.INVALID_NETWORK_CONFIG,
     "COMMIT_FAILED": Code.TRY_AGAIN_LATER,
+    # ipamd's stored definition of the network does not parse: an admin repairs it (README
+    # Troubleshooting), and the runtime's retry then succeeds.
+    "NETWORK_QUARANTINED": Code.TRY_AGAIN_LATER,
     "INTERNAL": Code.INTERNAL,
 }
 

@@ -23,6 +23,9 @@ and sets it down again afterwards (success or failure): the main plugin finds th
 ptp runs IPAM before it creates the veth: ipamd reports the probes as skipped
 (conflict_probed=false / ProbeResult.skipped), which is logged, and ADD goes on.
 
+DEL is by identity (`delete`, cni.netconf.parse_del): only the network name and ipamd's socket
+are read from the config, so a config that no longer validates cannot strand a lease.
+
 Error codes: daemon unreachable -> 11 naming the socket (ADD, DEL, CHECK, GC; from the client).
 CHECK failures (no lease, addresses differ from prevResult) -> 999, like the reference plugins'
 CHECK errors and the main plugin's CHECK. STATUS -> 50 when ipamd is unreachable or not serving,
@@ -42,10 +45,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cni.drivers import IpamClientDriver
 from cni.errors import CniError, Code
 from cni.ipam import addressing, gateway_check
-from cni.netconf import IPAMD_TYPE, VALID_ATTACHMENTS_KEYS, IpamdBackend, parse_netconf
+from cni.netconf import (
+    IPAMD_TYPE,
+    VALID_ATTACHMENTS_KEYS,
+    IpamdBackend,
+    IpamdSocket,
+    parse_del,
+    parse_netconf,
+)
 from cni.types import CmdArgs, Result, addr_key
 from core.errors import CoreError
-from core.spec import DEFAULT_DAEMON_SOCKET, IpamConf, PodRef, PoolDef
+from core.spec import IpamConf, PodRef
 
 if TYPE_CHECKING:
     from netaddr import IPAddress
@@ -136,20 +146,6 @@ def _cache_key(network: str, raw: Mapping[str, Any]) -> str:
     return f"{network}|{raw.get('type', '')}|{seg}|{raw.get('vlan') or 0}"
 
 
-def _del_conf(args: CmdArgs, exc: CniError) -> IpamPluginConf:
-    """DEL with a config that no longer validates: release by (name, container id, ifname) from
-    the raw `name` and `ipam.daemonSocket`, so a bad config cannot strand a lease."""
-    raw = args.config
-    name = raw.get("name")
-    section = raw.get("ipam") if isinstance(raw.get("ipam"), dict) else {}
-    sock = section.get("daemonSocket", DEFAULT_DAEMON_SOCKET) if section else DEFAULT_DAEMON_SOCKET
-    if not isinstance(name, str) or not name or not isinstance(sock, str) or not sock.startswith("/"):
-        raise exc
-    _log.warning("DEL: config does not validate (%s); releasing by network %s via %s", exc.msg, name, sock)
-    return IpamPluginConf(network=name, cni_version=args.cni_version,
-                          ipam=IpamConf(pool=PoolDef(subnets=()), daemon_socket=sock))
-
-
 # ---------------------------------------------------------------------------------------------
 # Production drivers
 
@@ -181,12 +177,7 @@ class NetnsLinks:
 
 def _run(args: CmdArgs, verb: Callable[[CmdArgs, IpamPluginConf, IpamDrivers], Result | None],
          factory: ClientFactory = _default_client, links: PodLinks | None = None) -> Result | None:
-    try:
-        conf = parse_conf(args)
-    except CniError as exc:
-        if args.command != "DEL" or exc.code != Code.INVALID_NETWORK_CONFIG:
-            raise
-        conf = _del_conf(args, exc)
+    conf = parse_conf(args)
     client = factory(conf.ipam.daemon_socket, conf.ipam.timeout_ms)
     try:
         return verb(args, conf, IpamDrivers(client, links or NetnsLinks()))
@@ -199,8 +190,23 @@ def add(args: CmdArgs) -> Result | None:
     return _run(args, cmd_add)
 
 
-def delete(args: CmdArgs) -> Result | None:
-    return _run(args, cmd_del)
+def delete(args: CmdArgs, factory: ClientFactory = _default_client) -> Result | None:
+    """DEL by identity, as the main plugin (cni.netconf.parse_del): only the network name and
+    ipamd's socket are read from the config, each when it validates; the rest (the pool, the
+    per-pod channels, prevResult) is never judged, so a config that no longer validates cannot
+    strand a lease. No usable name: the attachment is released in every network (the
+    identity is unique on the node)."""
+    conf = parse_del(args, ipam_plugin=True)
+    for why in conf.problems:
+        _log.warning("DEL: config: %s (releasing by identity)", why)
+    target = conf.ipam if isinstance(conf.ipam, IpamdSocket) else IpamdSocket()
+    client = factory(target.socket, target.timeout_ms)
+    try:
+        cmd_del(args, conf.name or "", client)
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+    return None
 
 
 def check(args: CmdArgs) -> Result | None:
@@ -271,11 +277,12 @@ def to_result(version: str, alloc: Allocation) -> Result:
     return Result(cni_version=version, ips=addr.ips, routes=addr.routes, dns=addr.dns)
 
 
-def cmd_del(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
-    """Idempotent: nothing held is success. ipamd unreachable -> 11 (the runtime retries)."""
-    released = d.client.release(network=conf.network, container_id=args.container_id, ifname=args.ifname)
+def cmd_del(args: CmdArgs, network: str, client: IpamClientDriver) -> None:
+    """Idempotent: nothing held is success. ipamd unreachable -> 11 (the runtime retries).
+    `network` "" releases the attachment in every network."""
+    released = client.release(network=network, container_id=args.container_id, ifname=args.ifname)
     _log.info("DEL: released %d address(es) in network %s", sum(len(lease.ips) for lease in released),
-              conf.network)
+              network or "(any)")
 
 
 def cmd_check(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
@@ -312,6 +319,10 @@ def cmd_status(args: CmdArgs, conf: IpamPluginConf, d: IpamDrivers) -> None:
         pools = d.client.list_pools(network=conf.network)
     except CoreError as exc:
         raise CniError(Code.NOT_AVAILABLE, f"ipamd at {sock} is not available: {exc.msg}") from exc
+    broken = [p for p in pools if getattr(p, "definition_error", "")]
+    if broken:
+        raise CniError(Code.NOT_AVAILABLE, f"network {conf.network} is quarantined by ipamd: "
+                                           f"{broken[0].definition_error}")
     full = [p for p in pools if int(p.used) + int(p.quarantined) >= int(p.total)]
     if full:
         raise CniError(Code.NOT_AVAILABLE, f"network {conf.network}: no free address in " + ", ".join(

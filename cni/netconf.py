@@ -21,9 +21,12 @@ Per-pod values, highest precedence first (documented contract; Multus may send s
   it whenever present) > args.cni.mac > CNI_ARGS `MAC=` > lease MAC (ipamd macFromIP) > kernel.
 - IPs: runtimeConfig.ips > args.cni.ips > CNI_ARGS `IP=` (comma list). The first channel that
   is present wins entirely (lists are not merged).
-- ovnPort (`external_ids:iface-id`, and the logical switch port's name): the network config
-  only. A pod's args.cni.ovnPort / CNI_ARGS `OvnPort=` (a pod annotation through Multus) is
-  ignored with a warning: it would let a pod claim another pod's logical port.
+- ovnPort (`external_ids:iface-id`, and the logical switch port's name): the network config's
+  `ovnPort`. A pod's args.cni.ovnPort / CNI_ARGS `OvnPort=` (a pod annotation through Multus)
+  would let a pod claim another pod's logical port, so it is ignored with a warning, unless the
+  network config opts in with `allowPodOvnPort: true` (the admin's choice, for a CMS that names
+  the port per pod); then args.cni.ovnPort > CNI_ARGS `OvnPort=` > config (`_ovn_port`, the one
+  place that decides).
 OVN keys (ovnPort, logicalSwitch, ovnNorthbound, ovn-kubernetes' topology spelling): cni.ovnconf.
 CNI_ARGS keys are case-insensitive; `IgnoreUnknown` (true/1) is accepted and unknown keys are
 always ignored. K8S_POD_NAMESPACE / K8S_POD_NAME / K8S_POD_UID are recorded in OVSDB and sent
@@ -40,10 +43,27 @@ from typing import Any
 from netaddr import IPAddress
 
 from cni.errors import CniError, Code
-from cni.ovnconf import BridgeSource, NodeNorthbound, OvnAttach, Topology, no_node_northbound, parse_ovn
+from cni.ovnconf import (
+    OVN_NAME_RE,
+    BridgeSource,
+    NodeNorthbound,
+    OvnAttach,
+    Topology,
+    no_node_northbound,
+    parse_ovn,
+)
 from cni.types import CmdArgs, Result, parse_cni_args
-from core.names import MAC_RE, NAME_RE, PROVIDER_NAME_RE, provider_bridge
-from core.spec import ConfigError, IpamConf, PodRef, parse_ipam, parse_requested_ips
+from core.attachment import MAX_NAME, name_problem
+from core.names import MAC_RE, PROVIDER_NAME_RE, ifname_problem, provider_bridge
+from core.spec import (
+    DEFAULT_DAEMON_SOCKET,
+    ConfigError,
+    IpamConf,
+    PodRef,
+    daemon_contract,
+    parse_ipam,
+    parse_requested_ips,
+)
 
 _log = logging.getLogger("ovs-underlay.netconf")
 IPAMD_TYPE = "ovs-underlay-ipam"
@@ -58,10 +78,12 @@ ALIASES: dict[str, str] = {
     "datapath_type": "datapathType",
     "ovn_port": "ovnPort",
     "logical_switch": "logicalSwitch",
+    "allow_pod_ovn_port": "allowPodOvnPort",
     "log_file": "logFile",
     "log_level": "logLevel",
 }
 VALID_ATTACHMENTS_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
+_log = logging.getLogger("ovs-underlay.netconf")
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,33 @@ class NetConf:
         return str(self.vlan) if self.vlan is not None else "untagged (all VLANs)"
 
 
+@dataclass(frozen=True)
+class IpamdSocket:
+    """DEL's view of an ipamd backend: where the lease is, nothing about the pool."""
+
+    socket: str = DEFAULT_DAEMON_SOCKET
+    timeout_ms: int = 10_000
+
+
+DelIpam = IpamdSocket | DelegateBackend | NoIpam
+
+
+@dataclass(frozen=True)
+class DelConf:
+    """What DEL reads of the config, leniently and field by field (`parse_del`).
+
+    DEL cleans up by identity (container id, ifname; core.attachment): the network, the IPAM
+    backend and the OVSDB endpoint are hints from the config, each None/default when it does
+    not validate, and the record that ADD left on the OVS Interface wins over them."""
+
+    cni_version: str
+    name: str | None = None
+    ovsdb_socket: str = DEFAULT_OVSDB
+    ipam: DelIpam | None = None  # None: the config names no usable IPAM backend
+    ovn: OvnAttach | None = None  # the OVN part, when it still parses (managed: the LSP to delete)
+    problems: tuple[str, ...] = ()
+
+
 def _bad(msg: str, details: str = "") -> CniError:
     return CniError(Code.INVALID_NETWORK_CONFIG, msg, details)
 
@@ -155,6 +204,15 @@ def _str(conf: Mapping[str, Any], key: str, default: str) -> str:
     if not isinstance(v, str) or not v:
         raise _bad(f"{key}: expected a non-empty string, got {v!r}")
     return v
+
+
+def _bridge(conf: Mapping[str, Any]) -> str:
+    """An OVS bridge is also a network device of the same name: the interface name rules hold."""
+    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    why = ifname_problem(bridge)
+    if why:
+        raise _bad(f"bridge: {bridge!r} {why}")
+    return bridge
 
 
 def _trunk(value: Any) -> tuple[tuple[int, int], ...]:
@@ -217,6 +275,29 @@ def _mapping(conf: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return v
 
 
+def _ovn_port(conf: Mapping[str, Any], acni: Mapping[str, Any], cargs: Mapping[str, str]) -> str | None:
+    """Who may set the iface-id (see the module docstring): the network config, and the pod only
+    where the config says `allowPodOvnPort: true`."""
+    allow = conf.get("allowPodOvnPort", False)
+    if not isinstance(allow, bool):
+        raise _bad(f"allowPodOvnPort: expected true or false, got {allow!r}")
+    chosen: str | None = None
+    channels = (("args.cni.ovnPort", acni.get("ovnPort")), ("CNI_ARGS OvnPort", cargs.get("OVNPORT")),
+                ("ovnPort", conf.get("ovnPort")))
+    for where, value in channels:
+        if value is None or (value == "" and where != "ovnPort"):  # an empty pod channel: absent
+            continue
+        if where != "ovnPort" and not allow:
+            _log.warning("ignoring %s=%r: only the network config sets ovnPort "
+                         "(set allowPodOvnPort: true in it to let pods choose)", where, value)
+            continue
+        if not isinstance(value, str) or not OVN_NAME_RE.match(value):
+            raise _bad(f"{where}: invalid OVN logical port name {value!r}",
+                       f"must match {OVN_NAME_RE.pattern}")
+        chosen = chosen or value
+    return chosen
+
+
 def _attachments(conf: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
     found: list[tuple[str, str]] = []
     seen = False
@@ -262,7 +343,7 @@ def _ipam(conf: Mapping[str, Any]) -> IpamBackend:
 def _provider(conf: Mapping[str, Any]) -> tuple[str | None, str]:
     """(provider network, bridge). `provider` names a network of ovs-underlay-node: its bridge is
     br-<provider>; a `bridge` given as well must be that one."""
-    bridge = _str(conf, "bridge", DEFAULT_BRIDGE)
+    bridge = _bridge(conf)
     provider = conf.get("provider")
     if provider is None:
         return None, bridge
@@ -276,14 +357,72 @@ def _provider(conf: Mapping[str, Any]) -> tuple[str | None, str]:
     return provider, provider_bridge(provider)
 
 
+def parse_del(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound, *,
+              ipam_plugin: bool = False) -> DelConf:
+    """The config as DEL reads it: never raises. Nothing DEL does depends on the per-pod
+    channels, prevResult, VLANs or the pool definition, so those are not read at all; the
+    network name, the OVSDB endpoint and the IPAM backend are taken when they validate and
+    named in `problems` when they do not. `ipam_plugin`: the config is that of another main
+    plugin calling ovs-underlay-ipam, so the ipam section is ipamd's whatever its type."""
+    conf = {ALIASES.get(k, k): v for k, v in args.config.items()}  # a duplicate spelling: last wins
+    problems: list[str] = []
+    name = conf.get("name")
+    if (why := name_problem(name, "name")) is not None:
+        problems.append(why)
+        name = None
+    ovsdb = conf.get("ovsdbSocket", DEFAULT_OVSDB)
+    if not isinstance(ovsdb, str) or not ovsdb.startswith(("unix:", "tcp:", "ssl:")):
+        problems.append(f"ovsdbSocket {ovsdb!r} is not an OVSDB remote; using {DEFAULT_OVSDB}")
+        ovsdb = DEFAULT_OVSDB
+    ipam: DelIpam | None
+    section = conf.get("ipam")
+    if section is not None and not isinstance(section, Mapping):
+        problems.append(f"ipam {section!r} is not an object")
+        ipam = None
+    elif section and (ipam_plugin or section.get("type") == IPAMD_TYPE):
+        ipam = _del_ipamd(section, problems)
+    elif section:
+        itype = section.get("type")
+        if (why := name_problem(itype, "ipam.type")) is not None:
+            problems.append(why)
+            ipam = None
+        else:
+            ipam = DelegateBackend(str(itype))
+    elif any(k in conf for k in ("subnets", "excludeSubnets")):
+        ipam = _del_ipamd(conf, problems)
+    else:
+        ipam = None if ipam_plugin else NoIpam()
+    ovn = None if ipam_plugin else _del_ovn(conf, node_nb, problems)
+    return DelConf(args.cni_version, name, ovsdb, ipam, ovn, tuple(problems))
+
+
+def _del_ovn(conf: Mapping[str, Any], node_nb: NodeNorthbound, problems: list[str]) -> OvnAttach | None:
+    """The OVN part as far as DEL needs it (is the port's LSP ours, and where is the northbound):
+    the OVN keys alone, not the VLANs or the bridge they are checked against at ADD."""
+    raw_name = conf.get("name")
+    name = raw_name if isinstance(raw_name, str) and raw_name else "network"
+    try:
+        return parse_ovn(conf, name=name, vlan=None, trunk=False, bridge="", node_nb=node_nb).ovn
+    except (CniError, ConfigError, OSError, ValueError) as exc:  # the node's settings may fail too
+        problems.append(f"OVN keys: {getattr(exc, 'msg', exc)}")
+        return None
+
+
+def _del_ipamd(section: Mapping[str, Any], problems: list[str]) -> IpamdSocket:
+    socket, timeout = daemon_contract(section)
+    if socket is None and any(str(k).lower() in ("daemonsocket", "ipam_unix_socket_path") for k in section):
+        problems.append(f"the ipamd socket is not a usable path; trying {DEFAULT_DAEMON_SOCKET}")
+    return IpamdSocket(socket or DEFAULT_DAEMON_SOCKET, timeout or 10_000)
+
+
 def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -> NetConf:
     """Validate the whole plugin config + CNI_ARGS for this invocation (no side effects but
     `node_nb`, which reads the node's OVN settings (core.ovnsettings) when the network needs them)."""
     conf = canonicalize(args.config)
     name = conf.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if name_problem(name, "name") is not None or not isinstance(name, str):
         raise _bad(f"name: missing or invalid network name {name!r}",
-                   "must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$")
+                   f"must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$, at most {MAX_NAME} characters")
     ptype = conf.get("type")
     if not isinstance(ptype, str) or not ptype:
         raise _bad(f"type: missing or invalid plugin type {ptype!r}")
@@ -305,14 +444,12 @@ def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -
         if source.get(key):
             ips = _ips(source[key], where)
             break
-    for where, given in (("args.cni.ovnPort", acni.get("ovnPort")),
-                         ("CNI_ARGS OvnPort", cargs.get("OVNPORT"))):
-        if given:
-            _log.warning("ignoring %s=%r: only the network config sets ovnPort", where, given)
     vlan = None if conf.get("vlan") is None else _vlan_id(conf["vlan"], "vlan")
     trunk = _trunk(conf.get("trunk"))
     provider, bridge = _provider(conf)
-    ovn = parse_ovn(conf, name=name, vlan=vlan, trunk=bool(trunk), bridge=bridge, node_nb=node_nb)
+    port = _ovn_port(conf, acni, cargs)
+    ovn_conf = conf if port is conf.get("ovnPort") else {**conf, "ovnPort": port}
+    ovn = parse_ovn(ovn_conf, name=name, vlan=vlan, trunk=bool(trunk), bridge=bridge, node_nb=node_nb)
 
     backend = _ipam(conf)
     if ips and isinstance(backend, NoIpam):

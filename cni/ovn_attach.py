@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from cni.drivers import Drivers
 from cni.errors import CniError, Code
 from cni.netconf import NetConf
-from cni.ovnconf import logical_port_name
+from cni.ovnconf import OvnAttach, logical_port_name
 from cni.types import CmdArgs, IPConfig
 from core.errors import CoreError
 from core.names import PROVIDER_ERROR, PROVIDER_NETWORK, PROVIDER_READY
@@ -183,17 +183,22 @@ def wait_installed(args: CmdArgs, conf: NetConf, d: Drivers, target: Target, hos
     _log.info("ovn-controller installed logical port %s after %.1f ms", port, ms)
 
 
-def del_lsp(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
-    """DEL: remove this attachment's LSPs (ours, this node's). Missing = success."""
-    if conf.ovn is None or not conf.ovn.managed:
+def del_lsp(args: CmdArgs, ovn: OvnAttach | None, d: Drivers, recorded: str | None = None) -> None:
+    """DEL: remove this attachment's LSPs (ours, this node's), by identity (container id, ifname,
+    node). `ovn`: the OVN part of the config as DEL read it (cni.netconf.parse_del); `recorded`:
+    the LSP ADD recorded on the OVS port (core.attachment). Missing = success."""
+    if ovn is None or not ovn.managed:
+        if recorded:  # ADD made an LSP, but the config no longer says where the northbound is
+            _log.warning("DEL: logical switch port %s left: the network config's OVN keys do not parse "
+                         "now; CNI GC of the network (or the reconciler) removes it", recorded)
         return
-    assert conf.ovn.northbound is not None
-    chassis: Chassis | None = None
+    assert ovn.northbound is not None
+    want = {"container_id": args.container_id, "ifname": args.ifname}
     with contextlib.suppress(CoreError):  # an unreachable OVS must not keep the LSP: match without node
         chassis = d.chassis().inspect().chassis
-    want = {k: v for k, v in attachment_ids(args, conf, chassis).items()
-            if k in ("container_id", "ifname", "node")}
-    removed = d.nb(conf.ovn.northbound).delete_attachment(want)
+        if chassis.system_id:
+            want["node"] = chassis.system_id
+    removed = d.nb(ovn.northbound).delete_attachment(want)
     if removed:
         _log.info("deleted logical switch port(s) %s", ", ".join(removed))
 

@@ -6,8 +6,10 @@ skel-facing wrappers (`add`, `delete`, ...) only parse the config, build the def
 and close them. Nothing here writes to stdout.
 
 Identity without state (core.names): the host veth is `ovu` + sha256(container_id/ifname)[:12]
-with alias "ovs-underlay <container_id> <ifname>"; the OVS port has the same name and carries
-owner ids, so DEL/GC/CHECK find everything from (container id, ifname) alone.
+with alias "ovs-underlay <container_id> <ifname> <network>"; the OVS port has the same name and carries
+owner ids, so DEL/GC/CHECK find everything from (container id, ifname) alone. ADD also records
+the network and the IPAM backend on the OVS Interface (core.attachment), so DEL reads the config
+only leniently (cni.netconf.parse_del) and never fails on it.
 
 IPAM is one typed backend chosen at parse time (cni.netconf: IpamdBackend, DelegateBackend,
 NoIpam); the verbs `match` on it. The ipamd result mapping and the gateway check are shared
@@ -34,17 +36,29 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from cni import ovn_attach
 from cni.drivers import Drivers, default_drivers
 from cni.errors import CniError, Code, as_cni
 from cni.ipam import Addressing, addressing, gateway_check
-from cni.netconf import DelegateBackend, IpamdBackend, NetConf, NoIpam, parse_netconf
+from cni.netconf import (
+    DelConf,
+    DelegateBackend,
+    DelIpam,
+    IpamdBackend,
+    IpamdSocket,
+    NetConf,
+    NoIpam,
+    parse_del,
+    parse_netconf,
+)
 from cni.ovn_attach import Target
+from cni.ovnconf import NodeNorthbound
 from cni.types import CmdArgs, Interface, IPConfig, Result, addr_key
+from core.attachment import IPAMD, NO_IPAM, Record, read_record, record_ids
 from core.errors import CoreError
-from core.names import OWNER, host_alias, host_ifname
+from core.names import OWNER, host_alias, host_ifname, network_key, same_attachment
 from core.ovnsettings import load_northbound
 from core.spec import ConfigError
 
@@ -86,11 +100,15 @@ def _phase(name: str) -> None:
 # skel entry points
 
 
-def _run(args: CmdArgs, verb: Callable[[CmdArgs, NetConf, Drivers], Result | None]) -> Result | None:
+C = TypeVar("C", NetConf, DelConf)
+
+
+def _run(args: CmdArgs, verb: Callable[[CmdArgs, C, Drivers], Result | None],
+         parse: Callable[[CmdArgs, NodeNorthbound], C]) -> Result | None:
     ph = _Phases()
     token = _PHASES.set(ph)
     try:
-        conf = parse_netconf(args, node_nb=lambda: _node_northbound(args))
+        conf = parse(args, lambda: _node_northbound(args))
         ph.mark("parse")
         d = default_drivers(conf.ovsdb_socket)
         ph.mark("drivers")
@@ -114,23 +132,23 @@ def _node_northbound(args: CmdArgs) -> Any:
 
 
 def add(args: CmdArgs) -> Result | None:
-    return _run(args, cmd_add)
+    return _run(args, cmd_add, parse_netconf)
 
 
 def delete(args: CmdArgs) -> Result | None:
-    return _run(args, cmd_del)
+    return _run(args, cmd_del, parse_del)
 
 
 def check(args: CmdArgs) -> Result | None:
-    return _run(args, cmd_check)
+    return _run(args, cmd_check, parse_netconf)
 
 
 def status(args: CmdArgs) -> Result | None:
-    return _run(args, cmd_status)
+    return _run(args, cmd_status, parse_netconf)
 
 
 def gc(args: CmdArgs) -> Result | None:
-    return _run(args, cmd_gc)
+    return _run(args, cmd_gc, parse_netconf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +173,14 @@ def port_spec(args: CmdArgs, conf: NetConf, target: Target, host: str, mac: str,
               ips: tuple[IPConfig, ...] = ()) -> Any:
     from core.vswitch import PortSpec
 
-    ids = {"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname,
-           "netns": args.netns, "network": conf.name, "pod_namespace": conf.pod.namespace,
-           "pod_name": conf.pod.name, "pod_uid": conf.pod.uid, "attached_mac": mac,
-           "ip_addresses": ",".join(str(ip.address) for ip in ips)}
+    socket = conf.ipam.conf.daemon_socket if isinstance(conf.ipam, IpamdBackend) else None
     iface_id = ovn_attach.logical_port(args, conf)
+    managed = conf.ovn is not None and conf.ovn.managed
+    ids = record_ids(container_id=args.container_id, ifname=args.ifname, netns=args.netns,
+                     network=conf.name, ipam=_ipam_kind(conf), ipamd_socket=socket,
+                     ovn_lsp=iface_id if managed else None)
+    ids.update({"pod_namespace": conf.pod.namespace, "pod_name": conf.pod.name, "pod_uid": conf.pod.uid,
+                "attached_mac": mac, "ip_addresses": ",".join(str(ip.address) for ip in ips)})
     if iface_id:  # in the transaction that creates the port: ovn-controller never sees it unbound
         ids["iface-id"] = iface_id
     return PortSpec(name=host, bridge=target.bridge, tag=target.tag, trunks=target.trunks,
@@ -167,8 +188,20 @@ def port_spec(args: CmdArgs, conf: NetConf, target: Target, host: str, mac: str,
                     port_ids={"owner": OWNER, "container_id": args.container_id, "ifname": args.ifname})
 
 
+def _ipam_kind(conf: NetConf) -> str:
+    """What ADD records as `ipam` (core.attachment), so DEL knows the backend without the config."""
+    match conf.ipam:
+        case IpamdBackend():
+            return IPAMD
+        case DelegateBackend(plugin):
+            return plugin
+        case NoIpam():
+            return NO_IPAM
+
+
 def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
-    host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
+    host = host_ifname(args.container_id, args.ifname)
+    alias = host_alias(args.container_id, args.ifname, conf.name)
     managed = conf.ovn is not None and conf.ovn.managed
     with contextlib.ExitStack() as stack:
         target = preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
@@ -271,36 +304,42 @@ def _ipam_add(args: CmdArgs, conf: NetConf, d: Drivers, stack: contextlib.ExitSt
 # DEL
 
 
-def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
-    """Release the lease, then our logical switch port (managed OVN), then our OVS port(s),
-    then the host veth. Every step runs even after a failure; missing things count as success.
-    An unreachable ipamd (or OVN northbound) is code 11 (left for GC) but the rest is removed."""
+def cmd_del(args: CmdArgs, conf: DelConf, d: Drivers) -> None:
+    """Clean up by identity (container id, ifname): find our port(s) and what ADD recorded on
+    them (core.attachment), release the lease, remove our logical switch port (managed OVN),
+    the OVS port(s), then the host veth. Every step runs even after a failure; missing things
+    count as success. The record says which network, ipamd socket or IPAM plugin ADD used; the
+    config (read leniently, `parse_del`) only fills in what the record lacks, so a config that no
+    longer validates cannot stop DEL. An unreachable ipamd (or OVN northbound) is code 11 (left
+    for GC) but the rest is removed."""
     errors: list[CniError] = []
     host, alias = host_ifname(args.container_id, args.ifname), host_alias(args.container_id, args.ifname)
+    for why in conf.problems:
+        _log.warning("DEL: config: %s (cleaning up by identity)", why)
+    names: set[str] = set()
+    record = None
     try:
-        match conf.ipam:
-            case IpamdBackend(ipam):
-                released = d.ipam_client(ipam).release(network=conf.name, container_id=args.container_id,
-                                                       ifname=args.ifname)
-                _log.info("released %d address(es)", sum(len(lease.ips) for lease in released))
-            case DelegateBackend(plugin):
-                _delegate_best_effort(plugin, d, "DEL", args)
-            case NoIpam():
-                pass
+        ports = d.ovsdb.find_ports({"container_id": args.container_id, "ifname": args.ifname})
+        names = {p.name for p in ports}
+        existing = d.ovsdb.get_port(host)
+        if existing is not None and existing.iface_ids.get("container_id") == args.container_id:
+            names.add(host)
+            ports.append(existing)
+        record = next((r for r in map(read_record, (p.iface_ids for p in ports)) if r is not None), None)
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    _phase("lookup")
+    try:
+        _release(args, conf, record, d)
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
     _phase("ipam")
     try:
-        ovn_attach.del_lsp(args, conf, d)
+        ovn_attach.del_lsp(args, conf.ovn, d, recorded=record.ovn_lsp if record else None)
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
     _phase("ovn")
     try:
-        want = {"container_id": args.container_id, "ifname": args.ifname}
-        names = {p.name for p in d.ovsdb.find_ports(want)}
-        existing = d.ovsdb.get_port(host)
-        if existing is not None and existing.iface_ids.get("container_id") == args.container_id:
-            names.add(host)
         d.ovsdb.delete_ports(sorted(names))
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
@@ -315,6 +354,34 @@ def cmd_del(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
     if errors:
         first = errors[0]
         raise CniError(first.code, "; ".join(e.msg for e in errors), first.details)
+
+
+def _release(args: CmdArgs, conf: DelConf, record: Record | None, d: Drivers) -> None:
+    """Release what IPAM holds for the attachment: where the record says, else where the config
+    says. A network nobody names releases the attachment in every network (the identity is
+    unique on the node)."""
+    for why in record.problems if record else ():
+        _log.warning("DEL: recorded on the OVS port: %s", why)
+    network = (record.network if record else None) or conf.name
+    backend: DelIpam | None = conf.ipam
+    if record is not None and record.ipam is not None:
+        timeout = conf.ipam.timeout_ms if isinstance(conf.ipam, IpamdSocket) else 10_000
+        backend = (IpamdSocket(record.ipamd_socket or "", timeout) if record.ipam == IPAMD
+                   else NoIpam() if record.ipam == NO_IPAM else DelegateBackend(record.ipam))
+    match backend:
+        case IpamdSocket(socket, timeout_ms):
+            client = d.ipam_at(socket, timeout_ms)
+            released = client.release(network=network or "", container_id=args.container_id,
+                                      ifname=args.ifname)
+            _log.info("released %d address(es) in network %s via %s",
+                      sum(len(lease.ips) for lease in released), network or "(any)", socket)
+        case DelegateBackend(plugin):
+            _delegate_best_effort(plugin, d, "DEL", args)
+        case NoIpam():
+            pass
+        case None:
+            _log.warning("DEL: neither the OVS port nor the config names a usable IPAM backend; "
+                         "nothing released (GC or the reconciler releases a stranded lease)")
 
 
 def _delegate_best_effort(plugin: str, d: Drivers, command: str, args: CmdArgs) -> None:
@@ -391,7 +458,7 @@ def _check_port(args: CmdArgs, conf: NetConf, d: Drivers) -> list[str]:
         out.append(f"OVS port {host} has tag {p.tag}, expected {target.tag}")
     if tuple(p.trunks) != target.trunks:
         out.append(f"OVS port {host} trunks {list(p.trunks)}, expected {list(target.trunks)}")
-    if d.netlink.host_link_alias(host) != host_alias(args.container_id, args.ifname):
+    if not same_attachment(d.netlink.host_link_alias(host), host_alias(args.container_id, args.ifname)):
         out.append(f"host veth {host} is missing or not ours")
     return out
 
@@ -443,9 +510,30 @@ def cmd_status(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
                 _log.info("IPAM plugin %s does not implement STATUS (CNI < 1.1.0)", plugin)
 
 
+def _gc_portless_veths(conf: NetConf, valid: set[tuple[str, str]], d: Drivers) -> list[CniError]:
+    """Host veths of this network (by their alias, core.names) that are not valid and have no
+    OVS port (a port that OVS lost, or an ADD killed between the veth and the port). A veth
+    whose alias names no network (an older ADD) is left to the reconciler."""
+    key = network_key(conf.name)
+    errors: list[CniError] = []
+    try:
+        links = [(name, a) for name, a in d.netlink.owned_host_links()
+                 if a.network_key == key and (a.container_id, a.ifname) not in valid]
+        for name, a in links:
+            if d.ovsdb.get_port(name) is not None:
+                continue  # a port of ours or someone's: the port pass decided about it
+            if d.netlink.delete_host_link(name, host_alias(a.container_id, a.ifname)):
+                _log.info("GC: removed veth %s of stale attachment %s/%s (no OVS port)", name,
+                          a.container_id, a.ifname)
+    except (CniError, CoreError) as exc:
+        errors.append(as_cni(exc))
+    return errors
+
+
 def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
     """Remove our OVS ports (and their host veths) of this network whose attachment is not in
-    cni.dev/valid-attachments, then forward to ipamd / the delegate. Continues after errors."""
+    cni.dev/valid-attachments, and our host veths of this network that are not valid and have
+    no port; then forward to ipamd / the delegate. Continues after errors."""
     if conf.valid_attachments is None:
         # A missing list must not read as "nothing is valid": that would wipe the network.
         raise CniError(Code.INVALID_NETWORK_CONFIG,
@@ -466,6 +554,7 @@ def cmd_gc(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
                 errors.append(CniError(Code.INTERNAL, f"GC: delete veth of {cid}/{ifn}: {exc}"))
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
+    errors += _gc_portless_veths(conf, valid, d)
     try:
         ovn_attach.gc_lsps(conf, d, valid)
     except (CniError, CoreError) as exc:

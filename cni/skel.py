@@ -12,7 +12,8 @@ Order of checks (nothing has a side effect before all of them passed):
    verb allowed by that version: CHECK >= 0.4.0, STATUS/GC >= 1.1.0 (code 1).
 3. env: CNI_CONTAINERID pattern and CNI_IFNAME rules (ADD/DEL/CHECK, code 4), CNI_NETNS
    (ADD/CHECK: required and absolute (4), a network namespace and not our own (8); DEL:
-   optional, absolute if given; `CNI_NETNS_OVERRIDE` skips the own-netns check as in Go skel).
+   optional and never needed, so a bad one is logged and dropped; `CNI_NETNS_OVERRIDE` skips
+   the own-netns check as in Go skel).
 4. the verb. A CniError becomes its error JSON, and so does a neutral core error (core.errors)
    once cni.errors.as_cni has mapped it to its code; any other exception becomes code 999 with a
    one-line message on stdout and the traceback in the log (never on stdout).
@@ -37,7 +38,7 @@ from cni import log
 from cni.errors import CniError, Code, as_cni
 from cni.version import LATEST, SUPPORTED_VERSIONS, at_least
 from core.errors import CoreError
-from core.names import CONTAINER_ID_RE
+from core.names import container_id_problem, ifname_problem
 
 if TYPE_CHECKING:
     from cni.types import CmdArgs, Result
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 VerbFn = Callable[["CmdArgs"], "Result | None"]
 VerbRef = VerbFn | str  # a callable, or "package.module:function" imported lazily
 
-IFNAMSIZ = 15
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 _MIN_VERSION = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
 
@@ -75,17 +75,8 @@ class Verbs:
 
 
 def validate_ifname(name: str) -> str | None:
-    """Why `name` is not a valid interface name, or None (plugins `utils.ValidateInterfaceName`)."""
-    if not name:
-        return "is empty"
-    if len(name) > IFNAMSIZ:
-        return f"is longer than {IFNAMSIZ} characters"
-    if name in (".", ".."):
-        return "is '.' or '..'"
-    for ch in name:
-        if ch in "/:" or ch.isspace():
-            return f"contains {ch!r} ('/', ':' and whitespace are not allowed)"
-    return None
+    """Why `name` is not a valid interface name, or None (the rule lives in core.names)."""
+    return ifname_problem(name)
 
 
 def main(verbs: Verbs, env: Mapping[str, str], stdin: IO[bytes], stdout: IO[str],
@@ -139,23 +130,33 @@ def _write(stdout: IO[str], doc: Mapping[str, Any]) -> None:
 
 def _setup_log(command: str, env: Mapping[str, str], config: Mapping[str, Any],
                stderr: IO[str] | None) -> None:
-    # logFile/logLevel are plumbing keys every config of ours may carry; read here so that the
-    # very first failure (bad version, bad env) already lands in the right log file.
-    log_file = config.get("logFile")
-    level = config.get("logLevel")
     log.setup(command=command, container_id=env.get("CNI_CONTAINERID", ""), netns=env.get("CNI_NETNS", ""),
-              ifname=env.get("CNI_IFNAME", ""), log_file=log_file if isinstance(log_file, str) else None,
-              level=level if isinstance(level, str) else None, env=env, stderr=stderr or sys.stderr)
+              ifname=env.get("CNI_IFNAME", ""), env=env, stderr=stderr or sys.stderr)
+    # The host decides where the plugin logs (cni.log); a config key is never a path root
+    # writes to. Multus users copy these keys from other plugins: accept, say they are ignored.
+    for key in ("logFile", "logLevel", "log_file", "log_level"):
+        if key in config:
+            logging.getLogger(log.LOGGER_NAME).warning(
+                "ignoring %s=%r in the network config: the host sets the plugin's log file and level "
+                "(%s, %s)", key, config[key], log.ENV_FILE, log.ENV_LEVEL)
 
 
 def _decode(data: bytes) -> dict[str, Any]:
     try:
         config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CniError(Code.DECODE_FAILURE, f"cannot decode network config on stdin: {exc}") from exc
+    except RecursionError as exc:  # the decoder recurses per nesting level: 100k "[" is enough
+        raise CniError(Code.DECODE_FAILURE,
+                       "cannot decode network config on stdin: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
+        raise CniError(Code.DECODE_FAILURE, f"cannot decode network config on stdin: {_short(exc)}") from exc
     if not isinstance(config, dict):
         raise CniError(Code.DECODE_FAILURE, "network config on stdin is not a JSON object")
     return config
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_version(config: Mapping[str, Any], command: str, supported: tuple[str, ...]) -> str:
@@ -180,9 +181,9 @@ def _cmd_args(command: str, env: Mapping[str, str], data: bytes, config: Mapping
     if command in ("ADD", "DEL", "CHECK"):
         if not container_id:
             raise CniError(Code.INVALID_ENV, "CNI_CONTAINERID is required")
-        if not CONTAINER_ID_RE.match(container_id):
-            raise CniError(Code.INVALID_ENV, f"CNI_CONTAINERID {container_id!r} is invalid",
-                           "must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$")
+        why = container_id_problem(container_id)
+        if why:
+            raise CniError(Code.INVALID_ENV, f"CNI_CONTAINERID {container_id!r} is invalid: {why}")
         if not ifname:
             raise CniError(Code.INVALID_ENV, "CNI_IFNAME is required")
         why = validate_ifname(ifname)
@@ -190,11 +191,15 @@ def _cmd_args(command: str, env: Mapping[str, str], data: bytes, config: Mapping
             raise CniError(Code.INVALID_ENV, f"CNI_IFNAME {ifname!r} {why}")
     if command in ("ADD", "CHECK") and not netns:
         raise CniError(Code.INVALID_ENV, "CNI_NETNS is required")
-    if netns and command in ("ADD", "CHECK", "DEL"):
+    if netns and command in ("ADD", "CHECK"):
         if not netns.startswith("/"):
             raise CniError(Code.INVALID_ENV, f"CNI_NETNS {netns!r} is not an absolute path")
-        if command != "DEL":
-            _check_netns(netns, env)
+        _check_netns(netns, env)
+    if netns and command == "DEL" and not netns.startswith("/"):
+        # DEL cleans up by identity (container id, ifname) and never needs the netns: a bad one
+        # must not strand the attachment (kubelet would retry the DEL forever).
+        logging.getLogger(log.LOGGER_NAME).warning("DEL: ignoring CNI_NETNS %r: not an absolute path", netns)
+        netns = ""
     path = tuple(p for p in env.get("CNI_PATH", "").split(":") if p)
     return CmdArgs(command=command, container_id=container_id, netns=netns, ifname=ifname,
                    args=env.get("CNI_ARGS", ""), path=path, stdin_data=data, config=config,

@@ -7,7 +7,8 @@ place. Pure: netaddr and stdlib only.
 Versions (CNI SPEC.md, libcni `types/100 convertTo04x`, cni.dev `spec-upgrades.md`):
 - 1.1.0: interfaces {name, mac, mtu, sandbox, socketPath, pciID}; ips {address, gateway,
   interface}; routes {dst, gw, mtu, advmss, priority, table, scope}; dns.
-- 1.0.0: as 1.1.0 without interface socketPath/pciID and without the 1.1-only route fields.
+- 1.0.0: as 1.1.0 without the interface fields 1.1.0 added (mtu, socketPath, pciID) and
+  without the 1.1-only route fields (mtu, advmss, priority, table, scope).
 - 0.3.0 / 0.3.1 / 0.4.0: ips[] gain "version": "4"|"6"; interfaces keep only name/mac/sandbox;
   routes keep only dst/gw.
 """
@@ -134,7 +135,7 @@ class Result:
         v11 = at_least(v, "1.1.0")
         out: dict[str, Any] = {"cniVersion": v}
         if self.interfaces:
-            out["interfaces"] = [_iface_json(i, legacy, v11) for i in self.interfaces]
+            out["interfaces"] = [_iface_json(i, v11) for i in self.interfaces]
         if self.ips:
             out["ips"] = [_ip_json(ip, legacy) for ip in self.ips]
         if self.routes:
@@ -150,15 +151,15 @@ class Result:
             return _parse_result(data, default_version)
         except CniError:
             raise
-        except (KeyError, TypeError, ValueError, AddrFormatError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, AddrFormatError) as exc:
             raise CniError(Code.DECODE_FAILURE, f"cannot decode CNI result: {exc}", repr(data)[:500]) from exc
 
 
-def _iface_json(i: Interface, legacy: bool, v11: bool) -> dict[str, Any]:
+def _iface_json(i: Interface, v11: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"name": i.name}
     if i.mac:
         d["mac"] = i.mac
-    if i.mtu and not legacy:
+    if i.mtu and v11:  # interfaces[].mtu is a 1.1.0 field (SPEC 1.1.0), like socketPath and pciID
         d["mtu"] = i.mtu
     if i.sandbox:
         d["sandbox"] = i.sandbox
@@ -228,6 +229,26 @@ def _int_or(value: Any, default: int | None, what: str) -> Any:
     return value
 
 
+def _ip(value: Any, what: str) -> IPAddress:
+    if not isinstance(value, str):  # netaddr takes ints and more; a result has strings
+        raise ValueError(f"{what}: expected an IP address string, got {value!r}")
+    return IPAddress(value)
+
+
+def _net(value: Any, what: str) -> IPNetwork:
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(f"{what}: expected a CIDR string, got {value!r}")
+    return IPNetwork(value)
+
+
+def _objects(value: Any, what: str) -> list[Mapping[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, Mapping) for x in value):
+        raise ValueError(f"{what}: expected a list of objects")
+    return value
+
+
 def _parse_result(data: Any, default_version: str) -> Result:
     if not isinstance(data, Mapping):
         raise ValueError("a result must be a JSON object")
@@ -235,22 +256,23 @@ def _parse_result(data: Any, default_version: str) -> Result:
     if version not in SUPPORTED_VERSIONS:
         raise CniError(Code.INCOMPATIBLE_VERSION, f"result has unsupported cniVersion {version!r}")
     ifaces = []
-    for raw in data.get("interfaces") or []:
+    for raw in _objects(data.get("interfaces"), "interfaces"):
+        if not isinstance(raw.get("name"), str):
+            raise ValueError(f"interfaces[].name: expected a string, got {raw.get('name')!r}")
         ifaces.append(Interface(
-            name=str(raw["name"]), mac=str(raw.get("mac") or ""), mtu=_int_or(raw.get("mtu"), 0, "mtu"),
+            name=raw["name"], mac=str(raw.get("mac") or ""), mtu=_int_or(raw.get("mtu"), 0, "mtu"),
             sandbox=str(raw.get("sandbox") or ""), socket_path=str(raw.get("socketPath") or ""),
             pci_id=str(raw.get("pciID") or "")))
     ips = []
-    for raw in data.get("ips") or []:
-        addr = IPNetwork(raw["address"])
-        if "/" not in raw["address"]:
-            raise ValueError(f"ips[].address {raw['address']!r} has no prefix length")
-        gw = IPAddress(raw["gateway"]) if raw.get("gateway") else None
+    for raw in _objects(data.get("ips"), "ips"):
+        addr = _net(raw.get("address"), "ips[].address")
+        gw = _ip(raw["gateway"], "ips[].gateway") if raw.get("gateway") else None
         ips.append(IPConfig(addr, gw, _int_or(raw.get("interface"), None, "ips[].interface")))
     routes = []
-    for raw in data.get("routes") or []:
+    for raw in _objects(data.get("routes"), "routes"):
         routes.append(Route(
-            dst=IPNetwork(raw["dst"]).cidr, gw=IPAddress(raw["gw"]) if raw.get("gw") else None,
+            dst=_net(raw.get("dst"), "routes[].dst").cidr,
+            gw=_ip(raw["gw"], "routes[].gw") if raw.get("gw") else None,
             mtu=_int_or(raw.get("mtu"), 0, "mtu"), advmss=_int_or(raw.get("advmss"), 0, "advmss"),
             priority=_int_or(raw.get("priority"), 0, "priority"),
             table=_int_or(raw.get("table"), None, "table"), scope=_int_or(raw.get("scope"), None, "scope")))

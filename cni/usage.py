@@ -24,12 +24,14 @@ usage: {prog} [--help | --version{extra_usage}]
 {prog} is a CNI plugin: a container runtime (kubelet via CRI, Multus, podman, cnitool) runs
 it with the network config on stdin and these environment variables:
   CNI_COMMAND      ADD, DEL, CHECK, VERSION, STATUS or GC
-  CNI_CONTAINERID  container id ([a-zA-Z0-9][a-zA-Z0-9_.-]*)
+  CNI_CONTAINERID  container id ([a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128 characters)
   CNI_NETNS        path of the pod's network namespace (optional for DEL)
-  CNI_IFNAME       interface name in the pod (at most 15 characters)
-  CNI_ARGS         K=V;... (IgnoreUnknown, K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID, IP, MAC)
+  CNI_IFNAME       interface name in the pod (at most 15 bytes)
+  CNI_ARGS         K=V;... (IgnoreUnknown, K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID, IP, MAC{ovn_args})
   CNI_PATH         where delegated plugins are found{ovn}
-It writes one result or error JSON to stdout; logs go to stderr and its log file.
+It writes one result or error JSON to stdout; logs go to stderr and its log file, which the
+host chooses (never the network config): OVS_UNDERLAY_LOG_FILE, a file name or a path inside
+/var/log/ovs-underlay ("-": stderr only), and OVS_UNDERLAY_LOG_LEVEL (debug, info, warning, error).
 CNI versions: {versions}.{extra_help}
 Configuration keys, error codes and examples: README.md and conf-examples/ of ovs-underlay.
 """
@@ -53,7 +55,8 @@ def handle(verbs: Verbs, prog: str, argv: Sequence[str], env: Mapping[str, str],
     if argv and argv[0] in ("-h", "--help"):
         stdout.write(HELP.format(prog=prog, about=verbs.about, versions=", ".join(verbs.supported_versions),
                                  extra_usage=WARM_USAGE if warm else "", extra_help=WARM_HELP if warm else "",
-                                 ovn=OVN_HELP if warm else ""))
+                                 ovn=OVN_HELP if warm else "",
+                                 ovn_args=", OvnPort (only with allowPodOvnPort)" if warm else ""))
         return 0
     if argv and argv[0] == "--version":
         stdout.write(f"{prog} {PRODUCT_VERSION} (CNI {', '.join(verbs.supported_versions)})\n")

@@ -303,9 +303,11 @@ def call(path: str, env: Mapping[str, str], data: bytes, *, stdout_fd: int, stde
         except OSError as exc:
             raise HandoffFailed(f"cannot open /proc/self/ns/mnt: {exc.strerror}") from exc
         if netns:
+            from core.netns import open_netns  # O_PATH first: never a FIFO's wait, never a device's open
+
             # DEL of a gone netns, or a bad path: the worker's skel reports it as usual
             with contextlib.suppress(OSError):
-                opened.append(os.open(netns, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                opened.append(open_netns(netns))
         fds += opened
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             return _exchange(sock, path, encode_request(env, data, _cwd(), len(opened) > 1, plugin), fds,

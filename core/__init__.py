@@ -5,8 +5,9 @@ What lives here: the side-effect boundaries (netns handles and netns-bound socke
 netlink in `netlink`, OVSDB over RFC 7047 in `ovsdb` with the Open_vSwitch operations in
 `vswitch` and the agent's bridges in `bridges`, ARP/NDP frames in `frames`, the host-side gateway
 probe in `gateway`), what a host interface holds as plain records (`netstate`), the IPAM config
-contract (`spec`), the ipamd client and its wire converters (`ipamd_client`, `wire`), and the
-names that mark what we own (`names`).
+contract (`spec`), the ipamd client and its wire converters (`ipamd_client`, `wire`), the names
+that mark what we own (`names`) and what ADD records about an attachment for DEL, GC and the
+reconciler (`attachment`).
 
 Import rules (tests/unit/test_layout.py fails on a violation):
 - `core` imports neither `cni` nor `ipamd` nor `agent`;

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
@@ -69,15 +70,49 @@ def _translate(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class IpamClient:
-    """A connection to one ipamd socket. Cheap to create; use as a context manager."""
+@dataclass(frozen=True)
+class ClientTls:
+    """Mutual TLS to ipamd's TCP listener: the CA that signed the daemon's certificate, and this
+    client's certificate and key (signed by the CA the daemon trusts for clients)."""
 
-    def __init__(self, socket_path: str, timeout_ms: int = 10_000) -> None:
-        self.socket_path = socket_path
+    ca: str
+    cert: str
+    key: str
+    server_name: str | None = None  # the name to expect in the daemon's certificate (default: the host)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        data = {}
+        for what, path in (("CA", self.ca), ("certificate", self.cert), ("key", self.key)):
+            try:
+                with open(path, "rb") as fh:
+                    data[what] = fh.read()
+            except OSError as exc:
+                raise CoreError(f"TLS {what} {path}: {exc.strerror}") from exc
+        return grpc.ssl_channel_credentials(root_certificates=data["CA"], private_key=data["key"],
+                                            certificate_chain=data["certificate"])
+
+
+class IpamClient:
+    """A connection to one ipamd. Cheap to create; use as a context manager.
+
+    `target`: the unix socket's path (root-only), or HOST:PORT of ipamd's TCP listener with `tls`
+    (mutual TLS: the daemon serves no TCP client without a certificate its client CA signed,
+    and a plaintext TCP channel is never made)."""
+
+    def __init__(self, target: str, timeout_ms: int = 10_000, tls: ClientTls | None = None) -> None:
+        self.socket_path = target  # what error messages name: the socket, or HOST:PORT
         self.timeout_s = timeout_ms / 1000.0
-        target = f"unix://{socket_path}" if socket_path.startswith("/") else f"unix:{socket_path}"
         # No retries on the transport: a missing daemon must fail fast with code 11.
-        self._channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        if tls is not None:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        else:
+            if not target.startswith("/") and ":" in target and not target.startswith("unix:"):
+                raise CoreError(f"ipamd at {target}: a TCP address needs mutual TLS (ClientTls)")
+            uri = f"unix://{target}" if target.startswith("/") else f"unix:{target}"
+            self._channel = grpc.insecure_channel(uri, options=options)
         self._stub = cast(_IpamStub, ipam_pb2_grpc.IpamStub(self._channel))  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -139,8 +174,10 @@ class IpamClient:
 
     @_translate
     def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> list[pb.Lease]:
-        """Release every live lease of `network` ("" = all) whose (container id, ifname) is not
-        in `valid`. Returns the released leases."""
+        """Release every live lease of `network` whose (container id, ifname) is not in `valid`.
+        Returns the released leases. An empty network is refused (by the daemon too)."""
+        if not network:
+            raise IpamdRefused(Reason.INVALID_REQUEST, "garbage collection needs a network name")
         req = pb.GcRequest(network=network,
                            valid=[pb.Attachment(container_id=c, ifname=i) for c, i in valid])
         return list(self._stub.GarbageCollect(req, timeout=self.timeout_s).released)

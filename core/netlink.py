@@ -69,7 +69,8 @@ from netaddr import IPAddress, IPNetwork
 
 from core.errors import AlreadyExists, CoreError, NetnsUnusable, NotOwned
 from core.frames import ETH_P_ARP, arp_announcement, unsolicited_na
-from core.netns import close_later, ifindex, socket_in_netns
+from core.names import Alias, parse_alias, same_attachment
+from core.netns import close_later, ifindex, open_netns, socket_in_netns
 from core.netstate import AF_INET6, FOREVER, IFA_F_SECONDARY, Address, Hop, IfaceState, Link, Route, Rule
 
 _log = logging.getLogger("ovs-underlay.netlink")
@@ -255,20 +256,21 @@ class Netlink:
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 return None
-            raise
+            raise _nl_error(f"get link {name}", exc) from exc
         return str(msg.get("ifalias") or "")
 
     def delete_host_link(self, name: str, alias: str) -> bool:
-        """Delete host link `name` only if its alias is exactly `alias`. True if deleted."""
+        """Delete host link `name` only if its alias names the same attachment as `alias`
+        (core.names.same_attachment: container id and ifname). True if deleted."""
         ipr = self._host_ipr()
         try:
             msg = _retry(lambda: ipr.link("get", ifname=name)[0], f"get link {name}")
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 return False
-            raise
+            raise _nl_error(f"get link {name}", exc) from exc
         have = msg.get("ifalias") or ""
-        if have != alias:
+        if not same_attachment(have, alias):
             _log.warning("not deleting link %s: alias %r is not %r", name, have, alias)
             return False
         try:
@@ -276,8 +278,23 @@ class Netlink:
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 return False
-            raise
+            raise _nl_error(f"delete link {name}", exc) from exc
         return True
+
+    def owned_host_links(self) -> list[tuple[str, Alias]]:
+        """Every host link whose alias marks it as one of ours: (name, parsed alias). One dump;
+        for GC and the reconciler (a veth of ours whose OVS port is gone)."""
+        ipr = self._host_ipr()
+        try:
+            msgs = _retry(lambda: list(ipr.link("dump")), "dump links")
+        except NetlinkError as exc:
+            raise _nl_error("dump links", exc) from exc
+        out = []
+        for m in msgs:
+            alias = parse_alias(m.get("ifalias"))
+            if alias is not None:
+                out.append((str(m.get("ifname")), alias))
+        return out
 
     def create_veth(self, *, host: str, netns: str, ifname: str, alias: str, mtu: int | None,
                     mac: str | None) -> PodLink:
@@ -290,7 +307,7 @@ class Netlink:
                                 "CNI_IFNAME must not exist in the container before ADD")
         have = self.host_link_alias(host)
         if have is not None:
-            if have != alias:
+            if not same_attachment(have, alias):
                 raise NotOwned(f"host link {host} exists and is not ours (alias {have!r})")
             _log.info("removing stale host link %s left by an earlier attempt", host)
             self.delete_host_link(host, alias)
@@ -299,7 +316,10 @@ class Netlink:
             peer["mtu"] = mtu
         if mac:
             peer["address"] = mac
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = open_netns(netns)
+        except OSError as exc:
+            raise NetnsUnusable(f"cannot open netns {netns}: {exc.strerror or exc}") from exc
         try:
             peer["net_ns_fd"] = fd
             kw: dict[str, Any] = {"mtu": mtu} if mtu else {}
@@ -311,18 +331,43 @@ class Netlink:
                     raise AlreadyExists(f"cannot create veth {host}/{ifname}: {ifname} exists in {netns} "
                                         f"or {host} exists on the host") from exc
                 raise _nl_error(f"create veth {host} (peer {ifname} in {netns})", exc) from exc
-            try:
-                made = ipr.link("get", ifname=host)[0]
-            except NetlinkError as exc:
-                raise CoreError(f"veth {host} vanished after creation: {exc}") from exc
-            ipr.link("set", index=made["index"], ifalias=alias, state="up")
-            host_mac = str(made.get("address"))  # alias and state do not change the MAC
         finally:
             os.close(fd)
+        # The pair exists from here on: any failure below removes it again (deleting the host
+        # end deletes both), so the caller's rollback only ever covers a create_veth that
+        # returned. Seen before: a 250-character container id made the alias too long, and the
+        # pair was left behind.
+        try:
+            return self._finish_veth(host, netns, ifname, alias)
+        except BaseException as exc:
+            self._remove_new_veth(host, exc)
+            if isinstance(exc, NetlinkError):
+                raise _nl_error(f"set up veth {host} (peer {ifname} in {netns})", exc) from exc
+            raise
+
+    def _finish_veth(self, host: str, netns: str, ifname: str, alias: str) -> PodLink:
+        ipr = self._host_ipr()
+        try:
+            made = ipr.link("get", ifname=host)[0]
+        except NetlinkError as exc:
+            raise CoreError(f"veth {host} vanished after creation: {exc}") from exc
+        ipr.link("set", index=made["index"], ifalias=alias, state="up")
+        host_mac = str(made.get("address"))  # alias and state do not change the MAC
+        pod = self._pod(netns)
         msg = _retry(lambda: pod.link("get", ifname=ifname)[0], "get pod link")
         pod.link("set", index=msg["index"], state="up")
         return PodLink(ifname, int(msg["index"]), str(msg.get("address")), int(msg.get("mtu")), True,
                        host_mac)
+
+    def _remove_new_veth(self, host: str, why: BaseException) -> None:
+        """Delete the pair this call just created (by name: its alias may not be set yet)."""
+        try:
+            self._host_ipr().link("del", ifname=host)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                _log.warning("could not remove veth %s after a failed set-up (%s): %s", host, why, exc)
+        else:
+            _log.info("removed veth %s after a failed set-up: %s", host, why)
 
     # -- pod side --------------------------------------------------------------------------
 
@@ -419,7 +464,7 @@ class Netlink:
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 return None
-            raise
+            raise _nl_error(f"get {ifname} in {netns}", exc) from exc
         idx = int(msg["index"])
         link = PodLink(ifname, idx, str(msg.get("address")), int(msg.get("mtu")),
                        msg.get("flags", 0) & 1 == 1)

@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import socket
+import stat
 import struct
 import threading
 
@@ -33,21 +34,55 @@ SIOCGIFINDEX = 0x8933
 
 log = logging.getLogger("ovs-underlay.netns")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc_cache: list[ctypes.CDLL] = []
+
+
+def _libc() -> ctypes.CDLL:
+    """libc for setns(2), loaded on first use: find_library may run ldconfig, which a caller
+    that only opens a netns path (the warm client) must not pay for."""
+    if not _libc_cache:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+        _libc_cache.append(lib)
+    return _libc_cache[0]
 
 
 class NetnsError(OSError):
     """The path is not a network namespace, or entering it failed."""
 
 
-def check_netns(path: str) -> int:
-    """Return the inode of the network namespace at `path`; raise NetnsError if `path` is not
-    one (a plain file, a mount namespace, a missing path)."""
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_netns(path: str) -> int:
+    """Open a netns path for reading without ever blocking or touching a device: the path is
+    opened with O_PATH (which runs no open handler: not a FIFO's, which blocks until a writer
+    comes, nor a device's, such as a watchdog's), must be a regular file (namespace files are),
+    and only then is it opened for reading through /proc/self/fd. Raises NetnsError naming
+    what the path is instead. The caller closes the fd. Every netns path we open goes through
+    here (netns checks, netns sockets, the veth's peer netns, the warm client)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
         raise NetnsError(exc.errno, f"cannot open netns {path}: {exc.strerror}") from exc
+    try:
+        mode = os.fstat(pfd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+            raise NetnsError(errno.EINVAL, f"{path} is {kind}, not a namespace file")
+        try:
+            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise NetnsError(exc.errno, f"cannot open netns {path}: {exc.strerror}") from exc
+    finally:
+        os.close(pfd)
+
+
+def check_netns(path: str) -> int:
+    """Return the inode of the network namespace at `path`; raise NetnsError if `path` is not
+    one (a plain file, a FIFO, a device, a mount namespace, a missing path)."""
+    fd = open_netns(path)
     try:
         try:
             nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
@@ -67,7 +102,7 @@ def enter_mount_namespace(fd: int) -> None:
     sockets above this switches the *process* (root and cwd are reset to the namespace's root),
     which the kernel allows only in a single-threaded process: call it in a fresh fork, before
     anything starts a thread. Needs CAP_SYS_ADMIN and CAP_SYS_CHROOT."""
-    if _libc.setns(fd, CLONE_NEWNS) != 0:
+    if _libc().setns(fd, CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns(CLONE_NEWNS): {os.strerror(err)}")
 
@@ -78,12 +113,13 @@ def own_netns_inode() -> int:
 
 def socket_in_netns(netns_path: str, family: int, type_: int, proto: int = 0) -> socket.socket:
     """Create a socket in the network namespace at `netns_path` (see module docstring)."""
-    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_netns(netns_path)
+    libc = _libc()
     box: dict[str, object] = {}
 
     def make() -> None:
         try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise NetnsError(err, f"setns({netns_path}): {os.strerror(err)}")
             box["sock"] = socket.socket(family, type_, proto)

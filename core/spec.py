@@ -33,6 +33,8 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange
 
+from core.attachment import socket_problem
+
 DEFAULT_DAEMON_SOCKET = "/run/ovs-underlay/ipamd.sock"
 DEFAULT_GATEWAY_CHECK_TIMEOUT_MS = 1000
 DEFAULT_CONFLICT_CHECK_WAIT_MS = 100
@@ -486,18 +488,43 @@ def _routes(raw: Any, subnets: Sequence[SubnetSpec], where: str) -> tuple[RouteS
     return tuple(out)
 
 
+_DNS_KEYS = ("nameservers", "domain", "search", "options")
+
+
+def _dns_strings(raw: Mapping[str, Any], key: str, where: str, *, spaces: bool = False) -> tuple[str, ...]:
+    """A list of strings; each without control characters (they end up in the pod's
+    resolv.conf, where a newline would start a line of the config author's choosing) and,
+    for names, without whitespace."""
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}.dns.{key}: expected a list of non-empty strings, got {value!r}")
+    for v in value:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F or (c.isspace() and not spaces) for c in v):
+            raise ConfigError(f"{where}.dns.{key}: {v!r} contains a control character or whitespace")
+    return tuple(value)
+
+
 def _dns(raw: Any, where: str) -> DnsSpec:
     if raw is None:
         return DnsSpec()
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}.dns: expected an object, got {raw!r}")
-    for ns in raw.get("nameservers") or []:
+    unknown = [k for k in raw if k not in _DNS_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}.dns: unknown key {unknown[0]!r} (expected {', '.join(_DNS_KEYS)})")
+    nameservers = _dns_strings(raw, "nameservers", where)
+    for ns in nameservers:
         parse_ip(ns, f"{where}.dns.nameservers")
+    domain = raw.get("domain") or ""
+    if not isinstance(domain, str) or any(ord(c) <= 0x20 or ord(c) == 0x7F or c.isspace() for c in domain):
+        raise ConfigError(f"{where}.dns.domain: expected a domain name, got {domain!r}")
     return DnsSpec(
-        nameservers=tuple(raw.get("nameservers") or ()),
-        domain=str(raw.get("domain") or ""),
-        search=tuple(raw.get("search") or ()),
-        options=tuple(raw.get("options") or ()),
+        nameservers=nameservers,
+        domain=domain,
+        search=_dns_strings(raw, "search", where),
+        options=_dns_strings(raw, "options", where, spaces=True),
     )
 
 
@@ -556,8 +583,9 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
     if "disableGatewayCheck" in conf:
         gateway_check = not _bool(conf["disableGatewayCheck"], f"{where}.disableGatewayCheck")
     socket = conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET)
-    if not isinstance(socket, str) or not socket.startswith("/") or "\0" in socket:
-        raise ConfigError(f"{where}.daemonSocket: expected an absolute path, got {socket!r}")
+    why = socket_problem(socket, f"{where}.daemonSocket")
+    if why:
+        raise ConfigError(why)
 
     pool = PoolDef(
         subnets=subnets,
@@ -577,6 +605,24 @@ def parse_ipam(ipam: Mapping[str, Any] | None, top_level: Mapping[str, Any] | No
                                     f"{where}.conflictCheckWaitMs", 0, 10_000),
         timeout_ms=_int(conf.get("timeoutMs", 10_000), f"{where}.timeoutMs", 100, 120_000),
     )
+
+
+def daemon_contract(section: Any) -> tuple[str | None, int | None]:
+    """The ipamd socket and RPC deadline that an ipam section (or an ovn-kubernetes top level)
+    names, read leniently: any spelling of the keys, and a value that does not validate reads as
+    None. For DEL, which must not depend on the rest of the section still validating."""
+    if not isinstance(section, Mapping):
+        return None, None
+    socket: str | None = None
+    timeout: int | None = None
+    for key, value in section.items():
+        canon = ALIASES.get(key) or (_ALIASES_LOWER.get(key.lower()) if isinstance(key, str) else None)
+        if canon == "daemonSocket" and socket_problem(value) is None:
+            socket = value
+        elif canon == "timeoutMs" and not isinstance(value, bool) and isinstance(value, int) \
+                and 100 <= value <= 120_000:
+            timeout = value
+    return socket, timeout
 
 
 def parse_requested_ips(values: Iterable[Any], where: str) -> tuple[IPAddress, ...]:

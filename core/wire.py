@@ -52,6 +52,7 @@ class Reason:
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the cluster store (etcd) is unreachable: try again later
     NODE_ALIVE = "NODE_ALIVE"  # `nodes release` of a node whose heartbeat is alive
     NOT_CLUSTERED = "NOT_CLUSTERED"  # a cluster command on an ipamd with a node-local store
+    NETWORK_QUARANTINED = "NETWORK_QUARANTINED"  # the network's stored definition does not parse
     INTERNAL = "INTERNAL"
 
 
@@ -83,7 +84,15 @@ def pool_to_json(pool: PoolDef) -> str:
 
 
 def pool_from_json(text: str) -> PoolDef:
-    return pool_from_dict(json.loads(text))
+    """A stored definition; raises spec.ConfigError when `text` is not one (not JSON, or not a
+    valid definition): a store reports a definition that no longer parses this way."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise ConfigError(f"stored definition is not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"stored definition is not an object: {type(raw).__name__}")
+    return pool_from_dict(raw)
 
 
 def pool_to_pb(pool: PoolDef) -> pb.PoolSpec:

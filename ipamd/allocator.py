@@ -29,6 +29,7 @@ from netaddr import IPAddress, IPNetwork
 from core.spec import PoolDef
 from ipamd import policy
 from ipamd.conflicts import ConflictProber, probe_grant
+from ipamd.errors import InvalidRequest, NetworkQuarantined
 from ipamd.group_commit import Write
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 from ipamd.pipeline import NeedsQuiesce, Pipeline, Plan, Prefetch
@@ -69,17 +70,37 @@ class Allocator:
         if cluster is not None:
             cluster.subscribe(self._external)
 
+    def observe_commits(self, observe: Callable[[BaseException | None], None]) -> None:
+        """Be told every commit's outcome (None: durable; else the store's error)."""
+        self._pipeline.observe = observe
+
+    def probe_write(self) -> None:
+        """The store's heartbeat write (Store.probe_write), through the pipeline like any write,
+        so its outcome reaches the commit observer. For readiness while writes fail. Raises
+        CommitFailed when the store still cannot make it durable."""
+        self._pipeline.execute(lambda quiesced: Plan(None, self._pipeline.submit(Write(
+            lambda s: s.probe_write()), {}, ())))
+
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
     def warm(self) -> int:
         """Build every stored network's occupancy now (the daemon does this before serving, so
-        that no request pays for it). Returns the number of networks."""
+        that no request pays for it). A network whose stored definition does not parse is
+        quarantined (pool_state) and the others are served. Returns the number of networks."""
         with self._pipeline.lock:
             nets = self.store.networks()
             for net in nets:
-                self._state.occupancy(net)
+                try:
+                    self._state.occupancy(net)
+                except NetworkQuarantined:
+                    continue  # logged by pool_state; the daemon serves every other network
             return len(nets)
+
+    def quarantined(self) -> dict[str, str]:
+        """Networks whose stored definition does not parse -> why (refused until repaired)."""
+        with self._pipeline.lock:
+            return self._state.quarantined()
 
     # ---- pool definitions --------------------------------------------------------------------
 
@@ -222,10 +243,12 @@ class Allocator:
         """A release is durable (called by the pipeline, under its lock): its addresses cool down."""
         self._state.released(entries)
 
-    def gc(self, network: str | None, valid: Iterable[tuple[str, str]]) -> list[Entry]:
-        """Release every live attachment of this node not in `valid` (never another node's lease:
-        with a cluster store the network spans nodes): quiesced (the store lists them all), one
-        batch (one fsync)."""
+    def gc(self, network: str, valid: Iterable[tuple[str, str]]) -> list[Entry]:
+        """Release every live attachment of this node in `network` not in `valid` (never another
+        node's lease: with a cluster store the network spans nodes): quiesced (the store lists
+        them all), one batch (one fsync). Always one network: there is no "every network"."""
+        if not network:
+            raise InvalidRequest("garbage collection needs a network name")
         keep = set(valid)
 
         def plan(quiesced: bool) -> Plan[list[Write]]:
@@ -260,7 +283,7 @@ class Allocator:
 
     def _plan_reserve(self, network: str, quiesced: bool = False) -> Plan[int]:
         cluster = self.cluster
-        pool = self._state.pool(network)
+        pool = self._state.usable_pool(network)  # a quarantined network keeps no reserve
         if cluster is None or pool is None:
             return Plan(0)
         occs = self._state.occupancy(network)
@@ -316,7 +339,7 @@ class Allocator:
         with self._pipeline.lock:
             nets = [network] if network else self.store.networks()
             for net in nets:
-                pool = self._state.pool(net)
+                pool = self._state.usable_pool(net)  # a quarantined network has no usage to show
                 if pool is None:
                     continue
                 occ = self._state.occupancy(net)

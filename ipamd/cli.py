@@ -1,9 +1,11 @@
 """`ovs-underlay-ipamd`: `serve` and the admin subcommands (a contract other tools rely on).
 
-    serve   [--config FILE] [--socket PATH] [--state-dir DIR] [--metrics-port N] [--listen ADDR]
-            [--log-level L] [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
+    serve   [--config FILE] [--socket PATH] [--state-dir DIR] [--metrics-port N] [--log-level L]
+            [--listen ADDR --tls-cert F --tls-key F --tls-client-ca F]
+            [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
             [--etcd-cert F] [--etcd-key F] [--etcd-prefix P] [--node-name N] [--block-size N]
-            [--outage-reserve N]                  flags override the file; no config = defaults
+            [--outage-reserve N]                  flags override the file; no config = defaults;
+                                                  TCP is mutual TLS only
     pools   [--network N] [-o table|json]         used/total per subnet entry
     leases  [--network N] [--all] [-o table|json] one row per address; live only unless --all
     release --container ID --ifname IF [--network N]
@@ -15,12 +17,14 @@
     nodes release NODE                            free a dead node's blocks, leases and reserve;
                                                   refused while its heartbeat is alive
 
-Every admin subcommand takes --socket PATH and --timeout-ms. Exit codes: 0 ok, 1 the daemon
+Every admin subcommand takes --socket PATH (or --server HOST:PORT with --tls-ca, --tls-cert,
+--tls-key: ipamd's mutual-TLS listener) and --timeout-ms. Exit codes: 0 ok, 1 the daemon
 said no or could not be reached (one line on stderr, no traceback), 2 bad usage (argparse).
 JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, state, mac, netns,
 podNamespace, podName, podUID, createdUnixMs, conflictMAC, node}]; `nodes` -> [{node, alive,
 self, leases, reserved, blocks: [{network, subnet, index, first, last}]}], `pools` -> [{network, subnet,
-gateway, used, total, free, quarantined}].
+gateway, used, total, free, quarantined}], and [{network, definitionError}] for a network ipamd
+quarantined because its stored definition does not parse.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.errors import CoreError
+from core.logsafe import SafeFormatter, escape
 from core.spec import DEFAULT_DAEMON_SOCKET
 
 PROG = "ovs-underlay-ipamd"
@@ -48,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", help=f"unix socket (default {DEFAULT_DAEMON_SOCKET})")
     s.add_argument("--state-dir", help="directory of the SQLite store (default /var/lib/ovs-underlay)")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
-    s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default)")
+    s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default); "
+                                    "mutual TLS only: needs --tls-cert, --tls-key and --tls-client-ca")
+    s.add_argument("--tls-cert", help="TCP listener: the server's certificate (PEM)")
+    s.add_argument("--tls-key", help="TCP listener: the server's private key (PEM)")
+    s.add_argument("--tls-client-ca",
+                   help="TCP listener: the CA (PEM) whose certificates clients must present")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     s.add_argument("--store", choices=("sqlite", "etcd"),
                    help="where leases live: sqlite (one node, default) or etcd (cluster-wide)")
@@ -66,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     def admin(name: str, help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help)
         a.add_argument("--socket", default=DEFAULT_DAEMON_SOCKET, help="ipamd socket")
+        a.add_argument("--server", metavar="HOST:PORT",
+                       help="ipamd's TCP listener instead of the socket "
+                            "(mutual TLS: --tls-ca, --tls-cert, --tls-key)")
+        a.add_argument("--tls-ca", help="with --server: the CA (PEM) that signed ipamd's certificate")
+        a.add_argument("--tls-cert", help="with --server: this client's certificate (PEM)")
+        a.add_argument("--tls-key", help="with --server: this client's private key (PEM)")
+        a.add_argument("--tls-server-name", help="with --server: the name to expect in ipamd's certificate "
+                                                 "(default: the host of --server)")
         a.add_argument("--timeout-ms", type=int, default=5000, help="deadline of the call")
         return a
 
@@ -99,10 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "serve":
         return _serve(args)
-    from core.ipamd_client import IpamClient  # grpc only for the admin commands
+    from core.ipamd_client import ClientTls, IpamClient  # grpc only for the admin commands
 
+    tls = None
+    if args.server:
+        missing = [f"--{k.replace('_', '-')}" for k in ("tls_ca", "tls_cert", "tls_key")
+                   if not getattr(args, k)]
+        if missing:
+            sys.stderr.write(f"{PROG} {args.cmd}: --server needs mutual TLS: give {', '.join(missing)}\n")
+            return 2
+        tls = ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                        server_name=args.tls_server_name)
     try:
-        with IpamClient(args.socket, timeout_ms=args.timeout_ms) as client:
+        with IpamClient(args.server or args.socket, timeout_ms=args.timeout_ms, tls=tls) as client:
             return int(_ADMIN[args.cmd](client, args))
     except CoreError as exc:
         sys.stderr.write(f"{PROG} {args.cmd}: {exc.msg}\n")
@@ -112,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- serve -----------------------------------------------------------------------------------
 
 
-class _KeyValueFormatter(logging.Formatter):
+class _KeyValueFormatter(SafeFormatter):
+    """key=value lines; request fields (network, container id, netns...) are escaped by
+    SafeFormatter, so a request cannot forge a line of the daemon's log."""
+
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} " \
-               f"logger={record.name} {record.getMessage()}"
+               f"logger={record.name} {escape(record.getMessage())}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -129,6 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
                                  "metrics_port": args.metrics_port, "listen": args.listen,
+                                 "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                                 "tls_client_ca": args.tls_client_ca,
                                  "log_level": args.log_level, "store": args.store,
                                  "etcd_endpoints": args.etcd_endpoints, "etcd_cacert": args.etcd_cacert,
                                  "etcd_cert": args.etcd_cert, "etcd_key": args.etcd_key,
@@ -184,10 +216,18 @@ _LEASE_COLS = ("network", "address", "containerID", "ifname", "state", "mac", "p
 
 
 def _pools(client: Any, args: argparse.Namespace) -> int:
-    rows = [{"network": p.network, "subnet": p.subnet, "gateway": p.gateway, "used": int(p.used),
-             "total": int(p.total), "free": int(p.total) - int(p.used) - int(p.quarantined),
-             "quarantined": int(p.quarantined)} for p in client.list_pools(network=args.network)]
-    _print(rows, ("network", "subnet", "gateway", "used", "total", "free", "quarantined"), args.output)
+    rows: list[dict[str, Any]] = []
+    for p in client.list_pools(network=args.network):
+        if p.definition_error:  # a quarantined network: its stored definition does not parse
+            rows.append({"network": p.network, "definitionError": p.definition_error})
+            continue
+        rows.append({"network": p.network, "subnet": p.subnet, "gateway": p.gateway, "used": int(p.used),
+                     "total": int(p.total), "free": int(p.total) - int(p.used) - int(p.quarantined),
+                     "quarantined": int(p.quarantined)})
+    cols: tuple[str, ...] = ("network", "subnet", "gateway", "used", "total", "free", "quarantined")
+    if any("definitionError" in r for r in rows):
+        cols = (*cols, "definitionError")
+    _print(rows, cols, args.output)
     return 0
 
 
@@ -206,6 +246,10 @@ def _release(client: Any, args: argparse.Namespace) -> int:
 
 
 def _gc(client: Any, args: argparse.Namespace) -> int:
+    if not args.network.strip():
+        # "" meant "every network" in the daemon once: 980 leases released by one typo.
+        sys.stderr.write(f"{PROG} gc: --network must name a network (GC is per network)\n")
+        return 2
     keep = []
     for item in args.keep or []:
         cid, sep, ifname = item.rpartition("/")

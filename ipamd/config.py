@@ -31,6 +31,10 @@ class DaemonConfig:
     state_dir: str = DEFAULT_STATE_DIR
     db_file: str = "ipam.db"
     listen: str = ""  # "" = no TCP; "PORT" or "HOST:PORT" (loopback when HOST is omitted)
+    # TCP is mutual TLS only: the server's certificate and key, and the CA that signs clients.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     metrics_port: int = 0  # 0 = no metrics endpoint
     metrics_host: str = "127.0.0.1"
     cooldown_seconds: int = 30  # default cool-down of released addresses (pool cooldownSeconds wins)
@@ -38,6 +42,7 @@ class DaemonConfig:
     gateway_cache_seconds: float = 10.0  # positive gateway answers are reused this long
     workers: int = 32
     shutdown_grace_seconds: float = 10.0
+    health_interval_seconds: float = 5.0  # store check; a probe write only while writes fail
     log_level: str = "info"
     # Where leases live: "sqlite" (one node, embedded) or "etcd" (cluster-wide; issue 10).
     store: str = "sqlite"
@@ -63,6 +68,8 @@ _KEYS = {
     "store": "store", "etcdEndpoints": "etcd_endpoints", "etcdCACert": "etcd_cacert",
     "etcdCert": "etcd_cert", "etcdKey": "etcd_key", "etcdPrefix": "etcd_prefix", "nodeName": "node_name",
     "blockSize": "block_size", "outageReserve": "outage_reserve",
+    "healthIntervalSeconds": "health_interval_seconds",
+    "tlsCert": "tls_cert", "tlsKey": "tls_key", "tlsClientCa": "tls_client_ca",
 }
 _TYPES = {f.name: f.type for f in fields(DaemonConfig)}
 
@@ -89,6 +96,16 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if not cfg.socket.startswith("/"):
         raise DaemonConfigError(f"socket {cfg.socket!r} must be an absolute path")
+    tls = {"tlsCert": cfg.tls_cert, "tlsKey": cfg.tls_key, "tlsClientCa": cfg.tls_client_ca}
+    if cfg.listen and not all(tls.values()):
+        missing = ", ".join(k for k, v in tls.items() if not v)
+        raise DaemonConfigError(
+            f"listen {cfg.listen!r} needs mutual TLS: set {missing} (--tls-cert, --tls-key, "
+            "--tls-client-ca); the TCP listener serves only clients whose certificate the client CA "
+            "signed, the unix socket stays root-only")
+    for key, value in tls.items():
+        if value and not value.startswith("/"):
+            raise DaemonConfigError(f"{key} {value!r} must be an absolute path")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise DaemonConfigError(f"logLevel {cfg.log_level!r}: expected debug, info, warning or error")
     return _check_cluster(cfg)

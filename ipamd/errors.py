@@ -58,6 +58,11 @@ class InvalidNetns(IpamError):
     """The netns to probe from cannot be used (missing, not a netns, or ipamd's own)."""
 
 
+class NetworkQuarantined(IpamError):
+    """The network's stored definition no longer parses: ipamd refuses its allocations (and
+    serves every other network) until it is repaired. Releases still work."""
+
+
 class CommitFailed(IpamError):
     """The store could not make a batch durable: nothing of it was granted or released."""
 
@@ -102,6 +107,7 @@ WIRE: dict[type[IpamError], tuple[str, str]] = {
     StoreUnavailable: ("UNAVAILABLE", Reason.STORE_UNAVAILABLE),
     NodeAlive: ("FAILED_PRECONDITION", Reason.NODE_ALIVE),
     NotClustered: ("FAILED_PRECONDITION", Reason.NOT_CLUSTERED),
+    NetworkQuarantined: ("FAILED_PRECONDITION", Reason.NETWORK_QUARANTINED),
     IpamError: ("INTERNAL", Reason.INTERNAL),
 }
 

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from ipamd.store_sqlite import private_files
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS own (key TEXT PRIMARY KEY, value TEXT NOT NULL, mod INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, base_mod INTEGER NOT NULL,
@@ -28,7 +30,9 @@ CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, base_mod INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS uncertain (key TEXT PRIMARY KEY, base_mod INTEGER NOT NULL, old TEXT, new TEXT);
 CREATE TABLE IF NOT EXISTS cursors (network TEXT NOT NULL, subnet_index INTEGER NOT NULL, ip TEXT NOT NULL,
                                     PRIMARY KEY (network, subnet_index));
+CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), payload BLOB NOT NULL);
 """
+HEARTBEAT_BYTES = 64 * 1024  # as the SQLite store's (store_sqlite.HEARTBEAT_BYTES): see there why
 
 
 class Pending(NamedTuple):
@@ -52,16 +56,23 @@ class Journal:
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
-            self._db.execute("COMMIT")
-        os.chmod(path, 0o600)
+        # Root's only, the -wal and -shm included (the same rule as the SQLite store: issue 11
+        # item 15): the journal holds this node's leases.
+        old_umask = os.umask(0o077)
+        try:
+            private_files(path)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                self._db.execute("COMMIT")
+        finally:
+            os.umask(old_umask)
+        private_files(path)
 
     def write(self, *, own: Iterable[tuple[str, str, int]] = (), drop_own: Iterable[str] = (),
               outbox: Iterable[Pending] = (), drop_outbox: Iterable[str] = (),
@@ -124,6 +135,12 @@ class Journal:
             row = self._db.execute("SELECT ip FROM cursors WHERE network = ? AND subnet_index = ?",
                                    (network, subnet_index)).fetchone()
         return str(row[0]) if row else None
+
+    def probe_write(self) -> None:
+        """A durable write nothing reads, for readiness while writes fail (Store.probe_write)."""
+        with self._lock:
+            self._db.execute("INSERT INTO heartbeat (id, payload) VALUES (1, zeroblob(?)) "
+                             "ON CONFLICT (id) DO UPDATE SET payload = excluded.payload", (HEARTBEAT_BYTES,))
 
     def close(self) -> None:
         with self._lock:

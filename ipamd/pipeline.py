@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
-from ipamd.errors import CommitFailed, StoreConflict
+from ipamd.errors import CommitFailed, StoreConflict, StoreUnavailable
 from ipamd.group_commit import GroupCommit, Write
 from ipamd.model import Entry
 from ipamd.store import Store
@@ -62,9 +62,13 @@ class Pipeline:
     """One per store. `lock` guards the pipeline's views and its user's in-memory state: plans
     run under it, and so does `reset` and every write's `after` hook."""
 
-    def __init__(self, store: Store, reset: Callable[[set[str] | None], None]) -> None:
+    def __init__(self, store: Store, reset: Callable[[set[str] | None], None],
+                 observe: Callable[[BaseException | None], None] | None = None) -> None:
         self.store = store
         self._reset = reset
+        # Told every batch's outcome: None when durable, the store's error when it failed (a
+        # StoreConflict is not a failure: its requests decide again). Readiness listens here.
+        self.observe = observe
         self.lock = threading.RLock()
         self._cv = threading.Condition(self.lock)
         self._gate = 0  # > 0: a quiesced operation is waiting or running; new decisions wait
@@ -137,6 +141,14 @@ class Pipeline:
 
     def _settle(self, batch: Sequence[Write], error: BaseException | None) -> None:
         """Called by the committer once a batch is durable or rolled back."""
+        # Neither a conflict (decide again) nor "this change needs etcd" during an etcd outage (the
+        # node still serves what it can: readiness follows Cluster.serving for that) is a store
+        # that cannot make writes durable.
+        if self.observe is not None and not isinstance(error, StoreConflict | StoreUnavailable):
+            try:
+                self.observe(error)
+            except Exception:  # an observer must never break the commit path
+                log.exception("msg=%s", "commit observer failed")
         with self.lock:
             self._settled += 1
             if error is None:

@@ -75,9 +75,16 @@ class Grant:
 
 
 def check_mac(network: str, mac: str) -> None:
-    if mac and not MAC_RE.match(mac):
+    """A requested MAC must be a unicast, non-zero MAC address (the plugins' rule, cni.netconf)."""
+    if not mac:
+        return
+    if not MAC_RE.match(mac):
         raise InvalidRequest(f"network {network}: requested MAC {mac!r} is not a MAC address "
                              "(aa:bb:cc:dd:ee:ff)")
+    if int(mac[:2], 16) & 1:
+        raise InvalidRequest(f"network {network}: requested MAC {mac} is a multicast address")
+    if mac.replace(":", "") == "0" * 12:
+        raise InvalidRequest(f"network {network}: requested MAC {mac} is the all-zero address")
 
 
 def static_by_subnet(network: str, pool: PoolDef, requested: Sequence[IPAddress]) -> dict[int, IPAddress]:

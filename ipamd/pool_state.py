@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterable
 
 from netaddr import IPAddress
 
-from core.spec import PoolDef
+from core.spec import ConfigError, PoolDef
 from ipamd import policy
+from ipamd.errors import NetworkQuarantined
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, RESERVED, Entry
 from ipamd.occupancy import SubnetOccupancy
 from ipamd.store import Store
@@ -38,6 +39,9 @@ class PoolState:
         self._pools: dict[str, PoolDef] = {}
         self._occ: dict[str, list[SubnetOccupancy]] = {}
         self._staged: dict[str, PoolDef] = {}  # definitions in use but not yet queued for writing
+        # Networks whose stored definition does not parse -> why. Kept until ipamd restarts: the
+        # store is repaired with the daemon stopped (README Troubleshooting).
+        self._broken: dict[str, str] = {}
 
     def clear(self, networks: Iterable[str] | None = None) -> None:
         """Forget everything (or these networks): rebuilt from the store on next use."""
@@ -65,13 +69,41 @@ class PoolState:
                                   quarantine_ms=self.quarantine_ms)
 
     def pool(self, network: str) -> PoolDef | None:
-        """The definition in use (staged, else stored); None for a network never used."""
+        """The definition in use (staged, else stored); None for a network never used. Raises
+        NetworkQuarantined when its stored definition does not parse (that network only: every
+        other one is served as usual)."""
+        if network in self._broken:
+            raise self._refusal(network)
         if network not in self._pools:
-            pool = self.store.get_pool(network)
+            try:
+                pool = self.store.get_pool(network)
+            except ConfigError as exc:
+                self._broken[network] = str(exc)
+                log.error("network=%s error=%s msg=%s", network, exc,
+                          "stored definition does not parse: network quarantined (its allocations are "
+                          "refused, its releases served; every other network is served)")
+                raise self._refusal(network) from exc
             if pool is None:
                 return None
             self._pools[network] = pool
         return self._pools[network]
+
+    def _refusal(self, network: str) -> NetworkQuarantined:
+        return NetworkQuarantined(
+            f"network {network} is quarantined by ipamd: its stored definition does not parse "
+            f"({self._broken[network]}); allocations in it are refused until it is repaired "
+            "(README: Troubleshooting); releases still work")
+
+    def usable_pool(self, network: str) -> PoolDef | None:
+        """pool(), but None for a quarantined network (for what must serve the others)."""
+        try:
+            return self.pool(network)
+        except NetworkQuarantined:
+            return None
+
+    def quarantined(self) -> dict[str, str]:
+        """Quarantined networks -> why."""
+        return dict(self._broken)
 
     def cooldown_ms(self, pool: PoolDef) -> int:
         return policy.cooldown_ms(pool, self.default_cooldown_s)
@@ -128,7 +160,7 @@ class PoolState:
         """A release is durable: its addresses cool down."""
         now = self.now_ms()
         for e in entries:
-            pool = self.pool(e.network)
+            pool = self.usable_pool(e.network)
             occ_list = self._occ.get(e.network)
             if pool is None or occ_list is None:
                 continue  # not built: it will be built from the store, which has the release

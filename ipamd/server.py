@@ -4,13 +4,16 @@ Why these steps, in this order:
 - one daemon per socket: an flock on `<socket>.lock`, then a health call on an existing socket
   file (refuse if someone answers), then the stale file is removed;
 - the socket is created under umask 0177 and chmod'ed 0600: only root may ask for addresses;
+  the optional TCP listener (`listen`) is mutual TLS only: a client must present a certificate
+  signed by the configured client CA (the same whole API: nothing is served without it);
 - every stored network's occupancy is built before the socket is bound (a /16 with 60,000 leases
   takes about a second): no request pays for it; then what survived start-up is frozen
   (gc.freeze) so that a full cyclic-GC collection during an RPC no longer scans it (measured:
   7 ms -> ~0 at 60,000 leases);
-- health (`grpc.health.v1`) is SERVING only while the store answers, checked periodically; with
-  the etcd store, while this node can allocate at all (online, or offline with addresses of its
-  own left: an etcd outage alone is not NOT_SERVING);
+- health (`grpc.health.v1`) is SERVING only while the store answers reads and writes are
+  durable (ipamd/readiness.py: a failed commit flips it at once; see there why health writes
+  only while writes fail); with the etcd store, also only while this node can allocate at all
+  (online, or offline with addresses of its own left: an etcd outage alone is not NOT_SERVING);
 - with the etcd store: the node's heartbeat, the watch and the outage recovery run on the store's
   threads, and the outage reserve is topped up every RESERVE_INTERVAL_S;
 - SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), close the store.
@@ -38,15 +41,16 @@ from core._proto import ipam_pb2_grpc
 from core.ipamd_client import IpamClient
 from ipamd.allocator import Allocator
 from ipamd.config import DaemonConfig, listen_address
+from ipamd.errors import CommitFailed
 from ipamd.metrics import Labels, Metrics, serve_metrics
 from ipamd.probe import Prober
+from ipamd.readiness import Readiness
 from ipamd.service import IpamService
 from ipamd.store import Cluster, Store
 from ipamd.store_sqlite import SqliteStore
 
 log = logging.getLogger("ipamd.server")
 SERVICE_NAME = "ovs_underlay.ipam.v1.Ipam"
-HEALTH_INTERVAL_S = 5.0
 RESERVE_INTERVAL_S = 2.0
 
 
@@ -129,7 +133,11 @@ class Daemon:
         self.allocator = Allocator(self.store, default_cooldown_s=cfg.cooldown_seconds,
                                    quarantine_s=cfg.quarantine_seconds, prober=self.prober,
                                    node=cfg.node_name, cluster=self.cluster)
+        self.readiness = Readiness(self._set_health, read=self._read_check, probe=self._probe_write)
+        self.allocator.observe_commits(self.readiness.commit_result)
         self.metrics.add_gauges(self._pool_gauges)
+        self.metrics.describe("ipamd_networks_quarantined", "gauge",
+                              "Networks whose stored definition does not parse (allocations refused)")
         self.metrics.describe("ipamd_commit_batches_total", "counter",
                               "Store transactions committed or failed (group commits: one fsync each)")
         self.metrics.describe("ipamd_commit_writes_total", "counter",
@@ -147,6 +155,17 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._metrics_srv: ThreadingHTTPServer | None = None
 
+    def _read_check(self) -> None:
+        """The store answers; with etcd, this node can allocate (online, or offline with an
+        address of its own left): an etcd outage alone is not NOT_SERVING."""
+        self.store.networks()
+        if self.cluster is not None and not self.cluster.serving():
+            raise RuntimeError("etcd is unreachable and this node has no address of its own left")
+
+    def _probe_write(self) -> None:
+        with contextlib.suppress(CommitFailed):  # the failure reached readiness already
+            self.allocator.probe_write()
+
     def _pool_gauges(self) -> list[tuple[str, Labels, float]]:
         out: list[tuple[str, Labels, float]] = []
         for u in self.allocator.usage():
@@ -154,6 +173,9 @@ class Daemon:
             out += [("ipamd_pool_used", labels, u.used), ("ipamd_pool_total", labels, u.total),
                     ("ipamd_pool_quarantined", labels, u.quarantined),
                     ("ipamd_pool_utilisation", labels, u.used / u.total if u.total else 1.0)]
+        quarantined = self.allocator.quarantined()
+        out += [("ipamd_network_quarantined", (("network", net),), 1.0) for net in sorted(quarantined)]
+        out.append(("ipamd_networks_quarantined", (), float(len(quarantined))))
         out += [("ipamd_commit_batches_total", (), self.allocator.commits.batches),
                 ("ipamd_commit_writes_total", (), self.allocator.commits.writes)]
         if self.cluster is not None:
@@ -171,27 +193,51 @@ class Daemon:
             os.umask(old)
         if self.cfg.listen:
             addr = listen_address(self.cfg.listen)
-            if self.server.add_insecure_port(addr) == 0:
+            port = self.server.add_secure_port(addr, self._tls_credentials())
+            if port == 0:
                 raise StartupError(f"cannot listen on {addr}")
-            log.warning("listen=%s msg=%s", addr, "TCP listener enabled (unauthenticated)")
+            log.info("listen=%s port=%d msg=%s", addr, port,
+                     "TCP listener with mutual TLS: clients need a certificate signed by the client CA")
 
-    def _set_health(self, serving: bool) -> None:
+    def _tls_credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS for the TCP listener (config.load refuses --listen without it): the
+        server proves itself with its certificate, and a client is served only with a
+        certificate the client CA signed (require_client_auth). The whole API stays behind it,
+        as behind the root-only unix socket."""
+        files = {"tlsCert": self.cfg.tls_cert, "tlsKey": self.cfg.tls_key,
+                 "tlsClientCa": self.cfg.tls_client_ca}
+        data: dict[str, bytes] = {}
+        for key, path in files.items():
+            try:
+                with open(path, "rb") as fh:
+                    data[key] = fh.read()
+                    mode = os.fstat(fh.fileno()).st_mode
+            except OSError as exc:
+                raise StartupError(f"{key} {path}: {exc.strerror}") from exc
+            if key == "tlsKey" and mode & 0o077:
+                log.warning("file=%s mode=%o msg=%s", path, stat.S_IMODE(mode),
+                            "the TLS key is readable by other users than its owner")
+        try:
+            return grpc.ssl_server_credentials([(data["tlsKey"], data["tlsCert"])],
+                                               root_certificates=data["tlsClientCa"],
+                                               require_client_auth=True)
+        except Exception as exc:  # grpc raises plain RuntimeError/ValueError on malformed PEM
+            raise StartupError(f"TLS files do not load: {exc}") from exc
+
+    def _set_health(self, serving: bool, why: str = "") -> None:
+        if self._stop.is_set():
+            return  # shutting down: graceful shutdown owns the status now
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+        log.info("health=%s reason=%s", "SERVING" if serving else "NOT_SERVING", why or "-")
 
     def _watch_store(self) -> None:
-        """Readiness follows the store: NOT_SERVING while it does not answer."""
-        while not self._stop.wait(HEALTH_INTERVAL_S):
-            try:
-                self.store.networks()
-                ok = self.cluster.serving() if self.cluster is not None else True
-            except Exception as exc:
-                log.error("msg=%s error=%s", "store check failed: NOT_SERVING", exc)
-                ok = False
-            if not self._stop.is_set():
-                self._set_health(ok)
+        """Readiness (ipamd/readiness.py): the store answers, writes are durable, and with the
+        etcd store this node can allocate at all."""
+        while not self._stop.wait(self.cfg.health_interval_seconds):
+            self.readiness.check()
 
     def _keep_reserve(self) -> None:
         """The outage reserve follows the pools (store.Cluster.reserve_target)."""
@@ -206,12 +252,16 @@ class Daemon:
         gc.collect()
         gc.freeze()
         log.info("networks=%d msg=%s", nets, "occupancy built from the store")
+        for net, why in sorted(self.allocator.quarantined().items()):
+            log.error("network=%s error=%s msg=%s", net, why,
+                      "network QUARANTINED: its stored definition does not parse; its allocations are "
+                      "refused until it is repaired, every other network is served")
         self._bind()
         self.server.start()
         os.chmod(self.cfg.socket, 0o600)
         if self.cfg.metrics_port:
             self._metrics_srv = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host)
-        self._set_health(True)
+        self.readiness.start()
         threading.Thread(target=self._watch_store, name="health", daemon=True).start()
         if self.cluster is not None:
             threading.Thread(target=self._keep_reserve, name="outage-reserve", daemon=True).start()

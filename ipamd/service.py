@@ -20,10 +20,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
+from netaddr import IPAddress
 
 from core import wire
 from core._proto import ipam_pb2 as pb
 from core._proto import ipam_pb2_grpc
+from core.attachment import name_problem
+from core.names import container_id_problem, ifname_problem
 from core.spec import ConfigError, PoolDef
 from core.wire import REASON_KEY, Reason
 from ipamd.allocator import Allocator, Request
@@ -74,6 +77,31 @@ def _required(**fields: str) -> None:
         raise InvalidRequest(f"missing required field(s): {', '.join(missing)}")
 
 
+def _identity(network: str, container_id: str, ifname: str) -> None:
+    """What ipamd stores and logs as an attachment's identity follows the plugins' rules (core.names,
+    core.attachment): a direct client cannot put a name into the store that no plugin would."""
+    for why in (name_problem(network, "network"),
+                f"container_id {container_id!r} {p}" if (p := container_id_problem(container_id)) else None,
+                f"ifname {ifname!r} {p}" if (p := ifname_problem(ifname)) else None):
+        if why:
+            raise InvalidRequest(why)
+
+
+def _request_ips(values: Iterable[str]) -> tuple[IPAddress, ...]:
+    """Requested addresses; garbage is a bad request (INVALID_REQUEST), not a bad pool."""
+    try:
+        return wire.ips_from_pb(list(values))
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _request_ip(value: str, what: str) -> IPAddress:
+    try:
+        return wire.ip_from_pb(value, what)
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
 def _netns(path: str) -> str:
     if path and not os.path.isabs(path):
         raise InvalidRequest(f"netns {path!r} must be an absolute path")
@@ -109,11 +137,12 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
     @_rpc
     def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
         _required(network=request.network, container_id=request.container_id, ifname=request.ifname)
+        _identity(request.network, request.container_id, request.ifname)
         parsed = self._parsed_pool(request.pool)
         pool = parsed.pool
         grant = self.allocator.allocate(Request(
             network=request.network, pool=pool, container_id=request.container_id, ifname=request.ifname,
-            pod=wire.pod_from_pb(request.pod), requested_ips=wire.ips_from_pb(request.requested_ips),
+            pod=wire.pod_from_pb(request.pod), requested_ips=_request_ips(request.requested_ips),
             requested_mac=request.requested_mac, netns=_netns(request.netns),
             conflict_check=request.conflict_check,
             conflict_check_wait_ms=min(int(request.conflict_check_wait_ms or 100), 10_000),
@@ -153,20 +182,25 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
 
     @_rpc
     def GarbageCollect(self, request: pb.GcRequest, context: Any) -> pb.GcResponse:
-        released = self.allocator.gc(request.network or None,
-                                     [(a.container_id, a.ifname) for a in request.valid])
+        # An empty network used to mean "every network": one call with a typo (or from a tool
+        # that left the field unset) released every lease of the node. GC is per network.
+        _required(network=request.network)
+        released = self.allocator.gc(request.network, [(a.container_id, a.ifname) for a in request.valid])
         if released:
-            self.metrics.inc("ipamd_releases_total", len(released), network=request.network or "*")
-        log.info("rpc=GarbageCollect network=%s kept=%d released=%s", request.network or "*",
+            self.metrics.inc("ipamd_releases_total", len(released), network=request.network)
+        log.info("rpc=GarbageCollect network=%s kept=%d released=%s", request.network,
                  len(request.valid), ",".join(f"{e.network}/{e.ip}" for e in released) or "-")
         return pb.GcResponse(released=leases_to_pb(released))
 
     @_rpc
     def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
-        return pb.ListPoolsResponse(pools=[
-            pb.PoolUsage(network=u.network, subnet=str(u.subnet), used=u.used, total=u.total,
-                         quarantined=u.quarantined, gateway=str(u.gateway) if u.gateway else "")
-            for u in self.allocator.usage(request.network or None)])
+        pools = [pb.PoolUsage(network=u.network, subnet=str(u.subnet), used=u.used, total=u.total,
+                              quarantined=u.quarantined, gateway=str(u.gateway) if u.gateway else "")
+                 for u in self.allocator.usage(request.network or None)]
+        pools += [pb.PoolUsage(network=net, definition_error=why)
+                  for net, why in sorted(self.allocator.quarantined().items())
+                  if not request.network or net == request.network]
+        return pb.ListPoolsResponse(pools=pools)
 
     @_rpc
     def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
@@ -198,8 +232,10 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
     @_rpc
     def ProbeGateway(self, request: pb.ProbeGatewayRequest, context: Any) -> pb.ProbeGatewayResponse:
         _required(netns=request.netns, ifname=request.ifname, gateway=request.gateway)
-        gw = wire.ip_from_pb(request.gateway, "gateway")
-        sender = wire.ip_from_pb(request.sender_ip, "sender_ip") if request.sender_ip else None
+        if (why := ifname_problem(request.ifname)) is not None:
+            raise InvalidRequest(f"ifname {request.ifname!r} {why}")
+        gw = _request_ip(request.gateway, "gateway")
+        sender = _request_ip(request.sender_ip, "sender_ip") if request.sender_ip else None
         timeout_ms = min(max(int(request.timeout_ms or 1000), 1), 60_000)
         res = self.prober.gateway(_netns(request.netns), request.ifname, gw, sender, timeout_ms,
                                   request.cache_key)

@@ -28,7 +28,10 @@ from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 class Store(Protocol):
     max_batch: int  # writes per group commit at most (0: no limit); etcd caps a transaction's ops
 
-    def get_pool(self, network: str) -> PoolDef | None: ...
+    def get_pool(self, network: str) -> PoolDef | None:
+        """The stored definition, None for an unknown network. Raises spec.ConfigError when the
+        stored definition no longer parses (the allocator then quarantines that network only)."""
+        ...
 
     def put_pool(self, network: str, pool: PoolDef) -> None: ...
 
@@ -71,6 +74,13 @@ class Store(Protocol):
         ...
 
     def get_cursor(self, network: str, subnet_index: int) -> str | None: ...
+
+    def probe_write(self) -> None:
+        """Make one durable write that nothing else reads (a heartbeat), at least as large as a
+        commit of one request's writes, and raise like a failed commit when the store cannot
+        make it durable. Readiness calls it only while commits fail, to notice that they would
+        succeed again (ipamd/readiness.py). Changes nothing any other method returns."""
+        ...
 
     def close(self) -> None: ...
 
@@ -272,6 +282,9 @@ class MemoryStore:
     def get_cursor(self, network: str, subnet_index: int) -> str | None:
         with self._lock:
             return self._cursors.get((network, subnet_index))
+
+    def probe_write(self) -> None:
+        self.heartbeats = getattr(self, "heartbeats", 0) + 1  # nothing to make durable in memory
 
     def close(self) -> None:
         pass

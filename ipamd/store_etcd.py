@@ -155,6 +155,9 @@ class EtcdStore:
         # placement of every allocation reads them, so they are indexed, never scanned for
         self._mine: dict[tuple[str, int, str], set[str]] = {}
         self._pools: dict[str, tuple[PoolDef, int]] = {}
+        # Networks whose stored definition does not parse -> why: get_pool raises ConfigError for
+        # them (the Store contract), so the allocator quarantines that network only.
+        self._broken_pools: dict[str, str] = {}
         self._geo: dict[tuple[str, int], Blocks] = {}
         self._claims: dict[tuple[str, int], dict[int, str]] = {}
         self._own_blocks: dict[tuple[str, int], tuple[int, ...]] = {}
@@ -187,6 +190,7 @@ class EtcdStore:
             net = unquote(rest[1])
             for gk in [g for g in self._geo if g[0] == net]:
                 del self._geo[gk]
+            self._broken_pools.pop(net, None)
             if value is None:
                 self._pools.pop(net, None)
                 return None
@@ -194,9 +198,10 @@ class EtcdStore:
                 d = json.loads(value)
                 size = int(d.get("blockSize", DEFAULT_BLOCK_SIZE))
                 self._pools[net] = (wire.pool_from_dict(d["pool"]), size)
-            except (ValueError, KeyError, TypeError, ConfigError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, ConfigError) as exc:
                 log.error("network=%s error=%s msg=%s", net, exc, "stored pool definition does not parse")
                 self._pools.pop(net, None)
+                self._broken_pools[net] = f"stored definition does not parse: {exc}"
         elif kind == "blocks" and len(rest) == 4:
             net, k, n = unquote(rest[1]), int(rest[2]), int(rest[3])
             claims = dict(self._claims.get((net, k), {}))  # copy on write: placements hold snapshots
@@ -663,6 +668,9 @@ class EtcdStore:
     def get_pool(self, network: str) -> PoolDef | None:
         with self._mu:
             rec = self._pools.get(network)
+            broken = self._broken_pools.get(network)
+        if broken is not None:
+            raise ConfigError(broken)
         return rec[0] if rec else None
 
     def put_pool(self, network: str, pool: PoolDef) -> None:
@@ -684,9 +692,14 @@ class EtcdStore:
                     bk = self._block_key(network, k, n)
                     self._write(b, bk, None, self._mods.get(bk, 0))
 
+    def probe_write(self) -> None:
+        """Store.probe_write: the local journal's heartbeat (what a full disk stops; etcd's own
+        writes are the node heartbeat's business, and an etcd outage is Cluster.serving's)."""
+        self.journal.probe_write()
+
     def networks(self) -> list[str]:
         with self._mu:
-            return sorted(self._pools)
+            return sorted({*self._pools, *self._broken_pools})
 
     # ---- entries ---------------------------------------------------------------------------
 

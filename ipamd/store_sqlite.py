@@ -22,9 +22,12 @@ page cache (no gain on commit latency).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
+import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -35,7 +38,9 @@ from core.spec import PodRef, PoolDef
 from ipamd.errors import StoreConflict
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
 
+log = logging.getLogger("ipamd.store")
 SCHEMA_VERSION = 2  # 2: entries.node (issue 10: every lease records its node)
+HEARTBEAT_BYTES = 64 * 1024  # 16 pages: more than one commit of a few requests' writes
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default; measured best here (a larger WAL slows commits)
 
 _SCHEMA = f"""
@@ -65,6 +70,11 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (network, ip)
 );
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (container_id, ifname) WHERE state = '{ACTIVE}';
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    written_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cursors (
     network TEXT NOT NULL,
     subnet_index INTEGER NOT NULL,
@@ -103,6 +113,30 @@ class SchemaError(RuntimeError):
     """The database was written by a newer ipamd (or is not ours)."""
 
 
+FILE_MODE = 0o600  # the database, its -wal and -shm: leases, pods and netns paths are root's business
+_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def private_files(path: str) -> None:
+    """Create the database file 0600 if missing and take every existing file of it (-wal, -shm,
+    -journal) to 0600: this store's database and the etcd store's journal. SQLite creates the
+    -wal and -shm with the database file's mode, but the file itself under the process umask
+    (0644 by default), so they were world-readable."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    os.close(fd)
+    for suffix in _SIDE_FILES:
+        try:
+            st = os.lstat(path + suffix)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise SchemaError(f"{path + suffix} is not a regular file: refusing to use it")
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            log.warning("file=%s mode=%o msg=%s", path + suffix, stat.S_IMODE(st.st_mode),
+                        "tightened to 0600")
+            os.chmod(path + suffix, FILE_MODE)
+
+
 class SqliteStore:
     max_batch = 0
 
@@ -113,6 +147,17 @@ class SqliteStore:
         self._lock = threading.Lock()  # the writer connection
         self._batch_owner: int | None = None  # thread running a batch (holds _lock)
         self._batch_cursors: dict[tuple[str, int], str] = {}  # written at the batch's end
+        # Every file SQLite creates while opening (the -wal and -shm of WAL mode) under umask
+        # 077 too, whatever the database file's mode; the daemon serves nothing yet, so the
+        # process-wide umask changes nothing else.
+        old_umask = os.umask(0o077)
+        try:
+            private_files(path)
+            self._open(path)
+        finally:
+            os.umask(old_umask)
+
+    def _open(self, path: str) -> None:
         self._db = self._connect(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
@@ -126,7 +171,7 @@ class SqliteStore:
             version = row[0] if row is not None else None
             while version is not None and version < SCHEMA_VERSION:  # an older database: migrate
                 for stmt in _MIGRATIONS[version]:
-                    cur.execute(stmt, {"node": node} if ":node" in stmt else {})
+                    cur.execute(stmt, {"node": self.node} if ":node" in stmt else {})
                 version += 1
                 cur.execute("UPDATE schema_version SET version = ?", (version,))
             for stmt in _SCHEMA.split(";"):
@@ -134,10 +179,10 @@ class SqliteStore:
                     cur.execute(stmt)
             if row is None:
                 cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        os.chmod(path, 0o600)
         self._rlock = threading.Lock()  # the reader connection
         self._rdb = self._connect(path)
         self._rdb.execute("PRAGMA query_only=ON")
+        private_files(path)  # the -wal and -shm exist now: make sure of their mode
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
@@ -295,6 +340,17 @@ class SqliteStore:
         rows = self._read("SELECT ip FROM cursors WHERE network = ? AND subnet_index = ?",
                           (network, subnet_index))
         return str(rows[0][0]) if rows else None
+
+    def probe_write(self) -> None:
+        """One row of HEARTBEAT_BYTES in its own table: a full disk makes it fail as it makes an
+        allocation fail. Its size matters: a commit that failed for want of space leaves the
+        pages it did write at the end of the WAL, and a write of a page or two would fit there
+        and pass while every allocation (several pages) still fails."""
+        with self._tx() as cur:
+            cur.execute("INSERT INTO heartbeat (id, written_ms, payload) VALUES (1, ?, zeroblob(?)) "
+                        "ON CONFLICT (id) DO UPDATE SET written_ms = excluded.written_ms, "
+                        "payload = excluded.payload",
+                        (int(time.time() * 1000), HEARTBEAT_BYTES))
 
     def close(self) -> None:
         with self._lock, self._rlock:

@@ -50,7 +50,8 @@ WORK = Path("/tmp/ovs-underlay-demo")
 SOCKET = WORK / "ipamd.sock"
 WARM_SOCKET = WORK / "warm" / "cni-warm.sock"
 WARM_LOG = WORK / "warm-server.log"
-PLUGIN_LOG = WORK / "ovs-underlay.log"  # the plugin's log file (OVS_UNDERLAY_LOG_FILE)
+# The plugin's log file (OVS_UNDERLAY_LOG_FILE): the plugin logs only inside /var/log/ovs-underlay.
+PLUGIN_LOG = Path("/var/log/ovs-underlay/demo.log")
 NETCONF = WORK / "net.d"
 BRIDGE, TOR = "demo-br", "demo-tor"
 UPLINK, UPLINK_TOR = "demo-up", "demo-up-tor"
@@ -375,6 +376,8 @@ def teardown(ipamd: subprocess.Popen[bytes] | None, warm: subprocess.Popen[bytes
             with contextlib.suppress(OSError):
                 f.unlink()
     shutil.rmtree(WORK, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        PLUGIN_LOG.unlink()
     return problems
 
 

@@ -38,6 +38,15 @@ PROCS: list[subprocess.Popen[bytes]] = []
 REPORT: list[str] = []
 
 
+PLUGIN_LOG_DIR = Path("/var/log/ovs-underlay")  # the plugin logs only there (cni/log.py)
+
+
+def plugin_log(name: str) -> Path:
+    """A plugin log file of this run (OVS_UNDERLAY_LOG_FILE takes the path): inside the plugin's
+    log directory, named by the run's TOKEN so the session end removes it."""
+    return PLUGIN_LOG_DIR / f"test-{TOKEN}-{name}.log"
+
+
 def uniq(role: str, limit: int = 15) -> str:
     """A name for a kernel/OVS object: 't' + token + sequence + role, at most `limit` chars."""
     name = f"t{TOKEN}{next(_seq):02x}{role}"

@@ -84,6 +84,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.geteuid() != 0:
         return
+    for f in netbed.PLUGIN_LOG_DIR.glob(f"test-{netbed.TOKEN}-*.log"):  # this run's plugin logs
+        with contextlib.suppress(OSError):
+            f.unlink()
     left = _leftovers()
     if left:
         sys.stderr.write("\nLEFTOVERS: the tests left these behind (now removed):\n  "

@@ -185,6 +185,22 @@ static int feed(struct reply *r, const unsigned char *d, size_t n) {
     return 0;
 }
 
+/* The netns as core.netns.open_netns opens it: O_PATH first (no open handler runs: a FIFO would
+ * block until a writer comes, a device such as a watchdog would start), a regular file only
+ * (namespace files are), then read-only through /proc/self/fd. -1 when it is anything else:
+ * the worker's skel then reports the path (code 8). */
+static int open_netns(const char *path) {
+    int pfd = open(path, O_PATH | O_CLOEXEC), fd = -1;
+    struct stat st;
+    char proc[64];
+    if (pfd < 0) return -1;
+    if (fstat(pfd, &st) == 0 && S_ISREG(st.st_mode) &&
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd) < (int)sizeof proc)
+        fd = open(proc, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    close(pfd);
+    return fd;
+}
+
 static long long now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -329,10 +345,10 @@ int main(int argc, char **argv) {
         }
     }
     /* stdout, stderr, our mount namespace (the worker enters it: it sees our filesystem) and the
-     * pod netns. O_NONBLOCK: a FIFO named as CNI_NETNS must not block the open. */
+     * pod netns, opened as core.netns does (open_netns: a FIFO or a device is never opened). */
     int fds[4] = {1, 2, open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC), -1}, nfds = 3, ns_fd = -1;
     const char *netns = getenv("CNI_NETNS");
-    if (netns && *netns && (ns_fd = open(netns, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) >= 0) fds[nfds++] = ns_fd;
+    if (netns && *netns && (ns_fd = open_netns(netns)) >= 0) fds[nfds++] = ns_fd;
 
     char cwd[PATH_MAX];
     if (!getcwd(cwd, sizeof cwd)) strcpy(cwd, "/");

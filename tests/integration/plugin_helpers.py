@@ -20,7 +20,7 @@ from testbed import netbed
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
 CNI_PATH = "/usr/lib/cni"
-LOG_FILE = os.environ.get("OU_PLUGIN_LOG", f"/tmp/ovs-underlay-test-{netbed.TOKEN}.log")
+LOG_FILE = os.environ.get("OU_PLUGIN_LOG", str(netbed.plugin_log("plugin")))
 
 
 def host_ifname(container_id: str, ifname: str) -> str:

@@ -57,7 +57,7 @@ class Runtime:
 @pytest.fixture
 def runtime(cnitool_bin: Path, bundle: Path, frozen_ipamd: netbed.Ipamd, underlay: netbed.Underlay,
             tmp_path: Path) -> Iterator[Runtime]:
-    os.environ.setdefault("OVS_UNDERLAY_LOG_FILE", str(tmp_path / "plugin.log"))
+    os.environ.setdefault("OVS_UNDERLAY_LOG_FILE", str(netbed.plugin_log("cnitool")))
     tool = e2e.Cnitool(tmp_path / "net.d", [bundle, e2e.REFERENCE_PLUGINS], binary=cnitool_bin)
     rt = Runtime(tool, frozen_ipamd, underlay.bridge)
     yield rt

@@ -86,7 +86,7 @@ class Podman:
         return res
 
     def plugin_log(self) -> str:
-        log = self.base / "plugin.log"
+        log = netbed.plugin_log("podman")
         return log.read_text(errors="replace")[-2000:] if log.exists() else ""
 
     def run(self, name: str, *opts: str) -> str:
@@ -163,7 +163,7 @@ def podman(bundle: Path, frozen_ipamd: netbed.Ipamd, underlay: netbed.Underlay) 
     host_before = e2e.podman_host_state()
     network = netbed.uniq("pn", limit=40)
     base = Path(tempfile.mkdtemp(prefix=f"ou-podman-{netbed.TOKEN}-"))
-    env = {**e2e.podman_env(base, network), "OVS_UNDERLAY_LOG_FILE": str(base / "plugin.log")}
+    env = {**e2e.podman_env(base, network), "OVS_UNDERLAY_LOG_FILE": str(netbed.plugin_log("podman"))}
     pm = Podman(base, network, underlay.bridge, env,
                 "/" + netbed.uniq("podcg", limit=40), host_before)
     try:

@@ -78,7 +78,7 @@ def test_frozen_shim_hands_calls_to_the_warm_server_and_falls_back_when_it_dies(
         netns_factory: Callable[[str], netbed.Netns], tmp_path: Path) -> None:
     # The server went through the shim: the same pid now runs the Python plugin.
     assert os.readlink(f"/proc/{warm_server.proc.pid}/exe") == str(bundle / "ovs-underlay-py")
-    call = Call(bundle, warm_server.path, tmp_path / "plugin.log")
+    call = Call(bundle, warm_server.path, netbed.plugin_log(tmp_path.name))
     conf = _conf(underlay.bridge, frozen_ipamd)
     attached: list[tuple[str, str]] = []
     try:
@@ -161,7 +161,7 @@ def test_frozen_ipam_shim_under_the_reference_bridge_is_served_warm(
                                tmp_path / "warm-server.log", args=("--log-level", "debug"))
     server.start()
     br, ns, cid = netbed.uniq("ib"), netns_factory("ib"), netbed.container_id("ib")
-    log = tmp_path / "plugin.log"
+    log = netbed.plugin_log(tmp_path.name)  # the plugin logs only inside /var/log/ovs-underlay
     conf = {"cniVersion": "1.0.0", "name": f"ib{netbed.TOKEN}", "type": "bridge", "bridge": br,
             "ipam": {"type": "ovs-underlay-ipam", "daemonSocket": frozen_ipamd.socket,
                      "subnets": [{"subnet": "10.233.0.0/24", "gateway": "10.233.0.1"}], "gatewayCheck": False}}

@@ -95,7 +95,7 @@ class Runner:
 
 @pytest.fixture
 def runner(cni_path: str, netns_factory: Callable[[str], netbed.Netns], tmp_path: Path) -> Iterator[Runner]:
-    r = Runner(cni_path, netns_factory("h"), str(tmp_path / "ovs-underlay.log"))
+    r = Runner(cni_path, netns_factory("h"), str(netbed.plugin_log(tmp_path.name)))
     yield r
     r.cleanup()
 

@@ -3,6 +3,7 @@ lifecycle, CLI contract and error statuses. Oracles: the CLI's JSON, `stat`, raw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -209,6 +210,22 @@ def test_gc_cli_keeps_only_listed(ipamd: netbed.Ipamd) -> None:
     assert ipamd.leases("gcnet") == []
 
 
+def test_gc_of_an_empty_network_is_refused(ipamd: netbed.Ipamd) -> None:
+    """Issue 11 item 9: `gc --network ""` (and GarbageCollect(network="")) meant every network:
+    seen, 980 leases released by one call. Refused by the CLI (2) and by the RPC
+    (INVALID_ARGUMENT / INVALID_REQUEST); nothing is released."""
+    with IpamClient(ipamd.socket) as c:
+        for net in ("gce1", "gce2"):
+            c.allocate(network=net, pool=POOL, container_id=netbed.container_id("gce"), ifname="eth0")
+    before = ipamd.leases()
+    for net in ("", " "):
+        res = ipamd.cli("gc", "--network", net, "--release-all", check=False)
+        assert res.returncode == 2 and "--network must name a network" in res.stderr, res
+    got = _raw(ipamd.socket, "GarbageCollect", pb.GcRequest(network=""))
+    assert got[0] == grpc.StatusCode.INVALID_ARGUMENT and got[2] == "INVALID_REQUEST" and "network" in got[1], got
+    assert ipamd.leases() == before and len(before) >= 2
+
+
 def _raw(sock: str, method: str, req: object) -> tuple[grpc.StatusCode, str, str]:
     with grpc.insecure_channel(f"unix://{sock}") as ch:
         stub = ipam_pb2_grpc.IpamStub(ch)
@@ -294,3 +311,98 @@ def test_metrics_endpoint_on_loopback(ipamd_factory: Callable[..., netbed.Ipamd]
     assert 'ipamd_allocations_total{network="m"} 2' in body
     assert 'ipamd_pool_used{network="m",subnet="10.20.0.0/22"} 1' in body
     assert "ipamd_commit_batches_total 1\n" in body and "ipamd_commit_writes_total 1\n" in body
+
+
+def test_a_corrupt_definition_quarantines_one_network_and_the_daemon_serves_the_others(
+        ipamd: netbed.Ipamd) -> None:
+    """Issue 11 item 16: one stored pool definition that no longer parses stopped ipamd from
+    starting for every network. Now it starts, says SERVING, serves the other networks, refuses
+    the broken one's allocations with FAILED_PRECONDITION / NETWORK_QUARANTINED, still releases
+    its leases, and shows it in `pools` and the metrics."""
+    import sqlite3
+
+    good, bad = netbed.container_id("good"), netbed.container_id("bad")
+    with IpamClient(ipamd.socket) as c:
+        c.allocate(network="qgood", pool=POOL, container_id=good, ifname="eth0")
+        c.allocate(network="qbad", pool=POOL, container_id=bad, ifname="eth0")
+    ipamd.stop()
+    with sqlite3.connect(os.path.join(ipamd.state_dir, "ipam.db")) as raw:
+        raw.execute("UPDATE pools SET definition = 'not json at all' WHERE network = 'qbad'")
+    ipamd.start()
+    assert ipamd.cli("health").stdout.strip() == "SERVING"
+    assert "network=qbad" in ipamd.log() and "QUARANTINED" in ipamd.log()
+    got = _raw(ipamd.socket, "Allocate", pb.AllocateRequest(
+        network="qbad", pool=wire_pool(POOL), container_id=netbed.container_id("new"), ifname="eth0"))
+    assert got[0] == grpc.StatusCode.FAILED_PRECONDITION and got[2] == "NETWORK_QUARANTINED", got
+    assert "network qbad is quarantined" in got[1] and "not JSON" in got[1]
+    with IpamClient(ipamd.socket) as c:
+        c.allocate(network="qgood", pool=POOL, container_id=netbed.container_id("more"), ifname="eth0")
+        assert len(c.release(network="qbad", container_id=bad, ifname="eth0")) == 1
+    pools = ipamd.pools()
+    assert {p["network"] for p in pools if "definitionError" not in p} == {"qgood"}
+    assert [p["network"] for p in pools if "definitionError" in p] == ["qbad"]
+
+
+def wire_pool(pool: PoolDef) -> pb.PoolSpec:
+    from core import wire
+    return wire.pool_to_pb(pool)
+
+
+@pytest.fixture
+def full_disk_ipamd(tmp_path: Path) -> Iterator[tuple[netbed.Ipamd, Path]]:
+    """ipamd whose state dir is a 1 MiB tmpfs (filled up by the test), health checked every 0.3 s."""
+    work = tmp_path / "fd"
+    state = work / "state"
+    state.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True)
+    d: netbed.Ipamd | None = None
+    try:
+        cfg = tmp_path / "ipamd.json"
+        cfg.write_text(json.dumps({"healthIntervalSeconds": 0.3}))
+        d = netbed.start_ipamd(str(work), ["--config", str(cfg)])
+        yield d, state
+    finally:
+        if d is not None:
+            d.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_health_says_not_serving_while_writes_fail_on_a_full_disk(
+        full_disk_ipamd: tuple[netbed.Ipamd, Path]) -> None:
+    """Issue 11 item 17: health read the store and said SERVING while every write failed on a
+    full disk. A failed commit flips it to NOT_SERVING at once; once the disk has room again,
+    the daemon's own probe write (made only while writes fail) flips it back, with no client."""
+    d, state = full_disk_ipamd
+    with IpamClient(d.socket) as c:
+        c.allocate(network="full", pool=POOL, container_id=netbed.container_id("f0"), ifname="eth0")
+        filler = state / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):  # until ENOSPC
+                while os.write(fd, b"\0" * 4096):
+                    pass
+        finally:
+            os.close(fd)
+        failed = None
+        for i in range(40):  # the WAL's last page may still hold a frame or two
+            try:
+                c.allocate(network="full", pool=POOL, container_id=netbed.container_id(f"f{i + 1}"), ifname="eth0")
+            except IpamdRefused as exc:
+                failed = exc
+                break
+        assert failed is not None and failed.reason == "COMMIT_FAILED", failed
+        assert c.health() is False  # at once: no wait for a periodic check
+        time.sleep(1.0)
+        assert c.health() is False  # the probe writes fail too
+        filler.unlink()
+        assert _wait(c.health)
+    assert "NOT_SERVING" in d.log() and "writes succeed" in d.log()
+
+
+def _wait(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return bool(pred())

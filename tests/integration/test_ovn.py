@@ -417,7 +417,8 @@ def test_example_30_bind_by_cnitool_frozen(bed: Bed, bundle: Path, cnitool_bin: 
     conf["ovsdbSocket"] = bed.node.ovsdb
     tool = e2e.Cnitool(tmp_path / "net.d", [bundle, e2e.REFERENCE_PLUGINS], binary=cnitool_bin,
                        prefix=("ip", "netns", "exec", bed.node.ns),
-                       env={"OVS_UNDERLAY_LOG_FILE": str(tmp_path / "plugin.log"), **node_file(tmp_path, None)})
+                       env={"OVS_UNDERLAY_LOG_FILE": str(netbed.plugin_log(tmp_path.name)),
+                            **node_file(tmp_path, None)})
     e2e.write_conf(tool.netconfpath, conf)
     pod, cid = netbed.make_netns("pod"), netbed.container_id("e")
     try:
@@ -428,7 +429,7 @@ def test_example_30_bind_by_cnitool_frozen(bed: Bed, bundle: Path, cnitool_bin: 
         assert iface_ids(bed.node, host)["iface-id"] == "default_vm-1"
         assert iface_ids(bed.node, host)["ovn-installed"] == "true"
         assert bed.central.binding_chassis("default_vm-1") == bed.chassis.name
-        assert "gateway 10.10.0.1 reachable" in (tmp_path / "plugin.log").read_text()
+        assert "gateway 10.10.0.1 reachable" in netbed.plugin_log(tmp_path.name).read_text()
         assert netbed.ping_retry(pod.name, "10.10.0.1")
         tool.check(conf["name"], pod.path, container_id=cid).ok()
         tool.delete(conf["name"], pod.path, container_id=cid).ok()

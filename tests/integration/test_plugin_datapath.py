@@ -120,14 +120,14 @@ def test_mtu_mac_static_ip_and_external_ids(underlay: netbed.Underlay, pod_netns
     assert pod["mtu"] == 1400
     assert pod["address"] == "0a:58:c0:a8:64:2a"  # runtimeConfig wins over CNI_ARGS MAC
     assert netbed.link(a.host)["mtu"] == 1400
-    assert netbed.link(a.host)["ifalias"] == f"ovs-underlay {a.container_id} eth0"
+    assert netbed.link(a.host)["ifalias"] == f"ovs-underlay {a.container_id} eth0 {conf['name']}"
     assert netbed.addrs("eth0", ns=pod_netns.name) == ["192.168.100.42/24"]
     assert res["ips"][0]["address"] == "192.168.100.42/24"
     assert res["interfaces"][1] == {"name": "eth0", "mac": "0a:58:c0:a8:64:2a", "mtu": 1400,
                                     "sandbox": pod_netns.path}
     ids = netbed.interface(a.host)["external_ids"]
     assert ids == {"owner": "ovs-underlay", "container_id": a.container_id, "ifname": "eth0",
-                   "netns": pod_netns.path, "network": conf["name"], "pod_namespace": "ns1",
+                   "netns": pod_netns.path, "network": conf["name"], "ipam": "host-local", "pod_namespace": "ns1",
                    "pod_name": "web-0", "pod_uid": "uid-1", "attached_mac": "0a:58:c0:a8:64:2a",
                    "ip_addresses": "192.168.100.42/24"}
     port_ids = netbed.port(a.host)["external_ids"]
@@ -161,7 +161,7 @@ def test_result_shape_per_version(version: str, underlay: netbed.Underlay, pod_n
     host_if, pod_if = res["interfaces"]
     assert host_if["name"] == a.host and set(host_if) == {"name", "mac"}
     assert pod_if["sandbox"] == pod_netns.path
-    assert ("mtu" in pod_if) == (not legacy)
+    assert ("mtu" in pod_if) == (version == "1.1.0")  # a 1.1.0 field
     assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "192.168.100.1"}]
     rc, out, err = a.delete()
     assert rc == 0, (out, err)

@@ -125,3 +125,30 @@ def test_check_detects_missing_lease(underlay: netbed.Underlay, ipamd: netbed.Ip
     ipamd.cli("release", "--network", conf["name"], "--container", a.container_id, "--ifname", "eth0")
     rc, out, _ = a.run("CHECK", chk)
     assert rc != 0 and "no ipamd lease" in out["msg"], out
+
+
+def test_del_cleans_up_by_identity_whatever_the_config_now_says(underlay: netbed.Underlay,
+                                                               ipamd: netbed.Ipamd, netns_factory: Callable[[str], netbed.Netns],
+                                                               attacher: ph.Attacher) -> None:
+    """Issue 11 item 5, on the real kernel, OVS and ipamd: an ADD with a valid config, then DEL
+    with a config that no longer validates (and bad CNI_ARGS, and a socket that no longer
+    exists in the config). DEL finds the network and ipamd's socket on the OVS Interface and
+    removes lease, port and veth; it used to fail with 7 or 4 and remove nothing."""
+    conf = _net(underlay, ipamd, gatewayCheck=False, conflictCheck=False)
+    broken = [
+        {**conf, "vlan": 5000},
+        {**conf, "ipam": {**conf["ipam"], "excludeIpz": ["192.168.100.30"], "daemonSocket": "/nonexistent.sock"}},
+        {**conf, "prevResult": {"cniVersion": "1.1.0", "ips": [{"address": "not-an-ip"}]}},
+    ]
+    for bad in broken:
+        a = attacher.new(conf, netns_factory("pod").path)
+        a.add()
+        iface = netbed.interface(a.host)
+        assert iface is not None and iface["external_ids"]["ipamd_socket"] == ipamd.socket
+        assert iface["external_ids"]["ipam"] == "ovs-underlay-ipam"
+        rc, out, err = ph.run_plugin("DEL", bad, container_id=a.container_id, netns=a.netns,
+                                     cni_args="not-a-pair;IP=nope")
+        assert rc == 0 and out is None, (bad, out, err[-2000:])
+        a.deleted = True
+        assert ph.no_trace(a, underlay.bridge) == []
+        assert _leases(ipamd, conf["name"]) == []

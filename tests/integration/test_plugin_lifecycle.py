@@ -262,6 +262,26 @@ def test_gc_removes_exactly_the_stale_attachments(ovs_bridge: str, netns_factory
     assert other.host in netbed.bridge_ports(ovs_bridge)
 
 
+def test_gc_removes_the_veths_of_this_network_whose_port_is_gone(
+        ovs_bridge: str, netns_factory: Callable[[str], netbed.Netns], attacher: ph.Attacher) -> None:
+    """Issue 11 item 11: a veth carrying our alias but no OVS port (here: the ports were removed
+    behind our back) was never collected. Its alias names its network now; GC of that network
+    removes it unless valid, and leaves other networks' veths alone."""
+    conf = ph.network(ovs_bridge, vlan=100)
+    other_net = ph.network(ovs_bridge, name=f"other{netbed.TOKEN}", vlan=200)
+    keep, stale = attacher.new(conf, netns_factory("k").path), attacher.new(conf, netns_factory("s").path)
+    other = attacher.new(other_net, netns_factory("o").path)
+    for a in (keep, stale, other):
+        a.add()
+        assert (netbed.link(a.host) or {}).get("ifalias", "").endswith(f" eth0 {a.conf['name']}")
+        netbed.vsctl("del-port", a.host)
+    rc, out, err = ph.run_plugin("GC", {**conf, "cni.dev/valid-attachments": [
+        {"containerID": keep.container_id, "ifname": "eth0"}]})
+    assert rc == 0, (out, err)
+    assert netbed.link(stale.host) is None
+    assert netbed.link(keep.host) is not None and netbed.link(other.host) is not None
+
+
 def test_status_ok_with_bridge_and_host_local(ovs_bridge: str, tmp_path: Path) -> None:
     rc, out, err = ph.run_plugin("STATUS", _hl_net(ovs_bridge, tmp_path))
     assert rc == 0 and out is None, (out, err)

@@ -22,7 +22,7 @@ from netaddr import IPAddress, IPNetwork
 
 import core.netlink as nlmod
 from cni.types import IPConfig, Route
-from core.errors import AlreadyExists, NetnsUnusable
+from core.errors import AlreadyExists, CoreError, NetnsUnusable
 from core.netlink import Netlink
 from testbed import netbed
 
@@ -100,6 +100,30 @@ def test_existing_ifname_in_pod_is_refused_before_any_host_change(
     assert netbed.link(host) is None
 
 
+@pytest.mark.parametrize("fault", ["alias too long", "pod end fails"])
+def test_a_failure_after_link_add_removes_the_pair(pod_netns: netbed.Netns, host_veth: tuple[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """Issue 11 item 6: a failure after `link add` left both ends behind (seen with a
+    250-character container id: the kernel refused the alias). create_veth now removes the
+    pair itself, and reports a neutral error, not a raw netlink one (999 with a traceback)."""
+    host, alias = host_veth
+    if fault == "alias too long":
+        alias = "ovs-underlay " + "x" * 300 + " eth0"  # IFALIASZ is 256: the kernel refuses it
+    else:
+        def boom(self: Netlink, netns: str) -> Any:
+            if getattr(self, "_armed", False):
+                raise OSError(5, "injected fault opening the pod netns")
+            self._armed = True  # the first call (the pre-check) passes
+            return real(self, netns)
+        real = Netlink._pod
+        monkeypatch.setattr(Netlink, "_pod", boom)
+    with Netlink() as nl, pytest.raises((CoreError, OSError)) as e:
+        nl.create_veth(host=host, netns=pod_netns.path, ifname="eth0", alias=alias, mtu=None, mac=None)
+    assert not isinstance(e.value, nlmod.NetlinkError)
+    assert netbed.link(host) is None
+    assert [ln["ifname"] for ln in netbed.links(ns=pod_netns.name)] == ["lo"]
+
+
 def test_netns_deleted_between_calls(netns_factory: Any, host_veth: tuple[str, str], tmp_path: Path) -> None:
     ns = netns_factory("gone")
     path = ns.path
@@ -122,10 +146,10 @@ def test_plugin_add_announces_every_address_and_logs_phases(
             "ranges": [[{"subnet": "192.168.100.0/24", "rangeStart": "192.168.100.160",
                          "gateway": "192.168.100.1"}],
                        [{"subnet": "fd00:100::/64", "rangeStart": "fd00:100::160", "gateway": "fd00:100::1"}]]}
-    conf = ph.network(underlay.bridge, vlan=100, ipam=ipam, logLevel="debug")
+    conf = ph.network(underlay.bridge, vlan=100, ipam=ipam)
     a = attacher.new(conf, pod_netns.path)
     with netbed.capture(underlay.uplink, "vlan 100 and (arp or icmp6)") as lines:
-        res = a.add()
+        res = a.add(extra_env={"OVS_UNDERLAY_LOG_LEVEL": "debug"})
     v4, v6 = (ip["address"].split("/")[0] for ip in res["ips"])
     assert any(f"Request who-has {v4} tell {v4}" in ln or f"Announcement {v4}" in ln for ln in lines), lines
     assert any("neighbor advertisement" in ln and f"tgt is {v6}" in ln for ln in lines), lines

@@ -65,6 +65,21 @@ def test_ovs_cni_spellings_through_alias_table() -> None:
     ({"runtimeConfig": {"ips": ["10.0.0.300"]}, "ipam": {"type": "host-local"}}, "invalid IP"),
     ({"runtimeConfig": {"ips": ["10.0.0.3"]}}, "has no IPAM"),
     ({"cni.dev/valid-attachments": [{"containerID": 1}]}, "valid-attachments"),
+    # issue 11 item 14: these answered 999 with a traceback, or slipped through
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"search": 5}}}, "dns.search"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"search": "a.b"}}}, "dns.search"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"nameservers": 5}}},
+     "dns.nameservers"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"domain": ["a"]}}}, "dns.domain"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"],
+               "dns": {"search": ["x\nnameserver 6.6.6.6"]}}}, "control character"),
+    ({"ipam": {"type": "ovs-underlay-ipam", "subnets": ["10.0.0.0/24"], "dns": {"nameserver": ["1.1.1.1"]}}},
+     "unknown key 'nameserver'"),
+    ({"name": "n" * 254}, "at most 253"),
+    ({"name": "net\n"}, "network name"),
+    ({"bridge": "br-0123456789abc"}, "longer than 15 bytes"),
+    ({"bridge": "br/0"}, "bridge"),
+    ({"args": {"cni": {"mac": "0a:00:00:00:00:01\n"}}}, "invalid MAC"),
 ])
 def test_invalid_configs_are_code_7(conf: dict[str, Any], text: str) -> None:
     with pytest.raises(CniError) as e:
@@ -116,6 +131,25 @@ def test_ovn_port_only_from_the_network_config(caplog: pytest.LogCaptureFixture)
     assert c.ovn is not None and c.ovn.logical_port == "cfg"
     assert "ignoring args.cni.ovnPort='acni'" in caplog.text and "ignoring CNI_ARGS OvnPort='env'" in caplog.text
     assert parse_netconf(args({"args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env")).ovn is None
+
+
+def test_ovn_port_pod_values_with_the_admins_opt_in() -> None:
+    """With allowPodOvnPort: true (the admin's opt-in in the network config) the pod's value
+    wins: args.cni.ovnPort > CNI_ARGS OvnPort= > config."""
+    def port(conf: dict[str, Any], cargs: str = "") -> str | None:
+        c = parse_netconf(args(conf, cargs))
+        return c.ovn.logical_port if c.ovn is not None else None
+
+    opt = {"ovnPort": "cfg", "allowPodOvnPort": True}
+    assert port(opt) == "cfg"
+    assert port(opt, "OvnPort=env") == "env"
+    assert port({**opt, "args": {"cni": {"ovnPort": "acni"}}}, "OvnPort=env") == "acni"
+    assert port({"allowPodOvnPort": True}, "OvnPort=env") == "env"
+    for bad in ({"allowPodOvnPort": "yes"}, {"ovnPort": "a b"}, {"ovnPort": 5},
+                {**opt, "args": {"cni": {"ovnPort": "x\ny"}}}):
+        with pytest.raises(CniError) as e:
+            parse_netconf(args(bad))
+        assert e.value.code == 7
 
 
 def test_gc_attachments_both_keys_and_prev_result() -> None:

@@ -4,6 +4,7 @@ OVN), a fault at every step rolls back everything (the LSP included), DEL/GC/STA
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from test_cni_rollback import IPAMD, FakeDelegate, FakeIpam, FakeNetlink, FakeOv
 from cni import plugin
 from cni.drivers import Drivers
 from cni.errors import CniError
-from cni.netconf import NetConf, parse_netconf
+from cni.netconf import DelConf, NetConf, parse_del, parse_netconf
 from cni.types import CmdArgs
 from core.errors import CoreError
 from core.ovn import Chassis, Lsp, LspSpec, NodeView
@@ -96,6 +97,12 @@ def mk(conf: dict[str, Any], cid: str = "c1", command: str = "ADD") -> tuple[Cmd
     full = {"cniVersion": "1.1.0", "name": "n1", "type": "ovs-underlay", **conf}
     a = CmdArgs(command, cid, "/run/netns/p", "eth0", "", ("/usr/lib/cni",), b"", full, "1.1.0")
     return a, parse_netconf(a, node_nb=lambda: None)
+
+
+def dl(a: CmdArgs) -> tuple[CmdArgs, DelConf]:
+    """The DEL of the attachment ADDed with `a` (DEL reads its config leniently: parse_del)."""
+    d = replace(a, command="DEL")
+    return d, parse_del(d, lambda: None)
 
 
 LOCALNET = {"topology": "localnet", "physicalNetworkName": "physnet1", "vlanID": 100}
@@ -192,13 +199,13 @@ def test_del_removes_the_lsp_idempotently_and_survives_a_down_northbound() -> No
     w = OvnWorld()
     a, c = mk(CONFS["managed"])
     plugin.cmd_add(a, c, drivers(w))
-    plugin.cmd_del(a, c, drivers(w))
+    plugin.cmd_del(*dl(a), drivers(w))
     assert w.lsps == {} and w.ports == {} and w.links == {} and w.leases == set()
-    plugin.cmd_del(a, c, drivers(w))
+    plugin.cmd_del(*dl(a), drivers(w))
     plugin.cmd_add(a, c, drivers(w))
     w.nb_up = False
     with pytest.raises(CniError) as e:
-        plugin.cmd_del(a, c, drivers(w))
+        plugin.cmd_del(*dl(a), drivers(w))
     assert e.value.code == 11 and "northbound" in e.value.msg
     assert w.ports == {} and w.links == {} and w.leases == set()  # the rest was removed anyway
     assert list(w.lsps) == ["c1_eth0"]  # left for GC
@@ -239,4 +246,4 @@ def test_the_port_follows_the_nodes_integration_bridge() -> None:
         a, c = mk(conf)
         plugin.cmd_add(a, c, drivers(w))
         assert [p.bridge for p in w.ports.values()] == ["br-ovn"]
-        plugin.cmd_del(a, c, drivers(w))
+        plugin.cmd_del(*dl(a), drivers(w))

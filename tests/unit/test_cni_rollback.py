@@ -4,7 +4,7 @@ idempotent and runs every step; the gateway check message; OVSDB row builders.""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -13,10 +13,10 @@ from netaddr import IPAddress, IPNetwork
 from cni import plugin
 from cni.drivers import Drivers
 from cni.errors import CniError
-from cni.netconf import NetConf, parse_netconf
+from cni.netconf import DelConf, NetConf, parse_del, parse_netconf
 from cni.types import CmdArgs, Result
 from core.errors import CoreError, Unavailable
-from core.names import host_ifname
+from core.names import host_alias, host_ifname, parse_alias, same_attachment
 from core.netlink import PodLink
 from core.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
 from core.vswitch import BridgeView, PortInfo, PortSpec, iface_columns, port_columns
@@ -32,6 +32,7 @@ class World:
     def __init__(self, fail_at: str = "") -> None:
         self.fail_at = fail_at
         self.journal: list[str] = []
+        self.calls: list[str] = []  # ipamd clients made and releases, for DEL's choices
         self.links: dict[str, str] = {}  # host name -> alias
         self.ports: dict[str, PortSpec] = {}
         self.leases: set[tuple[str, str]] = set()
@@ -61,13 +62,16 @@ class FakeNetlink:
 
     def delete_host_link(self, name: str, alias: str) -> bool:
         self.w.journal.append("undo:veth")
-        if self.w.links.get(name) == alias:
+        if same_attachment(self.w.links.get(name), alias):
             del self.w.links[name]
             return True
         return False
 
     def host_link_alias(self, name: str) -> str | None:
         return self.w.links.get(name)
+
+    def owned_host_links(self) -> list[tuple[str, Any]]:
+        return [(n, a) for n, alias in self.w.links.items() if (a := parse_alias(alias)) is not None]
 
     def configure(self, *, netns: str, ifname: str, addresses: Sequence[Any], routes: Sequence[Any]) -> None:
         self.w.step("configure")
@@ -145,6 +149,7 @@ class FakeIpam:
     def release(self, *, network: str, container_id: str, ifname: str) -> list[Lease]:
         self._up()
         self.w.journal.append("undo:lease")
+        self.w.calls.append(f"release:{network}")
         had = (container_id, ifname) in self.w.leases
         self.w.leases.discard((container_id, ifname))
         return [Lease(container_id, ifname, ("10.0.0.5/24",))] if had else []
@@ -184,7 +189,11 @@ class FakeDelegate:
 
 
 def drivers(w: World) -> Drivers:
-    return Drivers(FakeNetlink(w), FakeOvsdb(w), lambda sock, t: FakeIpam(w), FakeDelegate(w))
+    def ipam(sock: str, timeout_ms: int) -> FakeIpam:
+        w.calls.append(f"ipamd:{sock}")
+        return FakeIpam(w)
+
+    return Drivers(FakeNetlink(w), FakeOvsdb(w), ipam, FakeDelegate(w))
 
 
 IPAMD = {"type": "ovs-underlay-ipam", "daemonSocket": "/x.sock",
@@ -197,6 +206,12 @@ def mk(conf: dict[str, Any], cid: str = "c1") -> tuple[CmdArgs, NetConf]:
     full = {k: v for k, v in full.items() if v is not None}  # None in `conf`: leave the key out
     a = CmdArgs("ADD", cid, "/run/netns/p", "eth0", "", ("/usr/lib/cni",), b"", full, "1.1.0")
     return a, parse_netconf(a)
+
+
+def dl(a: CmdArgs, config: dict[str, Any] | None = None, cni_args: str = "") -> tuple[CmdArgs, DelConf]:
+    """The DEL of the attachment ADDed with `a`, with the same config unless one is given."""
+    d = replace(a, command="DEL", config=config if config is not None else a.config, args=cni_args)
+    return d, parse_del(d)
 
 
 STEPS = {
@@ -304,13 +319,104 @@ def test_del_idempotent_and_after_failed_add() -> None:
     w = World()
     a, c = mk({"ipam": IPAMD})
     plugin.cmd_add(a, c, drivers(w))
-    plugin.cmd_del(a, c, drivers(w))
+    plugin.cmd_del(*dl(a), drivers(w))
     assert w.links == {} and w.ports == {} and w.leases == set()
-    plugin.cmd_del(a, c, drivers(w))  # twice
+    plugin.cmd_del(*dl(a), drivers(w))  # twice
     w2 = World(fail_at="configure")
     with pytest.raises(CoreError):
         plugin.cmd_add(a, c, drivers(w2))
-    plugin.cmd_del(a, c, drivers(w2))
+    plugin.cmd_del(*dl(a), drivers(w2))
+
+
+BROKEN = {  # configs that no longer validate at DEL time (the ADD used the valid one)
+    "vlan out of range": {"vlan": 5000},
+    "unknown ipam key": {"ipam": {**IPAMD, "excludeIpz": ["10.0.0.9"]}},
+    "bad prevResult": {"prevResult": {"cniVersion": "1.1.0", "ips": [{"address": "nope"}]}},
+    "bad trunk": {"trunk": "all"},
+    "ipam section not an object": {"ipam": "ovs-underlay-ipam"},
+    "no name": {"name": None},
+    "duplicate spellings": {"ovsdbSocket": "unix:/x", "socket_file": "unix:/y"},
+}
+
+
+@pytest.mark.parametrize("why", list(BROKEN))
+def test_del_cleans_up_by_identity_when_the_config_no_longer_validates(why: str) -> None:
+    """Issue 11 item 5: DEL parsed the whole config first, so any of these made DEL remove
+    nothing (and kubelet retry forever). Now the OVS port's record (core.attachment) says which
+    network and which ipamd hold the lease; the config is not needed."""
+    w = World()
+    a, c = mk({"ipam": {**IPAMD, "daemonSocket": "/run/ipamd-a.sock"}})
+    plugin.cmd_add(a, c, drivers(w))
+    host = host_ifname("c1", "eth0")
+    assert w.ports[host].iface_ids["ipam"] == "ovs-underlay-ipam"
+    assert w.ports[host].iface_ids["ipamd_socket"] == "/run/ipamd-a.sock"
+    w.calls.clear()
+    broken = {**a.config, **BROKEN[why]}
+    plugin.cmd_del(*dl(a, {k: v for k, v in broken.items() if v is not None}, "not-a-pair"), drivers(w))
+    assert w.links == {} and w.ports == {} and w.leases == set()
+    assert w.calls == ["ipamd:/run/ipamd-a.sock", "release:n1"]
+
+
+def test_del_uses_the_recorded_backend_over_the_config() -> None:
+    """The record is what ADD did: a config whose ipam now names a delegate (or another socket)
+    does not send DEL elsewhere."""
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    w.calls.clear()
+    plugin.cmd_del(*dl(a, {**a.config, "ipam": {"type": "host-local"}}), drivers(w))
+    assert w.leases == set() and w.calls == ["ipamd:/x.sock", "release:n1"]
+
+
+def test_del_without_a_record_uses_what_the_config_still_says() -> None:
+    """No port (OVS lost it, or ADD failed before it): the lenient config read decides; a
+    network nobody names is released in every network."""
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    w.ports.clear()
+    w.calls.clear()
+    plugin.cmd_del(*dl(a, {**a.config, "vlan": 9999, "name": "has space"}), drivers(w))
+    assert w.leases == set() and w.links == {}
+    assert w.calls == ["ipamd:/x.sock", "release:"]
+
+
+def test_del_ignores_a_hand_edited_record() -> None:
+    """Values read back are validated: a record pointing at a relative socket or an invalid
+    network reads as absent, and the config decides."""
+    w = World()
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    spec = w.ports[host_ifname("c1", "eth0")]
+    w.ports[spec.name] = replace(spec, iface_ids={**spec.iface_ids, "ipamd_socket": "relative/x.sock",
+                                                  "network": "../etc"})
+    w.calls.clear()
+    plugin.cmd_del(*dl(a), drivers(w))
+    assert w.calls == ["ipamd:/x.sock", "release:n1"] and w.leases == set()
+
+
+@pytest.mark.parametrize(("ids", "expect"), [
+    ({}, None),
+    ({"owner": "someone-else", "container_id": "c", "ifname": "eth0"}, None),
+    ({"owner": "ovs-underlay", "container_id": "-bad", "ifname": "eth0"}, None),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "a/b"}, None),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0"}, ("c", None, None, None)),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "network": "n",
+      "ipam": "ovs-underlay-ipam", "ipamd_socket": "/run/s.sock"}, ("c", "n", "ovs-underlay-ipam", "/run/s.sock")),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "network": "n",
+      "ipam": "ovs-underlay-ipam"}, ("c", "n", None, None)),  # which ipamd is unknown
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "ipam": "host-local"},
+     ("c", None, "host-local", None)),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "ipam": "../../bin/sh"}, ("c", None, None, None)),
+    ({"owner": "ovs-underlay", "container_id": "c", "ifname": "eth0", "ipam": "ovs-underlay-ipam",
+      "ipamd_socket": "/" + "x" * 200}, ("c", None, None, None)),
+])
+def test_read_record_validates_what_it_reads(ids: dict[str, str], expect: Any) -> None:
+    from core.attachment import read_record
+
+    r = read_record(ids)
+    got = None if r is None else (r.container_id, r.network, r.ipam, r.ipamd_socket)
+    assert got == expect
 
 
 def test_del_with_ipamd_down_is_11_but_port_and_veth_removed() -> None:
@@ -319,7 +425,7 @@ def test_del_with_ipamd_down_is_11_but_port_and_veth_removed() -> None:
     plugin.cmd_add(a, c, drivers(w))
     w.ipamd_up = False
     with pytest.raises(CniError) as e:
-        plugin.cmd_del(a, c, drivers(w))
+        plugin.cmd_del(*dl(a), drivers(w))
     assert e.value.code == 11
     assert w.links == {} and w.ports == {}
     assert w.leases == {("c1", "eth0")}  # left for GC
@@ -338,6 +444,36 @@ def test_gc_removes_only_stale_of_this_network() -> None:
     assert sorted(w.ports) == sorted(host_ifname(x, "eth0") for x in ("keep", "other"))
     assert sorted(w.links) == sorted(w.ports)
     assert ("stale", "eth0") not in w.leases and ("keep", "eth0") in w.leases
+
+
+def test_gc_removes_veths_of_this_network_that_lost_their_port() -> None:
+    """Issue 11 item 11: GC looked only at OVS ports, so a veth of ours whose port was gone (OVS
+    lost it, or an ADD died between the two) stayed forever. The alias now names the network,
+    and GC removes such veths of its own network that are not valid."""
+    w = World()
+    d = drivers(w)
+    for cid in ("keep", "stale", "stale2"):
+        plugin.cmd_add(*mk({"ipam": IPAMD}, cid=cid), d)
+    plugin.cmd_add(*mk({"ipam": IPAMD, "name": "other"}, cid="other"), d)
+    w.links["ovuold"] = host_alias("old", "eth0")  # an older ADD: no network in the alias
+    w.links["eth9"] = "someone else's"
+    w.ports.clear()  # OVS lost every port
+    gc_a, gc_c = mk({"ipam": IPAMD, "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]})
+    plugin.cmd_gc(gc_a, gc_c, d)
+    assert sorted(w.links) == sorted([host_ifname("keep", "eth0"), host_ifname("other", "eth0"), "ovuold", "eth9"])
+    assert w.links[host_ifname("keep", "eth0")] == "ovs-underlay keep eth0 n1"
+
+
+@pytest.mark.parametrize(("network", "key"), [("n1", "n1"), ("x" * 64, "x" * 64), ("x" * 65, None)])
+def test_alias_names_the_network_and_stays_within_the_kernel_limit(network: str, key: str | None) -> None:
+    alias = host_alias("c" * 128, "eth0123456789ab", network)
+    a = parse_alias(alias)
+    assert a is not None and a.container_id == "c" * 128 and a.ifname == "eth0123456789ab"
+    assert a.network_key == key if key else a.network_key is not None and a.network_key.startswith("#")
+    assert len(alias.encode()) <= 255
+    assert same_attachment(alias, host_alias("c" * 128, "eth0123456789ab"))
+    assert not same_attachment(alias, host_alias("c" * 128, "eth1"))
+    assert parse_alias("ovs-underlay a b c d") is None and parse_alias("not ours") is None
 
 
 def test_host_name_is_deterministic_and_short() -> None:

@@ -142,6 +142,12 @@ class FakeLinks:
         self.state = "down"
 
 
+@pytest.fixture(autouse=True)
+def _log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin logs only inside cni.log.LOG_DIR: here, each test's tmp_path."""
+    monkeypatch.setattr("cni.log.LOG_DIR", str(tmp_path))
+
+
 def conf(version: str = "1.1.0", **ipam_extra: Any) -> dict[str, Any]:
     ipam: dict[str, Any] = {"type": "ovs-underlay-ipam", "daemonSocket": SOCK,
                             "subnets": [{"subnet": "10.1.0.0/24", "gateway": "10.1.0.1"}],
@@ -164,7 +170,7 @@ def run(command: str, config: dict[str, Any] | None, client: Any, tmp_path: Path
     def bind(verb: Any) -> Any:
         return lambda args: ipam_plugin._run(args, verb, factory, links)
 
-    verbs = verbs or skel.Verbs(add=bind(ipam_plugin.cmd_add), delete=bind(ipam_plugin.cmd_del),
+    verbs = verbs or skel.Verbs(add=bind(ipam_plugin.cmd_add), delete=lambda args: ipam_plugin.delete(args, factory),
                                 check=bind(ipam_plugin.cmd_check), status=bind(ipam_plugin.cmd_status),
                                 gc=bind(ipam_plugin.cmd_gc))
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "cid", "CNI_IFNAME": ifname,
@@ -378,6 +384,40 @@ def test_del_with_a_config_that_no_longer_validates_still_releases(tmp_path: Pat
     rc, out = run("DEL", conf(subnets="not-a-cidr"), c, tmp_path)
     assert rc == 0, out
     assert c.names() == ["release"] and c.socket == SOCK
+
+
+@pytest.mark.parametrize(("why", "cfg", "cni_args"), [
+    ("unknown ipam key", conf(excludeIpz=["10.1.0.5"]), ""),
+    ("bad prevResult", {**conf(), "prevResult": {"ips": "not-a-list"}}, ""),
+    ("bad CNI_ARGS", conf(), "garbage-without-equals"),
+    ("bad static IP", conf(), "IP=10.9.9.9.9"),
+    ("bad runtimeConfig", {**conf(), "runtimeConfig": "nope"}, ""),
+    ("bad timeoutMs", conf(timeoutMs="fast"), ""),
+])
+def test_del_releases_by_identity_whatever_else_is_wrong(tmp_path: Path, why: str, cfg: dict[str, Any],
+                                                         cni_args: str) -> None:
+    """Issue 11 item 5: DEL used to parse the whole config, so any of these made it fail (7, 4
+    or 6) and release nothing, and kubelet retried it forever. It reads only the name and the
+    socket now."""
+    c = FakeClient()
+    rc, out = run("DEL", cfg, c, tmp_path, cni_args=cni_args)
+    assert rc == 0, (why, out)
+    assert c.calls == [("release", {"network": "net1", "container_id": "cid", "ifname": "eth0"})]
+    assert c.socket == SOCK and c.timeout_ms == 10_000
+
+
+def test_del_without_a_usable_name_releases_in_every_network(tmp_path: Path) -> None:
+    c = FakeClient()
+    rc, out = run("DEL", {**conf(), "name": "bad name/with slash"}, c, tmp_path)
+    assert rc == 0, out
+    assert c.calls == [("release", {"network": "", "container_id": "cid", "ifname": "eth0"})]
+
+
+def test_del_with_a_bad_socket_falls_back_to_the_default(tmp_path: Path) -> None:
+    c = FakeClient()
+    rc, out = run("DEL", conf(daemonSocket="relative.sock"), c, tmp_path)
+    assert rc == 0, out
+    assert c.names() == ["release"] and c.socket == "/run/ovs-underlay/ipamd.sock"
 
 
 def test_check_ok_missing_and_mismatch(tmp_path: Path) -> None:

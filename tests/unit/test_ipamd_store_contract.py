@@ -244,3 +244,14 @@ def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
         assert s2.get_entry("n1", "10.0.0.5").node == "node-x"  # type: ignore[union-attr]
     finally:
         s2.close()
+def test_probe_write_is_durable_and_changes_nothing_visible(store: Store) -> None:
+    """The heartbeat readiness writes while commits fail (ipamd/readiness.py)."""
+    store.put_pool("n1", POOL)
+    store.reserve([entry("10.0.0.5/24")])
+    before = (store.networks(), store.list_entries(None, (ACTIVE, RELEASED, QUARANTINED)),
+              store.get_cursor("n1", 0))
+    store.probe_write()
+    with store.batch():
+        store.probe_write()
+    assert (store.networks(), store.list_entries(None, (ACTIVE, RELEASED, QUARANTINED)),
+            store.get_cursor("n1", 0)) == before

@@ -220,6 +220,22 @@ def test_unopenable_netns_sends_no_fd(shim: Path, tmp_path: Path) -> None:
     assert srv.nfds == 3 and srv.request == warm.encode_request(env, STDIN, str(tmp_path), False)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_as_netns_is_never_opened(shim: Path, tmp_path: Path, kind: str) -> None:
+    """Issue 11 item 12: open(O_RDONLY) of a FIFO blocks until a writer comes, and opening a
+    device runs its open handler (a watchdog starts counting). The shim opens CNI_NETNS with
+    O_PATH first, as core.netns.open_netns does, and passes no netns fd for anything but a
+    regular file (the worker's skel then reports the path: 8)."""
+    path = tmp_path / "fifo"
+    if kind == "fifo":
+        os.mkfifo(path)
+    env = base_env(tmp_path, CNI_NETNS=str(path) if kind == "fifo" else "/dev/null")
+    with fake_server(tmp_path / "warm.sock", "ok", code=8) as srv:
+        res, elapsed = run_shim(shim, env, cwd=tmp_path)
+    assert res.returncode == 8 and elapsed < 10
+    assert srv.nfds == 3 and srv.meta().netns_fd is False  # stdout, stderr, mount namespace
+
+
 # ---------------------------------------------------------------------------------------------
 # (b)-(d) fallbacks: everything is decided by the Python plugin the shim execs
 
