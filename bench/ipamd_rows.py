@@ -202,11 +202,15 @@ def main() -> int:
 CLUSTER_SUBNET = "10.94.0.0/16"
 
 
-def _metrics(port: int) -> dict[str, float]:
+def _metrics(port: int, pki: Path) -> dict[str, float]:
+    """etcd request counters from a node's metrics endpoint (mutual TLS: the bench's admin cert)."""
+    import ssl
     import urllib.request
 
+    ctx = ssl.create_default_context(cafile=str(pki / "server-ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
     out: dict[str, float] = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=5, context=ctx) as r:
         for line in r.read().decode().splitlines():
             if line.startswith("ipamd_etcd_requests_total"):
                 name, value = line.rsplit(" ", 1)
@@ -278,10 +282,14 @@ def cluster_rows(work: Path, quick: bool) -> list[dict[str, Any]]:
     cost of a block claim; etcd requests per allocation and per release."""
     from bench.common import netbed
     from testbed.etcd import free_port, start_cluster
+    from testbed.pki import make as make_pki
 
     rows: list[dict[str, Any]] = []
     per_client = 8 if quick else 40
     etcd = start_cluster(3, workdir=str(work / "etcd"))
+    pki = make_pki(Path(tempfile.mkdtemp(dir=work, prefix="pki")))
+    tls = ["--tls-cert", str(pki / "ipamd.crt"), "--tls-key", str(pki / "ipamd.key"),
+           "--tls-client-ca", str(pki / "client-ca.crt")]
     try:
         for store in ("sqlite", "etcd"):
             for nodes in (1, 3):
@@ -291,18 +299,18 @@ def cluster_rows(work: Path, quick: bool) -> list[dict[str, Any]]:
                     ports = [free_port() for _ in range(nodes)]
                     for k in range(nodes):
                         (d / f"n{k}").mkdir(parents=True, exist_ok=True)
-                        args = ["--node-name", f"bench{k}", "--metrics-port", str(ports[k])]
+                        args = ["--node-name", f"bench{k}", "--metrics-port", str(ports[k]), *tls]
                         if store == "etcd":
                             args += etcd.ipamd_args(f"/bench-{nodes}")
                         daemons.append(netbed.start_ipamd(str(d / f"n{k}"), args))
-                    before = [_metrics(p) for p in ports] if store == "etcd" else []
+                    before = [_metrics(p, pki) for p in ports] if store == "etcd" else []
                     load1 = os.getloadavg()[0]
                     m = _measure_nodes([x.socket for x in daemons], f"bench{nodes}", CLUSTER_SUBNET, 16,
                                        per_client)
                     row = {"row": f"cluster {store} {nodes} node(s) x 16 clients allocate", **m["alloc"],
                            "per_s": m["alloc_per_s"], "load1": load1}
                     if store == "etcd":
-                        after = [_metrics(p) for p in ports]
+                        after = [_metrics(p, pki) for p in ports]
                         pairs = list(zip(after, before, strict=True))
                         txn = sum(a.get("txn", 0) - b.get("txn", 0) for a, b in pairs)
                         allreq = sum(sum(a.values()) - sum(b.values()) for a, b in pairs)

@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="daemon config file (JSON); flags override it")
     s.add_argument("--socket", help=f"unix socket (default {DEFAULT_DAEMON_SOCKET})")
     s.add_argument("--state-dir", help="directory of the SQLite store (default /var/lib/ovs-underlay)")
-    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    s.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on 127.0.0.1:PORT, mutual TLS (needs the --tls-* files)")
     s.add_argument("--listen", help="also listen on TCP PORT or HOST:PORT (loopback by default); "
                                     "mutual TLS only: needs --tls-cert, --tls-key and --tls-client-ca")
     s.add_argument("--tls-cert", help="TCP listener: the server's certificate (PEM)")

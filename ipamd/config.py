@@ -103,6 +103,12 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
             f"listen {cfg.listen!r} needs mutual TLS: set {missing} (--tls-cert, --tls-key, "
             "--tls-client-ca); the TCP listener serves only clients whose certificate the client CA "
             "signed, the unix socket stays root-only")
+    if cfg.metrics_port and not all(tls.values()):
+        missing = ", ".join(k for k, v in tls.items() if not v)
+        raise DaemonConfigError(
+            f"metricsPort {cfg.metrics_port} needs mutual TLS: set {missing} (--tls-cert, --tls-key, "
+            "--tls-client-ca); nothing listens on TCP without it (scrape with a client certificate "
+            "the client CA signed)")
     for key, value in tls.items():
         if value and not value.startswith("/"):
             raise DaemonConfigError(f"{key} {value!r} must be an absolute path")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import bisect
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 log = logging.getLogger("ipamd.metrics")
 
@@ -94,8 +96,11 @@ class Metrics:
         lines.append(f"# TYPE {name} {kind}")
 
 
-def serve_metrics(metrics: Metrics, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve /metrics on host:port in a daemon thread; returns the server (shutdown() to stop)."""
+def serve_metrics(metrics: Metrics, port: int, host: str, tls: ssl.SSLContext) -> ThreadingHTTPServer:
+    """Serve /metrics over HTTPS with mutual TLS on host:port in a daemon thread; returns the
+    server (shutdown() to stop). Nothing of ours listens on TCP without mutual TLS: a scraper
+    needs a client certificate the client CA signed (Prometheus: `tls_config` cert_file/key_file).
+    The handshake runs in the handler's thread, so a silent client cannot stall the accept loop."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -112,7 +117,22 @@ def serve_metrics(metrics: Metrics, port: int, host: str = "127.0.0.1") -> Threa
         def log_message(self, format: str, *args: object) -> None:
             log.debug("msg=%s", format % args)
 
-    srv = ThreadingHTTPServer((host, port), Handler)
-    srv.daemon_threads = True
+    class TlsServer(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def get_request(self) -> tuple[Any, Any]:
+            sock, addr = self.socket.accept()
+            return tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            try:
+                request.settimeout(10)
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                log.info("peer=%s msg=%s error=%s", client_address[0], "metrics client refused", exc)
+                return
+            super().finish_request(request, client_address)
+
+    srv = TlsServer((host, port), Handler)
     threading.Thread(target=srv.serve_forever, name="metrics", daemon=True).start()
     return srv

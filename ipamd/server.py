@@ -28,6 +28,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import stat
 import threading
 from concurrent import futures
@@ -224,6 +225,18 @@ class Daemon:
         except Exception as exc:  # grpc raises plain RuntimeError/ValueError on malformed PEM
             raise StartupError(f"TLS files do not load: {exc}") from exc
 
+    def _metrics_tls(self) -> ssl.SSLContext:
+        """Mutual TLS for the metrics endpoint, from the same files as the TCP listener."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+            ctx.load_verify_locations(self.cfg.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"metrics TLS files do not load: {exc}") from exc
+        return ctx
+
     def _set_health(self, serving: bool, why: str = "") -> None:
         if self._stop.is_set():
             return  # shutting down: graceful shutdown owns the status now
@@ -260,7 +273,8 @@ class Daemon:
         self.server.start()
         os.chmod(self.cfg.socket, 0o600)
         if self.cfg.metrics_port:
-            self._metrics_srv = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host)
+            self._metrics_srv = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host,
+                                              self._metrics_tls())
         self.readiness.start()
         threading.Thread(target=self._watch_store, name="health", daemon=True).start()
         if self.cluster is not None:

@@ -297,17 +297,43 @@ def test_unreachable_daemon_is_unavailable_naming_socket(tmp_path: Path) -> None
     assert str(tmp_path / "none.sock") in info.value.msg
 
 
-def test_metrics_endpoint_on_loopback(ipamd_factory: Callable[..., netbed.Ipamd]) -> None:
+def test_metrics_endpoint_is_mutual_tls_only(ipamd_factory: Callable[..., netbed.Ipamd], tmp_path: Path) -> None:
+    """Nothing listens on TCP without mutual TLS: a metrics port without the TLS files is refused
+    at start; with them, a scraper without a client certificate, or with one a rogue CA signed,
+    gets nothing, and one the client CA signed reads the metrics."""
     import socket as so
+    import ssl
+    import urllib.error
     import urllib.request
+
+    from testbed import pki as testbed_pki
 
     with so.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = ipamd_factory("--metrics-port", str(port), name="metrics")
+    bad = subprocess.run([sys.executable, "-m", "ipamd", "serve", "--socket", str(tmp_path / "x.sock"),
+                          "--state-dir", str(tmp_path / "x"), "--metrics-port", str(port)],
+                         capture_output=True, text=True, timeout=30, cwd=netbed.ROOT)
+    assert bad.returncode == 2 and "metricsPort" in bad.stderr and "mutual TLS" in bad.stderr
+    pki = testbed_pki.make(tmp_path)
+    d = ipamd_factory("--metrics-port", str(port), "--tls-cert", str(pki / "ipamd.crt"), "--tls-key",
+                      str(pki / "ipamd.key"), "--tls-client-ca", str(pki / "client-ca.crt"), name="metrics")
     with IpamClient(d.socket) as c:
         c.allocate(network="m", pool=POOL, container_id=netbed.container_id("m"), ifname="eth0")
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    url = f"https://127.0.0.1:{port}/metrics"
+
+    def scrape(who: str | None) -> str:
+        ctx = ssl.create_default_context(cafile=str(pki / "server-ca.crt"))
+        if who:
+            ctx.load_cert_chain(str(pki / f"{who}.crt"), str(pki / f"{who}.key"))
+        return str(urllib.request.urlopen(url, timeout=5, context=ctx).read().decode())
+
+    for who in (None, "intruder"):
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            scrape(who)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP: no answer either
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    body = scrape("admin")
     assert 'ipamd_allocations_total{network="m"} 2' in body
     assert 'ipamd_pool_used{network="m",subnet="10.20.0.0/22"} 1' in body
     assert "ipamd_commit_batches_total 1\n" in body and "ipamd_commit_writes_total 1\n" in body

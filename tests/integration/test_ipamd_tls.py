@@ -23,37 +23,14 @@ from core.errors import CoreError, Unavailable
 from core.ipamd_client import ClientTls, IpamClient
 from core.spec import parse_ipam
 from testbed import netbed
+from testbed import pki as testbed_pki
 
 POOL = parse_ipam({"subnets": [{"subnet": "10.50.0.0/24", "gateway": "10.50.0.1"}]}).pool
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}", cwd=d)
-
-
-def _cert(d: Path, name: str, ca: str, ext: str) -> None:
-    (d / f"{name}.ext").write_text(ext + "\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    (d / f"{name}.key").chmod(0o600)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("server-ca", "client-ca", "rogue-ca"):
-        _ca(d, ca)
-    _cert(d, "ipamd", "server-ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
-    _cert(d, "admin", "client-ca", "extendedKeyUsage=clientAuth")
-    _cert(d, "intruder", "rogue-ca", "extendedKeyUsage=clientAuth")
-    return d
+    return testbed_pki.make(tmp_path_factory.mktemp("pki"))
 
 
 def _free_port() -> int:

@@ -38,9 +38,14 @@ def test_ns_frame_checksum_and_group() -> None:
 
 def test_daemon_config_file_and_overrides(tmp_path: Path) -> None:
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({"socket": "/run/a.sock", "cooldownSeconds": 5, "metricsPort": 9000}))
+    tls = {"tlsCert": "/etc/t/c.pem", "tlsKey": "/etc/t/k.pem", "tlsClientCa": "/etc/t/ca.pem"}
+    p.write_text(json.dumps({"socket": "/run/a.sock", "cooldownSeconds": 5, "metricsPort": 9000, **tls}))
     cfg = load(str(p), {"socket": "/run/b.sock", "state_dir": None})
     assert (cfg.socket, cfg.cooldown_seconds, cfg.metrics_port) == ("/run/b.sock", 5, 9000)
+    # nothing listens on TCP without mutual TLS: a metrics port needs the TLS files
+    p.write_text(json.dumps({"metricsPort": 9000}))
+    with pytest.raises(DaemonConfigError, match="metricsPort 9000 needs mutual TLS"):
+        load(str(p), {})
     assert load(None, {}).socket == "/run/ovs-underlay/ipamd.sock"
     p.write_text(json.dumps({"cooldown": 5}))
     with pytest.raises(DaemonConfigError, match="unknown key 'cooldown'"):
