@@ -21,6 +21,8 @@ missing one `Missing`, a concurrent change `Changed` (look up again).
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -427,10 +429,27 @@ class Bridges:
         )
         self.db.transact(delete_bridge_steps(info, [str(p) for p in set_of(b[0]["ports"])]), deadline)
         _log.info("deleted OVS bridge %s", name)
+        self._await_gone(name, deadline)
+
+    @staticmethod
+    def _await_gone(name: str, deadline: float) -> None:
+        """Wait until ovs-vswitchd has removed the bridge's kernel device. It does so after the
+        transaction commits (a netdev bridge's tap lingers for some milliseconds), and a caller
+        that reads the node right after a delete, or creates the bridge again, must not see the
+        old device with its old addresses. Not finding it gone in time is logged, not fatal: the
+        bridge is out of OVS either way."""
+        end = min(deadline, time.monotonic() + OFPORT_WAIT_MS / 1000)
+        while True:
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                return
+            if time.monotonic() >= end:
+                _log.warning("the kernel device of deleted bridge %s is still there", name)
+                return
+            time.sleep(0.005)
 
     def _await(self, name: str, deadline: float) -> None:
-        import time
-
         budget = min(OFPORT_WAIT_MS, int((deadline - time.monotonic()) * 1000) - 200)
         rows = rows_of(self.db.transact(ofport_steps(name, max(0, budget)), deadline)[1])
         ofport = optional(rows[0]["ofport"]) if rows else None

@@ -274,3 +274,28 @@ def test_cost_does_not_grow_with_ports(veth: Callable[[], str]) -> None:
     assert ratio["ADD excl. ofport wait"] < 3, report
     assert ratio["DEL"] < 3, report
     assert report["median ratio 1000/10"]["client CPU (ADD+DEL)"] < 3, report
+
+
+def test_bridge_kernel_device_exists_after_create_and_is_gone_after_delete() -> None:
+    """core.bridges: the agent reads the node right after a delete (and may create the bridge
+    again); a netdev bridge's tap outlives the OVSDB commit by some milliseconds, so delete_bridge
+    must return only once the kernel device is gone (it lingered on every try without the wait)."""
+    import socket
+
+    from core.bridges import Bridges, BridgeSpec
+
+    names = [netbed.uniq("bk") for _ in range(5)]
+    b = Bridges()
+    try:
+        for i, name in enumerate(names):
+            b.ensure_bridge(BridgeSpec(name, "netdev", f"02:00:5e:00:01:{i + 1:02x}", 1500, {"owner": OWNER}))
+            assert socket.if_nametoindex(name) > 0
+            b.delete_bridge(name)
+            with pytest.raises(OSError):
+                socket.if_nametoindex(name)
+            assert netbed.ovs_rows("Bridge", "name", where=[f"name={name}"]) == []
+        b.delete_bridge(names[0])  # missing is fine
+    finally:
+        b.close()
+        for name in names:
+            netbed.delete_bridge(name)
