@@ -376,7 +376,7 @@ class Reconciler:
             actions: list[Action] = []
             try:
                 now_ms = int(self._clock() * 1000)
-                self._pass(now_ms, int(grace * 1000), dry_run, actions.append)
+                self._pass(now_ms, int(grace * 1000), dry_run, trigger, actions.append)
             except (CoreError, OSError) as exc:
                 self.metrics.inc("ipamd_reconcile_runs_total", trigger=trigger, result="failed")
                 msg = getattr(exc, "msg", "") or str(exc)
@@ -394,7 +394,8 @@ class Reconciler:
                     report.count(DEFERRED), report.count(KEPT), "reconcile pass")
             return report
 
-    def _pass(self, now_ms: int, grace_ms: int, dry_run: bool, out: Callable[[Action], None]) -> None:
+    def _pass(self, now_ms: int, grace_ms: int, dry_run: bool, trigger: str,
+              out: Callable[[Action], None]) -> None:
         # Leases first (see "Race safety" 1), then ports and veths.
         leases = [e for e in self.allocator.node_leases() if e.state == ACTIVE]
         ports, links = self._tools()
@@ -406,9 +407,9 @@ class Reconciler:
                 self.metrics.inc("ipamd_reconcile_actions_total", step=a.step, outcome=a.outcome)
                 level = logging.INFO if a.outcome in (DONE, WOULD) else (
                     logging.WARNING if a.outcome == FAILED else logging.DEBUG)
-                log.log(level, "step=%s outcome=%s target=%s container_id=%s ifname=%s netns=%s msg=%s%s",
-                        a.step, a.outcome, a.target, a.container_id, a.ifname, a.netns or "-", a.reason,
-                        f" error={a.detail}" if a.detail else "")
+                log.log(level, "trigger=%s step=%s outcome=%s target=%s container_id=%s ifname=%s netns=%s "
+                        "msg=%s%s", trigger, a.step, a.outcome, a.target, a.container_id, a.ifname,
+                        a.netns or "-", a.reason, f" error={a.detail}" if a.detail else "")
 
             p = Pass(now_ms=now_ms, grace_ms=grace_ms, dry_run=dry_run, leases=leases, objs=objs, ports=ports,
                      links=links, allocator=self.allocator, state_of=self._state_of, record=record)
