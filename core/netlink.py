@@ -17,6 +17,9 @@ It opens the path read-only, so a missing path fails exactly as `flags=0` does (
 created). A `Netlink` keeps ONE host IPRoute and ONE IPRoute per pod netns for the life of a
 verb and `close()` (called by `Drivers.close()`) releases them: one object = one invocation.
 Missing netns: ADD steps raise NetnsUnusable; `pod_state` returns None (gone).
+Host links for GC and the reconciler: `host_links(prefix)` lists links by alias prefix in one
+dump (with their ifindex), and `delete_host_link(..., index=)` deletes only the link that was
+judged: one deleted and re-created under the same name has a new index and stays.
 
 Import cost: `from pyroute2 import IPRoute` costs 100-145 ms, because pyroute2/__init__.py is a
 re-export aggregator importing ~40 modules we never use (ipdb, ndb, conntrack, nl80211, plan9,
