@@ -121,6 +121,7 @@ class Soak:
         self.cn: CniNode | None = None
         self.state_dir = work / "state"
         self.conf: dict[str, Any] = {}
+        self.machine: dict[str, Any] = {}
 
     # ---- bed ---------------------------------------------------------------------------------------
 
@@ -445,6 +446,7 @@ class Soak:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.machine = machine()  # with the load average at the start
         self.t0 = time.monotonic()
         threads = [threading.Thread(target=self.worker, args=(cfg.seed * 1000 + i,), name=f"pod-{i}")
                    for i in range(cfg.concurrency)]
@@ -490,7 +492,7 @@ class Soak:
         leaks.update({f"netns handles held by {k}": v for k, v in books["netns_handles"].items() if v})
         doc: dict[str, Any] = {
             "config": asdict(self.cfg),
-            "machine": machine(),
+            "machine": self.machine,
             "churn_s": round(churn_s, 1),
             "settle_s": round(settle_s, 1),
             "calls": len(calls),
