@@ -526,9 +526,20 @@ class Soak:
         return doc
 
 
-def run_soak(cfg: SoakConfig, work: Path) -> dict[str, Any]:
-    """Set the bed up, churn with faults, reconcile once, count; always tear the bed down."""
+def run_soak(cfg: SoakConfig, work: Path, *, stop_on_signal: bool = False) -> dict[str, Any]:
+    """Set the bed up, churn with faults, reconcile once, count; always tear the bed down.
+    `stop_on_signal` (main thread only): SIGTERM or SIGINT ends the churn early, and the run
+    still reconciles, counts and tears down (a second signal is not caught)."""
     soak = Soak(cfg, work)
+    if stop_on_signal:
+        def stop(signum: int, frame: object) -> None:
+            print(f"soak: {signal.Signals(signum).name}: ending the churn", file=sys.stderr, flush=True)
+            soak.stop.set()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):  # also when started with SIGINT ignored (`&`)
+            signal.signal(sig, stop)
     try:
         soak.setup()
         return soak.run()
@@ -604,7 +615,7 @@ def main() -> int:
     size = f"{cfg.duration_s:.0f} s" if cfg.duration_s else f"{cfg.ops} calls"
     print(f"soak: {size}, seed {cfg.seed}, work dir {work}", file=sys.stderr, flush=True)
     try:
-        doc = run_soak(cfg, work)
+        doc = run_soak(cfg, work, stop_on_signal=True)
     except Exception:
         print(f"soak: the harness broke:\n{traceback.format_exc()}", file=sys.stderr)
         return 2
