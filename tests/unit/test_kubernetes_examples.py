@@ -173,6 +173,8 @@ def test_probes_call_ipamd_health_on_its_socket() -> None:
 
 def test_volume_mounts_name_existing_volumes_and_every_volume_is_used() -> None:
     spec = pod_spec()
+    names = [v["name"] for v in spec["volumes"]]
+    assert len(names) == len(set(names)), "a volume defined twice (the API server refuses the pod)"
     used = set()
     for c in spec["initContainers"] + spec["containers"]:
         paths = [m["mountPath"] for m in c.get("volumeMounts", [])]
