@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # when a step fails. `make V=1 ...` shows everything as it happens.
 STEP := scripts/step.sh
 
-.PHONY: setup sysdeps venv proto lint test unit integration binary image cnitool install demo demo-cluster bench bench-quick soak-cluster bench-agent clean
+.PHONY: setup sysdeps venv proto lint test unit integration binary image cnitool install demo demo-cluster bench bench-quick soak soak-cluster bench-agent clean
 
 setup: sysdeps venv proto
 
@@ -82,6 +82,12 @@ bench: setup binary
 
 bench-quick: setup binary
 	$(PY) -m bench.run --quick
+
+# 10,000 ADD/DEL through the frozen plugin at concurrency 8 on one node with faults (kill -9 of
+# the plugin, the warm server and ipamd, an OVS restart, a full state dir), then one reconcile: a
+# report in bench/results/soak-latest.md (exit 1 when the books do not balance). OPS=N for fewer.
+soak: setup binary
+	$(PY) -m bench.soak $(if $(OPS),--ops $(OPS),)
 
 # The full cluster churn of issue 10 (2,000 ADD/DEL through the frozen ovs-underlay-ipam on 3
 # nodes, every fault, a 30 s etcd outage): a report, not a test (CI runs a shorter one).

@@ -6,8 +6,9 @@ netlink in `netlink`, OVSDB over RFC 7047 in `ovsdb` with the Open_vSwitch opera
 `vswitch` and the agent's bridges in `bridges`, ARP/NDP frames in `frames`, the host-side gateway
 probe in `gateway`), what a host interface holds as plain records (`netstate`), the IPAM config
 contract (`spec`), the ipamd client and its wire converters (`ipamd_client`, `wire`), the names
-that mark what we own (`names`) and what ADD records about an attachment for DEL, GC and the
-reconciler (`attachment`).
+that mark what we own (`names`), what ADD records about an attachment for DEL, GC and the
+reconciler (`attachment`), and the one judgment of what we left behind on a node (`orphans`: CNI
+GC and ipamd's reconciler).
 
 Import rules (tests/unit/test_layout.py fails on a violation):
 - `core` imports neither `cni` nor `ipamd` nor `agent`;

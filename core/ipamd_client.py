@@ -44,6 +44,7 @@ class _IpamStub(Protocol):
     ProbeGateway: Callable[..., pb.ProbeGatewayResponse]
     ListNodes: Callable[..., pb.ListNodesResponse]
     ReleaseNode: Callable[..., pb.ReleaseNodeResponse]
+    Reconcile: Callable[..., pb.ReconcileResponse]
 
 
 def reason_of(err: grpc.RpcError) -> str | None:
@@ -222,3 +223,12 @@ class IpamClient:
     def release_node(self, node: str) -> pb.ReleaseNodeResponse:
         """Free a dead node's blocks, leases and outage reserve (NODE_ALIVE while it beats)."""
         return self._stub.ReleaseNode(pb.ReleaseNodeRequest(node=node), timeout=max(self.timeout_s, 30.0))
+
+    @_translate
+    def reconcile(self, *, dry_run: bool = False, grace_seconds: int | None = None) -> pb.ReconcileResponse:
+        """One reconcile pass of the daemon's node, now (grace None: the daemon's own)."""
+        req = pb.ReconcileRequest(dry_run=dry_run)
+        if grace_seconds is not None:
+            req.grace_seconds = grace_seconds
+        resp: pb.ReconcileResponse = self._stub.Reconcile(req, timeout=self.timeout_s)
+        return resp

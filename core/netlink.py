@@ -17,6 +17,9 @@ It opens the path read-only, so a missing path fails exactly as `flags=0` does (
 created). A `Netlink` keeps ONE host IPRoute and ONE IPRoute per pod netns for the life of a
 verb and `close()` (called by `Drivers.close()`) releases them: one object = one invocation.
 Missing netns: ADD steps raise NetnsUnusable; `pod_state` returns None (gone).
+Host links for GC and the reconciler: `host_links(prefix)` lists links by alias prefix in one
+dump (with their ifindex), and `delete_host_link(..., index=)` deletes only the link that was
+judged: one deleted and re-created under the same name has a new index and stays.
 
 Import cost: `from pyroute2 import IPRoute` costs 100-145 ms, because pyroute2/__init__.py is a
 re-export aggregator importing ~40 modules we never use (ipdb, ndb, conntrack, nl80211, plan9,
@@ -69,7 +72,7 @@ from netaddr import IPAddress, IPNetwork
 
 from core.errors import AlreadyExists, CoreError, NetnsUnusable, NotOwned
 from core.frames import ETH_P_ARP, arp_announcement, unsolicited_na
-from core.names import Alias, parse_alias, same_attachment
+from core.names import ALIAS_PREFIX, Alias, parse_alias, same_attachment
 from core.netns import close_later, ifindex, open_netns, socket_in_netns
 from core.netstate import AF_INET6, FOREVER, IFA_F_SECONDARY, Address, Hop, IfaceState, Link, Route, Rule
 
@@ -168,6 +171,16 @@ class PodLink:
 
 
 @dataclass(frozen=True)
+class HostLink:
+    """A link of the host netns as one dump shows it."""
+
+    name: str
+    index: int
+    alias: str
+    kind: str  # IFLA_INFO_KIND ("veth", ...); "" when the kernel gives none
+
+
+@dataclass(frozen=True)
 class PodState:
     link: PodLink
     addresses: tuple[IPNetwork, ...]  # global-scope addresses
@@ -259,9 +272,27 @@ class Netlink:
             raise _nl_error(f"get link {name}", exc) from exc
         return str(msg.get("ifalias") or "")
 
-    def delete_host_link(self, name: str, alias: str) -> bool:
+    def host_links(self, alias_prefix: str) -> list[HostLink]:
+        """Every link of the host netns whose alias starts with `alias_prefix`, from one dump
+        (a reconciler or GC lists the links it may own; the caller judges ownership)."""
+        ipr = self._host_ipr()
+        try:
+            msgs = _retry(lambda: list(ipr.link("dump")), "dump host links")
+        except NetlinkError as exc:
+            raise _nl_error("dump host links", exc) from exc
+        out = []
+        for msg in msgs:
+            alias = str(msg.get("ifalias") or "")
+            if alias_prefix and alias.startswith(alias_prefix):
+                kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+                out.append(HostLink(str(msg.get("ifname")), int(msg["index"]), alias, str(kind or "")))
+        return out
+
+    def delete_host_link(self, name: str, alias: str, index: int | None = None) -> bool:
         """Delete host link `name` only if its alias names the same attachment as `alias`
-        (core.names.same_attachment: container id and ifname). True if deleted."""
+        (core.names.same_attachment: container id and ifname) and, when `index` is given, only if
+        it is still that link: one deleted and re-created under the same name since the caller
+        looked has another index and is left alone. True if deleted."""
         ipr = self._host_ipr()
         try:
             msg = _retry(lambda: ipr.link("get", ifname=name)[0], f"get link {name}")
@@ -273,6 +304,10 @@ class Netlink:
         if not same_attachment(have, alias):
             _log.warning("not deleting link %s: alias %r is not %r", name, have, alias)
             return False
+        if index is not None and int(msg["index"]) != index:
+            _log.info("not deleting link %s: it was re-created (index %s, expected %d)", name,
+                      msg["index"], index)
+            return False
         try:
             ipr.link("del", index=msg["index"])
         except NetlinkError as exc:
@@ -283,17 +318,12 @@ class Netlink:
 
     def owned_host_links(self) -> list[tuple[str, Alias]]:
         """Every host link whose alias marks it as one of ours: (name, parsed alias). One dump;
-        for GC and the reconciler (a veth of ours whose OVS port is gone)."""
-        ipr = self._host_ipr()
-        try:
-            msgs = _retry(lambda: list(ipr.link("dump")), "dump links")
-        except NetlinkError as exc:
-            raise _nl_error("dump links", exc) from exc
+        for GC (core.orphans judges the same listing, with ifindexes, for the reconciler)."""
         out = []
-        for m in msgs:
-            alias = parse_alias(m.get("ifalias"))
+        for ln in self.host_links(ALIAS_PREFIX):
+            alias = parse_alias(ln.alias)
             if alias is not None:
-                out.append((str(m.get("ifname")), alias))
+                out.append((ln.name, alias))
         return out
 
     def create_veth(self, *, host: str, netns: str, ifname: str, alias: str, mtu: int | None,

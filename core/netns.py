@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import enum
 import errno
 import fcntl
 import logging
 import os
 import queue
+import re
 import socket
 import stat
 import struct
@@ -105,6 +107,62 @@ def enter_mount_namespace(fd: int) -> None:
     if _libc().setns(fd, CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns(CLONE_NEWNS): {os.strerror(err)}")
+
+
+class NetnsState(enum.Enum):
+    PRESENT = "present"  # a network namespace is mounted at the path
+    GONE = "gone"  # the path no longer exists, and we could have seen it if it did
+    UNKNOWN = "unknown"  # cannot tell: never evidence that a pod is gone
+
+
+_PROC_NS = re.compile(r"^/proc/(\d+)/")
+
+
+def netns_state(path: str) -> NetnsState:
+    """Whether the network namespace a pod was given at `path` still exists, for a reconciler
+    that frees what a gone pod held. Only a missing path is GONE, and only when the place it
+    lived in is visible to us:
+    - a path that exists but is not a netns (an empty file left after the runtime unmounted
+      it, or every netns file when /run/netns is mounted into our container without mount
+      propagation) is UNKNOWN, never GONE: a blind daemon must leak, not free live addresses;
+    - `/run/netns/X` whose directory is missing is UNKNOWN (not mounted into our container);
+    - `/proc/<pid>/ns/net` whose process is gone is GONE only in the host's PID namespace
+      (kthreadd is pid 2 there and nowhere else): in a container without hostPID no host pid
+      is visible, and every such pod would look gone.
+    Never blocks: a FIFO or a device is not opened (S_ISREG only; nsfs files are regular). A path
+    that is not absolute (none is ever recorded) is UNKNOWN."""
+    if not os.path.isabs(path):
+        return NetnsState.UNKNOWN
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return NetnsState.UNKNOWN
+        m = _PROC_NS.match(path)
+        if m is not None:
+            return NetnsState.GONE if _in_host_pid_namespace() else NetnsState.UNKNOWN
+        return NetnsState.GONE if os.path.isdir(os.path.dirname(path)) else NetnsState.UNKNOWN
+    if not stat.S_ISREG(st.st_mode):
+        return NetnsState.UNKNOWN
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return NetnsState.UNKNOWN
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return NetnsState.UNKNOWN  # not a namespace file (any more)
+    finally:
+        os.close(fd)
+    return NetnsState.PRESENT if nstype == CLONE_NEWNET else NetnsState.UNKNOWN
+
+
+def _in_host_pid_namespace() -> bool:
+    try:
+        with open("/proc/2/comm", encoding="ascii") as fh:
+            return fh.read().strip() == "kthreadd"
+    except OSError:
+        return False
 
 
 def own_netns_inode() -> int:

@@ -111,6 +111,7 @@ class PortInfo:
     port_ids: Mapping[str, str]
     iface_ids: Mapping[str, str]
     ofport: int | None
+    uuid: str = ""  # the Port row's _uuid: what `delete_port_if` compares
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ def port_info(port: Mapping[str, Any], bridge: str | None, iface: Mapping[str, A
         name=str(port["name"]), bridge=bridge, tag=optional(port["tag"]),
         trunks=tuple(sorted(set_of(port["trunks"]))), vlan_mode=optional(port["vlan_mode"]),
         port_ids=map_of(port["external_ids"]), iface_ids=map_of(iface["external_ids"]) if iface else {},
-        ofport=optional(iface["ofport"]) if iface else None)
+        ofport=optional(iface["ofport"]) if iface else None, uuid=str(from_atom(port["_uuid"])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +464,21 @@ class Vswitch:
                 if attempt == _ATTEMPTS:
                     raise
                 _log.info("OVS ports %s changed while deleting them; retrying", ", ".join(names))
+
+    def delete_port_if(self, name: str, port_uuid: str) -> bool:
+        """Delete our port `name` only if its Port row is still `port_uuid`, the row the caller
+        judged (a reconciler): a port replaced since then, e.g. by a new ADD of the same
+        attachment, is a new row and is left alone. The check and the delete are ONE
+        transaction. True if deleted; False when it is gone, replaced or not ours."""
+        deadline = self.db.deadline()
+        (found,) = self._lookup([name], deadline)
+        if found.port != port_uuid or not found.ours:
+            return False
+        try:
+            self.db.transact([*_unchanged_guard(found), *delete_steps([found])], deadline)
+        except Changed:
+            return False
+        return True
 
     def set_iface_ids(self, name: str, ids: Mapping[str, str]) -> None:
         """Set (merge) external_ids keys on our Interface `name` in one transaction."""

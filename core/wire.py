@@ -53,6 +53,7 @@ class Reason:
     NODE_ALIVE = "NODE_ALIVE"  # `nodes release` of a node whose heartbeat is alive
     NOT_CLUSTERED = "NOT_CLUSTERED"  # a cluster command on an ipamd with a node-local store
     NETWORK_QUARANTINED = "NETWORK_QUARANTINED"  # the network's stored definition does not parse
+    RECONCILE_FAILED = "RECONCILE_FAILED"  # a reconcile pass could not list OVS or the kernel
     INTERNAL = "INTERNAL"
 
 

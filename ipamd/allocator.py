@@ -239,6 +239,27 @@ class Allocator:
         self._pipeline.submit(w, {(network, container_id, ifname): ()} if network is not None else {}, ())
         return Plan(w, w)
 
+    def release_stale(self, network: str, container_id: str, ifname: str, *, created_before_ms: int,
+                      still_gone: Callable[[], bool]) -> list[Entry]:
+        """The reconciler's release: release the attachment only if every address it holds
+        (queued writes included) was granted at or before `created_before_ms`, and only if
+        `still_gone()` says so. Both are decided under the pipeline's lock, where every
+        Allocate is decided too: an Allocate of this attachment decided before this either
+        left a newer lease (refused here) or ran after its ADD had made the veth or the netns
+        that `still_gone` looks for; one decided after sees the release queued and allocates
+        anew. `still_gone` must be cheap (it holds up every allocation): a stat and a netlink
+        get, not an OVSDB round trip. Returns the released entries ([] when refused)."""
+
+        def plan(quiesced: bool) -> Plan[Write | None]:
+            held, _ = self._pipeline.held(network, container_id, ifname)
+            if not held or any(e.created_ms > created_before_ms for e in held) or not still_gone():
+                return Plan(None)
+            p = self._plan_release(network, container_id, ifname)
+            return Plan(p.result, p.write)
+
+        w = self._pipeline.execute(plan)
+        return list(w.result) if w is not None else []
+
     def _released(self, entries: Any) -> None:
         """A release is durable (called by the pipeline, under its lock): its addresses cool down."""
         self._state.released(entries)
@@ -252,9 +273,8 @@ class Allocator:
         keep = set(valid)
 
         def plan(quiesced: bool) -> Plan[list[Write]]:
-            mine = self.node if self.cluster is not None else None  # a node-local store: all are ours
             owners = {(e.network, e.container_id, e.ifname)
-                      for e in self.store.list_entries(network, (ACTIVE,), node=mine)}
+                      for e in self.store.list_entries(network, (ACTIVE,), node=self._mine())}
             writes = [self._plan_release(net, cid, ifname).result
                       for net, cid, ifname in sorted(owners) if (cid, ifname) not in keep]
             return Plan(writes, writes[-1] if writes else None)  # one batch: all settle together
@@ -348,6 +368,15 @@ class Allocator:
                     o.expire(occ_now)
                     out.append(PoolUsage(net, s.subnet, s.gateway, o.active, o.total, o.quarantined))
         return out
+
+    def _mine(self) -> str | None:
+        """The node whose leases this node may free: itself with a cluster store; with a
+        node-local store every lease is this node's (None: no filter)."""
+        return self.node if self.cluster is not None else None
+
+    def node_leases(self) -> list[Entry]:
+        """This node's live leases (the reconciler's; never another node's with a cluster store)."""
+        return self.store.list_entries(None, (ACTIVE,), node=self._mine())
 
     def leases(self, network: str | None = None, all_states: bool = False) -> list[Entry]:
         states: Sequence[str] = (ACTIVE, RELEASED, QUARANTINED) if all_states else (ACTIVE,)

@@ -4,7 +4,8 @@
             [--listen ADDR --tls-cert F --tls-key F --tls-client-ca F]
             [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
             [--etcd-cert F] [--etcd-key F] [--etcd-prefix P] [--node-name N] [--block-size N]
-            [--outage-reserve N]                  flags override the file; no config = defaults;
+            [--outage-reserve N] [--ovsdb unix:PATH] [--reconcile-interval S] [--reconcile-grace S]
+                                                  flags override the file; no config = defaults;
                                                   TCP is mutual TLS only
     pools   [--network N] [-o table|json]         used/total per subnet entry
     leases  [--network N] [--all] [-o table|json] one row per address; live only unless --all
@@ -16,6 +17,9 @@
     nodes   [-o table|json]                       cluster nodes (etcd store): alive, leases, blocks
     nodes release NODE                            free a dead node's blocks, leases and reserve;
                                                   refused while its heartbeat is alive
+    reconcile [--dry-run] [--grace-seconds N] [-o table|json]
+            one reconcile pass now: free the leases, OVS ports and veths of this node's gone
+            pods (see ipamd/reconcile.py); exit 1 when an action failed
 
 Every admin subcommand takes --socket PATH (or --server HOST:PORT with --tls-ca, --tls-cert,
 --tls-key: ipamd's mutual-TLS listener) and --timeout-ms. Exit codes: 0 ok, 1 the daemon
@@ -24,7 +28,9 @@ JSON output: `leases` -> [{network, ip, address, gateway, containerID, ifname, s
 podNamespace, podName, podUID, createdUnixMs, conflictMAC, node}]; `nodes` -> [{node, alive,
 self, leases, reserved, blocks: [{network, subnet, index, first, last}]}], `pools` -> [{network, subnet,
 gateway, used, total, free, quarantined}], and [{network, definitionError}] for a network ipamd
-quarantined because its stored definition does not parse.
+quarantined because its stored definition does not parse; `reconcile` -> {dryRun, graceSeconds,
+startedUnixMs, durationMs, actions: [{step, outcome, target, containerID, ifname, network, netns,
+reason, detail}]}.
 """
 
 from __future__ import annotations
@@ -73,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 16)")
     s.add_argument("--outage-reserve", type=int, help="addresses per subnet held for serving through an "
                    "etcd outage (default 4; 0 = none)")
+    s.add_argument("--ovsdb", help="this node's OVSDB, unix:PATH (default unix:/run/openvswitch/db.sock)")
+    s.add_argument("--reconcile-interval", type=int, metavar="SECONDS",
+                   help="seconds between reconcile passes (default 60; 0 = only on demand)")
+    s.add_argument("--reconcile-grace", type=int, metavar="SECONDS",
+                   help="how long a lease or veth must look gone before it is freed (default 300; 0 allowed)")
 
     def admin(name: str, help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help)
@@ -111,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("action", nargs="?", choices=("release",), help="release NODE: free a dead node")
     a.add_argument("node", nargs="?", help="the node to release")
     a.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    a = admin("reconcile", "free what gone pods left on this node (leases, OVS ports, veths), now")
+    a.add_argument("--dry-run", action="store_true", help="report what would be done; change nothing")
+    a.add_argument("--grace-seconds", type=int, metavar="N",
+                   help="only free what looks gone for N seconds (default: the daemon's --reconcile-grace)")
+    a.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    a.set_defaults(timeout_ms=60_000)
     return p
 
 
@@ -166,7 +183,9 @@ def _serve(args: argparse.Namespace) -> int:
                                  "etcd_endpoints": args.etcd_endpoints, "etcd_cacert": args.etcd_cacert,
                                  "etcd_cert": args.etcd_cert, "etcd_key": args.etcd_key,
                                  "etcd_prefix": args.etcd_prefix, "node_name": args.node_name,
-                                 "block_size": args.block_size, "outage_reserve": args.outage_reserve})
+                                 "block_size": args.block_size, "outage_reserve": args.outage_reserve,
+                                 "ovsdb": args.ovsdb, "reconcile_interval_seconds": args.reconcile_interval,
+                                 "reconcile_grace_seconds": args.reconcile_grace})
     except DaemonConfigError as exc:
         sys.stderr.write(f"{PROG} serve: {exc}\n")
         return 2
@@ -301,5 +320,22 @@ def _nodes(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconcile(client: Any, args: argparse.Namespace) -> int:
+    if args.grace_seconds is not None and args.grace_seconds < 0:
+        sys.stderr.write(f"{PROG} reconcile: --grace-seconds must be >= 0\n")
+        return 2
+    resp = client.reconcile(dry_run=args.dry_run, grace_seconds=args.grace_seconds)
+    rows = [{"step": a.step, "outcome": a.outcome, "target": a.target, "containerID": a.container_id,
+             "ifname": a.ifname, "network": a.network, "netns": a.netns, "reason": a.reason,
+             "detail": a.detail} for a in resp.actions]
+    if args.output == "json":
+        doc = {"dryRun": resp.dry_run, "graceSeconds": resp.grace_seconds,
+               "startedUnixMs": resp.started_unix_ms, "durationMs": resp.duration_ms, "actions": rows}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        _print(rows, ("step", "outcome", "target", "containerID", "ifname", "reason"), "table")
+    return 1 if any(r["outcome"] == "failed" for r in rows) else 0
+
+
 _ADMIN = {"pools": _pools, "leases": _leases, "release": _release, "gc": _gc, "health": _health,
-          "nodes": _nodes}
+          "nodes": _nodes, "reconcile": _reconcile}

@@ -19,6 +19,7 @@ DEFAULT_STATE_DIR = "/var/lib/ovs-underlay"
 DEFAULT_ETCD_PREFIX = "/ovs-underlay"
 NODE_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?$")  # a Kubernetes node name
 _PREFIX_RE = re.compile(r"^(/[a-zA-Z0-9_.-]+)+$")
+DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 
 
 class DaemonConfigError(ValueError):
@@ -57,6 +58,9 @@ class DaemonConfig:
 
     def endpoints(self) -> tuple[str, ...]:
         return tuple(e.strip() for e in self.etcd_endpoints.split(",") if e.strip())
+    ovsdb: str = DEFAULT_OVSDB  # this node's Open vSwitch (the reconciler looks for our ports there)
+    reconcile_interval_seconds: int = 60  # 0 = no periodic pass (`reconcile` on demand still works)
+    reconcile_grace_seconds: int = 300  # a lease/veth must look gone this long before it is freed
 
 
 # JSON key (camelCase, like the CNI config) -> field
@@ -70,6 +74,8 @@ _KEYS = {
     "blockSize": "block_size", "outageReserve": "outage_reserve",
     "healthIntervalSeconds": "health_interval_seconds",
     "tlsCert": "tls_cert", "tlsKey": "tls_key", "tlsClientCa": "tls_client_ca",
+    "ovsdb": "ovsdb", "reconcileIntervalSeconds": "reconcile_interval_seconds",
+    "reconcileGraceSeconds": "reconcile_grace_seconds",
 }
 _TYPES = {f.name: f.type for f in fields(DaemonConfig)}
 
@@ -114,6 +120,13 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
             raise DaemonConfigError(f"{key} {value!r} must be an absolute path")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise DaemonConfigError(f"logLevel {cfg.log_level!r}: expected debug, info, warning or error")
+    if not cfg.ovsdb.startswith(("unix:", "tcp:", "ssl:")):
+        raise DaemonConfigError(f"ovsdb {cfg.ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or "
+                                "ssl:IP:PORT)")
+    for key, v in (("reconcileIntervalSeconds", cfg.reconcile_interval_seconds),
+                   ("reconcileGraceSeconds", cfg.reconcile_grace_seconds)):
+        if v < 0:
+            raise DaemonConfigError(f"{key} must be >= 0, got {v}")
     return _check_cluster(cfg)
 
 

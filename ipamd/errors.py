@@ -80,6 +80,11 @@ class NotClustered(IpamError):
     """A cluster command sent to an ipamd with a node-local store."""
 
 
+class ReconcileFailed(IpamError):
+    """A reconcile pass could not list what it judges (OVSDB or netlink unreachable): it acted
+    on nothing after the failure; the next pass tries again."""
+
+
 class StoreConflict(Exception):
     """Raised by a store when a reservation would duplicate a live address. Internal: the
     allocator catches it (another writer won) and retries; it never reaches a client."""
@@ -108,6 +113,7 @@ WIRE: dict[type[IpamError], tuple[str, str]] = {
     NodeAlive: ("FAILED_PRECONDITION", Reason.NODE_ALIVE),
     NotClustered: ("FAILED_PRECONDITION", Reason.NOT_CLUSTERED),
     NetworkQuarantined: ("FAILED_PRECONDITION", Reason.NETWORK_QUARANTINED),
+    ReconcileFailed: ("UNAVAILABLE", Reason.RECONCILE_FAILED),
     IpamError: ("INTERNAL", Reason.INTERNAL),
 }
 

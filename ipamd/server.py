@@ -16,6 +16,8 @@ Why these steps, in this order:
   (online, or offline with addresses of its own left: an etcd outage alone is not NOT_SERVING);
 - with the etcd store: the node's heartbeat, the watch and the outage recovery run on the store's
   threads, and the outage reserve is topped up every RESERVE_INTERVAL_S;
+- the reconciler (ipamd/reconcile.py) makes its first pass once the socket serves, then one every
+  `reconcile_interval_seconds` on its own thread; `Reconcile` RPCs make one on demand;
 - SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), close the store.
 """
 
@@ -40,12 +42,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from core._proto import ipam_pb2_grpc
 from core.ipamd_client import IpamClient
+from core.netlink import Netlink
+from core.vswitch import Vswitch
 from ipamd.allocator import Allocator
 from ipamd.config import DaemonConfig, listen_address
 from ipamd.errors import CommitFailed
 from ipamd.metrics import Labels, Metrics, serve_metrics
 from ipamd.probe import Prober
 from ipamd.readiness import Readiness
+from ipamd.reconcile import Links, Periodic, Ports, Reconciler
 from ipamd.service import IpamService
 from ipamd.store import Cluster, Store
 from ipamd.store_sqlite import SqliteStore
@@ -139,6 +144,9 @@ class Daemon:
         self.metrics.add_gauges(self._pool_gauges)
         self.metrics.describe("ipamd_networks_quarantined", "gauge",
                               "Networks whose stored definition does not parse (allocations refused)")
+        self.reconciler = Reconciler(self.allocator, self.metrics, grace_s=cfg.reconcile_grace_seconds,
+                                     ipamd_socket=cfg.socket, tools=self._node_tools)
+        self._periodic = Periodic(self.reconciler, cfg.reconcile_interval_seconds, self._stop)
         self.metrics.describe("ipamd_commit_batches_total", "counter",
                               "Store transactions committed or failed (group commits: one fsync each)")
         self.metrics.describe("ipamd_commit_writes_total", "counter",
@@ -152,7 +160,7 @@ class Daemon:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="rpc"))
         ipam_pb2_grpc.add_IpamServicer_to_server(  # type: ignore[no-untyped-call]
-            IpamService(self.allocator, self.prober, self.metrics), self.server)
+            IpamService(self.allocator, self.prober, self.metrics, self.reconciler), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._metrics_srv: ThreadingHTTPServer | None = None
 
@@ -166,6 +174,11 @@ class Daemon:
     def _probe_write(self) -> None:
         with contextlib.suppress(CommitFailed):  # the failure reached readiness already
             self.allocator.probe_write()
+
+    def _node_tools(self) -> tuple[Ports, Links]:
+        """A fresh OVSDB connection and netlink socket per reconcile pass, on the pass's thread
+        (pyroute2 sockets belong to the thread that made them)."""
+        return Vswitch(self.cfg.ovsdb), Netlink()
 
     def _pool_gauges(self) -> list[tuple[str, Labels, float]]:
         out: list[tuple[str, Labels, float]] = []
@@ -279,10 +292,14 @@ class Daemon:
         threading.Thread(target=self._watch_store, name="health", daemon=True).start()
         if self.cluster is not None:
             threading.Thread(target=self._keep_reserve, name="outage-reserve", daemon=True).start()
+        if self.cfg.reconcile_interval_seconds > 0:
+            threading.Thread(target=self._periodic.loop, name="reconcile", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("socket=%s state_dir=%s store=%s node=%s metrics_port=%s msg=%s", self.cfg.socket,
-                 self.cfg.state_dir, self.cfg.store, self.cfg.node_name, self.cfg.metrics_port or "-",
+        log.info("socket=%s state_dir=%s store=%s node=%s metrics_port=%s reconcile_interval_s=%d "
+                 "reconcile_grace_s=%d ovsdb=%s msg=%s", self.cfg.socket, self.cfg.state_dir, self.cfg.store,
+                 self.cfg.node_name, self.cfg.metrics_port or "-", self.cfg.reconcile_interval_seconds,
+                 self.cfg.reconcile_grace_seconds, self.cfg.ovsdb,
                  "ipamd serving")
         self._stop.wait()
         self.shutdown()

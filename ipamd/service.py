@@ -34,6 +34,7 @@ from ipamd.errors import InvalidPool, InvalidRequest, IpamError, LeaseNotFound, 
 from ipamd.metrics import Metrics
 from ipamd.model import QUARANTINED, RESERVED, Entry
 from ipamd.probe import Prober
+from ipamd.reconcile import Reconciler
 from ipamd.store import Cluster
 
 log = logging.getLogger("ipamd.service")
@@ -115,10 +116,12 @@ class _ParsedPool(NamedTuple):
 
 
 class IpamService(ipam_pb2_grpc.IpamServicer):
-    def __init__(self, allocator: Allocator, prober: Prober, metrics: Metrics) -> None:
+    def __init__(self, allocator: Allocator, prober: Prober, metrics: Metrics,
+                 reconciler: Reconciler | None = None) -> None:
         self.allocator = allocator
         self.prober = prober
         self.metrics = metrics
+        self.reconciler = reconciler
         self._pools: dict[bytes, _ParsedPool] = {}
 
     def _parsed_pool(self, msg: pb.PoolSpec) -> _ParsedPool:
@@ -245,6 +248,20 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         return pb.ProbeGatewayResponse(reachable=res.answered, mac=res.mac or "",
                                        elapsed_us=int(res.elapsed_ms * 1000), cached=res.cached,
                                        skipped=res.skipped)
+
+    @_rpc
+    def Reconcile(self, request: pb.ReconcileRequest, context: Any) -> pb.ReconcileResponse:
+        if self.reconciler is None:
+            raise InvalidRequest("this ipamd runs no reconciler")
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        report = self.reconciler.run(dry_run=request.dry_run, grace_s=grace, trigger="request")
+        return pb.ReconcileResponse(
+            actions=[pb.ReconcileAction(step=a.step, target=a.target, container_id=a.container_id,
+                                        ifname=a.ifname, outcome=a.outcome, reason=a.reason,
+                                        network=a.network, netns=a.netns, detail=a.detail)
+                     for a in report.actions],
+            dry_run=report.dry_run, grace_seconds=int(report.grace_s), started_unix_ms=report.started_ms,
+            duration_ms=report.duration_ms)
 
 
 def leases_to_pb(entries: Iterable[Entry]) -> list[pb.Lease]:

@@ -400,11 +400,18 @@ class Ipamd:
             return ""
 
 
+# The system OVS and the root netns are shared with other test runs: a test ipamd reconciles only
+# when a test asks for it (with its own node: tests/integration/test_reconcile.py).
+NO_RECONCILE = ("--reconcile-interval", "0")
+
+
 def start_ipamd(workdir: str, extra_args: Sequence[str] = ()) -> Ipamd:
     sock = os.path.join(workdir, "ipamd.sock")
     state = os.path.join(workdir, "state")
     os.makedirs(state, exist_ok=True)
-    args = [sys.executable, "-m", "ipamd", "serve", "--socket", sock, "--state-dir", state, *extra_args]
+    quiet = () if "--reconcile-interval" in extra_args else NO_RECONCILE
+    args = [sys.executable, "-m", "ipamd", "serve", "--socket", sock, "--state-dir", state, *quiet,
+            *extra_args]
     d = Ipamd(sock, state, None, os.path.join(workdir, "ipamd.log"), args)
     d.start()
     return d

@@ -228,7 +228,8 @@ def start_frozen_ipamd(workdir: Path) -> netbed.Ipamd:
     state = workdir / "state"
     state.mkdir(parents=True, exist_ok=True)
     sock = str(workdir / "ipamd.sock")
-    args = [str(DIST / "ovs-underlay-ipamd"), "serve", "--socket", sock, "--state-dir", str(state)]
+    args = [str(DIST / "ovs-underlay-ipamd"), "serve", "--socket", sock, "--state-dir", str(state),
+            *netbed.NO_RECONCILE]
     d = netbed.Ipamd(sock, str(state), None, str(workdir / "ipamd.log"), args)
     d.start()
     return d

@@ -159,7 +159,7 @@ def test_upgrades_never_break_a_running_process_or_a_plugin_call(bundle: Path, t
     # A daemon started from the first release, as ipamd or the warm server would be.
     d = netbed.Ipamd(str(tmp_path / "ipamd.sock"), str(tmp_path / "state"), None, str(tmp_path / "ipamd.log"),
                      [str(root / "opt/ovs-underlay/ovs-underlay-ipamd"), "serve", "--socket", str(tmp_path / "ipamd.sock"),
-                      "--state-dir", str(tmp_path / "state")])
+                      "--state-dir", str(tmp_path / "state"), *netbed.NO_RECONCILE])
     (tmp_path / "state").mkdir()
     d.start()
     try:

@@ -173,6 +173,8 @@ def test_probes_call_ipamd_health_on_its_socket() -> None:
 
 def test_volume_mounts_name_existing_volumes_and_every_volume_is_used() -> None:
     spec = pod_spec()
+    names = [v["name"] for v in spec["volumes"]]
+    assert len(names) == len(set(names)), "a volume defined twice (the API server refuses the pod)"
     used = set()
     for c in spec["initContainers"] + spec["containers"]:
         paths = [m["mountPath"] for m in c.get("volumeMounts", [])]
@@ -240,6 +242,11 @@ def test_ipamd_runs_the_configmap_config_on_node_paths() -> None:
     assert posixpath.dirname(warm.DEFAULT_SOCKET) == sock_dir
     assert host_path_of(c, conf["stateDir"]) == conf["stateDir"]  # leases survive the pod
     assert host_path_of(c, "/run/netns") == "/run/netns"  # probes open the pod's netns
+    # the reconciler: the node's OVSDB socket, and the pods' netns as they appear after ipamd started
+    ovsdb_dir = posixpath.dirname(conf["ovsdb"].removeprefix("unix:"))
+    assert host_path_of(c, ovsdb_dir) == ovsdb_dir == "/run/openvswitch"
+    assert [m.get("mountPropagation") for m in c["volumeMounts"] if m["mountPath"] == "/run/netns"] == [
+        "HostToContainer"]
     # SIGTERM: ipamd finishes in-flight RPCs within its grace, well before the kubelet's SIGKILL.
     assert conf["shutdownGraceSeconds"] < pod_spec()["terminationGracePeriodSeconds"]
 
