@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 16)")
     s.add_argument("--outage-reserve", type=int, help="addresses per subnet held for serving through an "
                    "etcd outage (default 4; 0 = none)")
+    s.add_argument("--ovsdb-socket", help="OVSDB of the bridges, for the probe ports "
+                                          "(default unix:/run/openvswitch/db.sock)")
+    s.add_argument("--probe-netns", help="netns of the probe ports (default ovu-probe-<hash of the socket>)")
+    s.add_argument("--probe-candidates", type=int, help="addresses kept pre-probed per subnet (default 8; "
+                                                        "0: probe each address when it is handed out)")
+    s.add_argument("--no-probe-ports", dest="probe_ports", action="store_false", default=None,
+                   help="no probe ports: conflict probes go from the pods' interfaces")
 
     def admin(name: str, help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help)
@@ -166,7 +173,9 @@ def _serve(args: argparse.Namespace) -> int:
                                  "etcd_endpoints": args.etcd_endpoints, "etcd_cacert": args.etcd_cacert,
                                  "etcd_cert": args.etcd_cert, "etcd_key": args.etcd_key,
                                  "etcd_prefix": args.etcd_prefix, "node_name": args.node_name,
-                                 "block_size": args.block_size, "outage_reserve": args.outage_reserve})
+                                 "block_size": args.block_size, "outage_reserve": args.outage_reserve,
+                                 "ovsdb_socket": args.ovsdb_socket, "probe_netns": args.probe_netns,
+                                 "probe_candidates": args.probe_candidates, "probe_ports": args.probe_ports})
     except DaemonConfigError as exc:
         sys.stderr.write(f"{PROG} serve: {exc}\n")
         return 2

@@ -240,6 +240,7 @@ def test_ipamd_runs_the_configmap_config_on_node_paths() -> None:
     assert posixpath.dirname(warm.DEFAULT_SOCKET) == sock_dir
     assert host_path_of(c, conf["stateDir"]) == conf["stateDir"]  # leases survive the pod
     assert host_path_of(c, "/run/netns") == "/run/netns"  # probes open the pod's netns
+    assert host_path_of(c, "/run/openvswitch") == "/run/openvswitch"  # its probe ports (OVSDB)
     # SIGTERM: ipamd finishes in-flight RPCs within its grace, well before the kubelet's SIGKILL.
     assert conf["shutdownGraceSeconds"] < pod_spec()["terminationGracePeriodSeconds"]
 
