@@ -204,7 +204,7 @@ class Allocator:
             place = self.cluster.placement(network, k) if self.cluster is not None else None
             off = None
             if want is None and seg is not None and req.conflict_check:
-                order = policy.window(network, spec, occs[k], seg.size, place)
+                order = policy.window(network, spec, occs[k], seg.size(k), place)
                 off = seg.take(k, occs[k], req.conflict_check_wait_ms, order)
                 if off is not None:
                     fresh.add(k)

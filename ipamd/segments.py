@@ -27,7 +27,9 @@ What the probe port sends, all from its own MAC and never with an IP address of 
 - an RFC 5227 ARP probe (sender IP 0.0.0.0) or, for IPv6, a DAD-style neighbour solicitation
   (source ::) for each candidate: 1 to 3 frames spread over the network's wait (2 at the default
   100 ms), once per candidate every probeFreshSeconds/2 (defaults: 8 candidates, 10 s: 1.6 probes
-  and ~3 frames per second per subnet entry), plus one per address an ADD takes;
+  and ~3 frames per second per subnet entry), plus one per address an ADD takes; during a burst
+  of ADDs the window widens by the takes of the last BURST_S (up to 4 x probeCandidates), so a
+  burst probes up to that many addresses ahead, once each;
 - the same probe for each gateway of the segment's pools every gatewayCacheSeconds/2 (the router
   answers to the port's MAC; routers answer RFC 5227 probes for their own address).
 Nothing else: the port has no address and IPv6 is off on it, so its kernel sends nothing.
@@ -41,6 +43,7 @@ allocator while it holds this module's lock.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -83,6 +86,8 @@ _BPF = ((0x28, 0, 0, 12), (0x15, 6, 0, 0x0806), (0x15, 0, 6, 0x86DD), (0x30, 0, 
 MAX_TRIES, MIN_SPACING_MS = 3, 50  # as probe.py: frames per probe, spread over its wait
 TICK_S = 1.0  # every candidate window checked this often (a taken candidate: its network at once)
 MAX_STARTS = 32  # new background probes per segment per pass: a start with many networks is spread
+BURST_S = 5.0  # a window widens by the candidates taken from it within this long ...
+GROW = 4  # ... up to this many times probeCandidates (a burst of ADDs finds its pool probed)
 HEALTH_S = 5.0  # probe ports checked (and rebuilt) this often
 RETRY_S = 30.0  # a segment whose port could not be made is tried again after this
 GATEWAY_WAIT_MS = 500
@@ -151,10 +156,9 @@ class Joined:
         self.segment = seg.segment
         self.port = seg.handle.name if seg.handle else "?"
 
-    @property
-    def size(self) -> int:
-        """How many candidates are kept per subnet entry (the window take looks at)."""
-        return self._engine.n
+    def size(self, subnet_index: int) -> int:
+        """How many candidates are kept for a subnet entry now (the window take looks at)."""
+        return self._engine.size(self.network, subnet_index)
 
     def take(self, subnet_index: int, occ: SubnetOccupancy, wait_ms: int, order: list[int]) -> int | None:
         """The first offset of `order` (policy.window: what pick would hand out next, in that
@@ -186,6 +190,7 @@ class SegmentProbes:
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._dirty: set[str] = set()  # networks whose window moved (a candidate was taken)
+        self._taken: dict[tuple[str, int], collections.deque[float]] = {}  # when, the last BURST_S
         self._told: set[str] = set()  # segments already logged as on another OVSDB
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -294,11 +299,27 @@ class SegmentProbes:
 
     # ---- the allocator's side ----------------------------------------------------------------
 
+    def size(self, network: str, k: int) -> int:
+        """The window of a subnet entry: probeCandidates, widened by the takes of the last
+        BURST_S (at most GROW times): a burst of ADDs (a node's pods after a restart, a
+        scale-up) otherwise empties a window of 8 faster than its probes (conflictCheckWaitMs
+        each) refill it, and the rest wait for an inline probe. Back to probeCandidates once
+        the burst is over (the candidates beyond are dropped unused)."""
+        with self._lock:
+            q = self._taken.get((network, k))
+            if not q:
+                return self.n
+            cut = self.clock() - BURST_S
+            while q and q[0] < cut:
+                q.popleft()
+            return min(self.n * GROW, self.n + len(q))
+
     def take(self, s: _Seg, network: str, k: int, occ: SubnetOccupancy, wait_ms: int,
              order: list[int]) -> int | None:
         now = self.clock()
         best = None
         with self._lock:
+            self._taken.setdefault((network, k), collections.deque(maxlen=self.n * GROW)).append(now)
             table = s.cands.get((network, k), {})
             for off in order:
                 ipi = int(occ.address(off))
@@ -542,7 +563,7 @@ class SegmentProbes:
         budget: dict[str, int] = {}
         for s, name, pool, wait_ms in plan:
             for k in range(len(pool.subnets)):
-                window = self.pools.window(name, k, self.n)  # the pipeline lock, not ours
+                window = self.pools.window(name, k, self.size(name, k))  # the pipeline lock, not ours
                 left = budget.setdefault(s.segment.key, MAX_STARTS)
                 budget[s.segment.key] = left - self._arm(s, name, k, window, wait_ms, now, left)
         for s in gw:

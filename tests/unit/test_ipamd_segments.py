@@ -145,6 +145,22 @@ def test_a_conflict_found_inline_is_replaced_by_a_fresh_candidate() -> None:
     assert g.quarantined == ("10.0.0.10",) and g.conflict_probed
 
 
+def test_a_burst_widens_the_window_and_it_narrows_once_the_burst_is_over() -> None:
+    clock = Clock()
+    eng, alloc, _store, s, _wire = engine(clock, n=2)
+    alloc.ensure_pool("n1", POOL)
+    assert eng.size("n1", 0) == 2
+    for i in range(7):  # no candidate fresh: each ADD probes inline, and still counts as demand
+        alloc.allocate(req(f"c{i}"))
+    assert eng.size("n1", 0) == 8  # 2 + 7 takes, at most 4 x 2
+    clock.t += 0.5
+    fresh(s, clock, "10.0.0.19")  # third in line: in the widened window (.17-.20), not in one of 2
+    g = alloc.allocate(req("c7"))
+    assert [str(e.ip) for e in g.entries] == ["10.0.0.19"] and g.pre_probed == frozenset({0})
+    clock.t += 5.01  # the burst is over
+    assert eng.size("n1", 0) == 2
+
+
 def test_window_is_the_next_free_addresses_after_the_cursor() -> None:
     clock = Clock()
     _eng, alloc, _store, _s, _wire = engine(clock)
