@@ -134,7 +134,7 @@ def _setup_logging(level: str) -> None:
 def real_drivers(ovsdb: str) -> Drivers:
     from core.bridges import Bridges
     from core.gateway import GatewayProbe
-    from core.netlink import HostNet
+    from core.hostnet import HostNet
 
     return Drivers(HostNet(), Bridges(ovsdb), GatewayProbe())
 

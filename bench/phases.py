@@ -20,11 +20,11 @@ PHASES = {  # phase -> (module file suffix, function name)
     "OVSDB connect+preflight": ("cni/plugin.py", "preflight_bridge"),
     "netlink veth": ("core/netlink.py", "create_veth"),
     "OVSDB add port": ("core/vswitch.py", "add_port"),
-    "ipamd allocate RPC": ("core/ipamd_client.py", "allocate"),
+    "ipamd Allocate sent (before the veth)": ("core/ipamd_client.py", "start_allocate"),
+    "ipamd Allocate answer awaited": ("core/ipamd_client.py", "result"),
     "netlink addresses+routes": ("core/netlink.py", "configure"),
     "gateway probe RPC": ("cni/ipam.py", "gateway_check"),
     "announce (GARP/NA)": ("core/netlink.py", "announce"),
-    "OVSDB set ids": ("core/vswitch.py", "set_iface_ids"),
     "drivers close": ("cni/drivers.py", "close"),
     "whole verb (skel.main)": ("cni/skel.py", "main"),
 }

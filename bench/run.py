@@ -8,7 +8,8 @@ Writes bench/results/bench-<timestamp>.{md,json} and bench/results/latest.md. Se
 5   ipamd allocate/release (1 and 16 clients, /24 and /16, 0 and 60k leases), RSS
 5b  cluster: SQLite and etcd side by side, 1 and 3 nodes x 16 clients, block claim cost, etcd
     requests per operation
-6   probe cost: gateway + conflict checks on vs off
+6   probe cost: off, the defaults (pre-probed pool warm, gateway answered), a cold pool; c=8
+7   the OVS floor: veth + a raw OVSDB port add until ofport + one durable SQLite write
 Exit code: 0 when the harness ran (targets missed are reported, not failed); 2 when it broke.
 """
 
@@ -118,19 +119,23 @@ def targets(rows: list[dict[str, Any]], scale_counts: list[int]) -> list[dict[st
             "status": "n/a" if value != value else ("PASS" if ok else "MISS"),
         }
 
+    from bench.floor import FLOOR
+
+    warm, ref = get(rows, "ADD serial warm"), get(rows, "ADD serial ref")
     out = [
-        t("warm ADD p50 <= 6x reference", get(rows, "ADD serial warm") / get(rows, "ADD serial ref"), 6),
+        # issue 14 (one run; never met by weakening what ADD does)
+        t("ADD p50, defaults <= 1.2x probes off",
+          get(rows, "ADD warm defaults") / get(rows, "ADD warm probes off"), 1.2),
+        t("warm ADD p50 (probes off) <= 2.5x reference", warm / ref, 2.5),
+        t("warm ADD p50 (probes off) <= 1.5x the OVS floor", warm / get(rows, FLOOR), 1.5),
+        t("conc8 pods/s >= 0.8x reference",
+          get(rows, "ADD conc8 warm", "per_s") / get(rows, "ADD conc8 ref", "per_s"), 0.8, higher=True),
+        # earlier passes
         t("warm DEL p50 <= 4x reference", get(rows, "DEL serial warm") / get(rows, "DEL serial ref"), 4),
         t(
             "warm ADD p99 <= 2.5x own p50",
             get(rows, "ADD serial warm", "p99") / get(rows, "ADD serial warm"),
             2.5,
-        ),
-        t(
-            "conc8 pods/s >= 0.4x reference",
-            get(rows, "ADD conc8 warm", "per_s") / get(rows, "ADD conc8 ref", "per_s"),
-            0.4,
-            higher=True,
         ),
         t(
             "in-process ADD p50 <= 20x reference",
@@ -175,11 +180,12 @@ def targets(rows: list[dict[str, Any]], scale_counts: list[int]) -> list[dict[st
     out.append(t("etcd >= 500 alloc/s across 3 nodes", get(rows, e3, "per_s"), 500, "/s", higher=True))
     out.append(t("etcd writes per allocation/release <= 1",
                  get(rows, "cluster etcd 3 node(s) x 16 clients allocate", "etcd_txn_per_op"), 1, "txn"))
-    on, off = get(rows, "ADD warm probes on"), get(rows, "ADD warm probes off")
+    cold, off = get(rows, "ADD warm cold pool"), get(rows, "ADD warm probes off")
     from bench.plugin_rows import PROBE_WAIT_MS
 
     out.append(
-        t(f"probes-on ADD - off <= conflict wait {PROBE_WAIT_MS} + 10 ms", on - off, PROBE_WAIT_MS + 10, "ms")
+        t(f"cold pool ADD - probes off <= conflict wait {PROBE_WAIT_MS} + 10 ms", cold - off,
+          PROBE_WAIT_MS + 10, "ms")
     )
     return out
 
@@ -198,6 +204,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"nproc {m['nproc']}, {m['cpu']}, kernel {m['kernel']}, {m['ovs']}, Python {m['python']}; "
         f"load average start {m['loadavg_start']}, end {doc.get('loadavg_end')}; "
         f"duration {doc.get('duration_s', 0):.0f} s",
+        "",
+        "load average (1 min) at the start of each section: "
+        + ", ".join(f"{k} {v}" for k, v in doc.get("sections_load", {}).items()),
         "",
         "| row | n | min | p50 | p95 | p99 | max | /s | CPU ms/op | failed |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -225,6 +234,10 @@ def markdown(doc: dict[str, Any]) -> str:
                 for r in extra
             ),
         ]
+    phased = [r for r in doc["rows"] if r.get("phases")]
+    if phased:
+        lines += ["", "## Phases of the warm rows (median ms per call, from the plugin's log)", ""]
+        lines += [f"- {r['row']}: " + " ".join(f"{k}={v:g}" for k, v in r["phases"].items()) for r in phased]
     errs = [r for r in doc["rows"] if r.get("first_error")]
     for r in errs:
         lines.append(f"\nfirst error in `{r['row']}`: `{r['first_error'][:300]}`")
@@ -266,7 +279,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (seconds)")
-    ap.add_argument("--only", default="latency,ipam,startup,scale,ipamd,cluster,probes")
+    ap.add_argument("--only", default="latency,ipam,startup,scale,ipamd,cluster,probes,floor")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (netns, veth, OVS)", file=sys.stderr)
@@ -287,7 +300,8 @@ def main() -> int:
         "errors": [],
     }
     work = Path(tempfile.mkdtemp(prefix="ovs-underlay-bench-"))
-    from bench.plugin_rows import Bed, ipam_rows, latency_rows, probe_rows, scale_rows
+    from bench.floor import Floor, floor_rows
+    from bench.plugin_rows import Bed, ipam_rows, latency_rows, probe_rows, scale_rows, settle_ovs
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -306,6 +320,7 @@ def main() -> int:
         if name not in only:
             return None
         t0 = time.time()
+        doc.setdefault("sections_load", {})[name] = round(os.getloadavg()[0], 2)  # machine shared: say so
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         try:
             return fn()
@@ -318,20 +333,36 @@ def main() -> int:
 
     bed = None
     try:
-        if only & {"latency", "ipam", "scale", "probes", "startup"}:
+        if only & {"latency", "ipam", "scale", "probes", "startup", "floor"}:
             bed = Bed(work, max(n_serial, n_conc, 20))
-        doc["rows"] += section("latency", lambda: latency_rows(bed, n_serial, n_conc)) or []
+        with_floor = bed is not None and {"floor", "latency"} <= only
+        floor = Floor(bed.underlay.bridge, bed.netns, work) if with_floor and bed is not None else None
+
+        def lat() -> list[dict[str, Any]]:
+            try:
+                return latency_rows(bed, n_serial, n_conc, floor=floor) + (floor.rows() if floor else [])
+            finally:
+                if floor is not None:
+                    floor.close()
+
+        doc["rows"] += section("latency", lat) or []
         doc["rows"] += section("ipam", lambda: ipam_rows(bed, n_serial)) or []
         save()  # partial results survive an interrupted run
 
         def st() -> list[dict[str, Any]]:
             rows, doc["imports"] = startup_rows(5 if q else 30)
+            settle_ovs(bed)  # after the c=8 rows ovs-vswitchd may still be catching up
             doc["phases"] = phase_breakdown(bed)
             return rows
 
         doc["rows"] += section("startup", st) or []
         doc["rows"] += section("scale", lambda: scale_rows(bed, scale_counts, 5 if q else 20)) or []
-        doc["rows"] += section("probes", lambda: probe_rows(bed, 5 if q else 20)) or []
+        doc["rows"] += section("probes", lambda: probe_rows(bed, 5 if q else 20, n_conc)) or []
+        if "floor" in only and "latency" not in only:  # else measured with the serial latency rows
+            floor_n = 10 if q else 100
+            settle_ovs(bed)
+            u = bed.underlay.bridge if bed is not None else ""
+            doc["rows"] += section("floor", lambda: floor_rows(u, bed.netns, work, floor_n)) or []
     finally:
         if bed is not None:
             bed.close()

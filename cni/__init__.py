@@ -6,6 +6,6 @@ Failures of the core come as neutral `core.errors` exceptions; cni/errors.py map
 codes in one table, and skel writes the error.
 
 Import discipline (start-up cost is a feature): modules in this package import only the stdlib
-(and light core modules) at module level. pyroute2, ovs and grpc are imported inside the core
-boundary modules (core.netlink, core.vswitch, core.ipamd_client) that the verbs load on demand.
+(and light core modules) at module level. ovs and grpc are imported inside the core
+boundary modules (core.vswitch, core.ipamd_client) that the verbs load on demand.
 """

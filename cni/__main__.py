@@ -1,7 +1,7 @@
 """`ovs-underlay` entry point: the frozen binary runs this once per pod.
 
 Imports only the stdlib and cni.skel/cni.errors at module level; the verbs module
-(cni.plugin, which pulls in pyroute2/ovs/grpc through its drivers) is named by string and
+(cni.plugin, which pulls in ovs/grpc through its drivers) is named by string and
 imported by skel only for ADD/DEL/CHECK/STATUS/GC. VERSION imports none of them.
 """
 

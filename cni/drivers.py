@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from core.netlink import PodLink, PodState, RouteLike
     from core.ovn import Chassis, Lsp, LspSpec, NodeView
     from core.ovnsettings import Northbound
-    from core.spec import Allocation, IpamConf, PodRef, PoolDef, ProbeResult
+    from core.spec import Allocation, IpamConf, PodRef, PoolDef, ProbeResult, Segment
     from core.vswitch import BridgeView, PortInfo, PortSpec
 
 
@@ -79,6 +79,13 @@ class LeaseView(Protocol):
     def ips(self) -> Sequence[Any]: ...
 
 
+class PendingAllocationDriver(Protocol):
+    """An Allocate in flight (core.ipamd_client.PendingAllocation)."""
+
+    def result(self) -> Allocation: ...
+    def settle(self) -> None: ...
+
+
 class IpamClientDriver(Protocol):
     """The subset of core.ipamd_client.IpamClient the plugins use (same signatures)."""
 
@@ -86,7 +93,15 @@ class IpamClientDriver(Protocol):
     def allocate(self, *, network: str, pool: PoolDef, container_id: str, ifname: str,
                  pod: PodRef | None = None, requested_ips: Sequence[IPAddress] = (),
                  requested_mac: str | None = None, netns: str | None = None,
-                 conflict_check: bool = False, conflict_check_wait_ms: int = 100) -> Allocation: ...
+                 conflict_check: bool = False, conflict_check_wait_ms: int = 100,
+                 segment: Segment | None = None, interface_mac: str = "",
+                 probe_held: bool = False) -> Allocation: ...
+    def start_allocate(self, *, network: str, pool: PoolDef, container_id: str, ifname: str,
+                       pod: PodRef | None = None, requested_ips: Sequence[IPAddress] = (),
+                       requested_mac: str | None = None, netns: str | None = None,
+                       conflict_check: bool = False, conflict_check_wait_ms: int = 100,
+                       segment: Segment | None = None,
+                       interface_mac: str = "") -> PendingAllocationDriver: ...
     def release(self, *, network: str, container_id: str, ifname: str) -> Sequence[LeaseView]: ...
     def get_lease(self, *, network: str, container_id: str, ifname: str) -> Allocation | None: ...
     def gc(self, *, network: str, valid: Sequence[tuple[str, str]]) -> Sequence[LeaseView]: ...
@@ -139,8 +154,8 @@ class Drivers:
 
 
 def default_drivers(ovsdb_socket: str) -> Drivers:
-    """The production drivers. Imports pyroute2 / ovs here (not at module import); grpc only
-    when an ipamd client is actually created."""
+    """The production drivers. Imports the netlink and OVSDB modules here (not at module
+    import); grpc only when an ipamd client is actually created."""
     from cni.delegate import ExecDelegate
     from core.netlink import Netlink
     from core.ovn import NbClient, OvnNode

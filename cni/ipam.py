@@ -18,8 +18,8 @@ from typing import Protocol
 from netaddr import IPAddress
 
 from cni.errors import CniError, Code
-from cni.types import DNS, IPConfig, Route
-from core.spec import Allocation, ProbeResult
+from cni.types import DNS, IPConfig, Route, addr_key
+from core.spec import Allocation, GatewaySeen, ProbeResult
 
 _log = logging.getLogger("ovs-underlay.ipam")
 
@@ -32,6 +32,8 @@ class Addressing:
     routes: tuple[Route, ...] = ()
     dns: DNS = field(default_factory=DNS)
     mac: str | None = None  # the lease's MAC (macFromIP), if any
+    conflict_probed: bool = False  # ipamd probed the addresses (or took pre-probed ones)
+    gateways: tuple[GatewaySeen, ...] = ()  # gateways ipamd's probe port saw answer recently
 
 
 def addressing(alloc: Allocation, interface: int | None) -> Addressing:
@@ -41,7 +43,19 @@ def addressing(alloc: Allocation, interface: int | None) -> Addressing:
         ips=tuple(IPConfig(a.address, a.gateway, interface) for a in alloc.ips),
         routes=tuple(Route(r.dst, r.gw) for r in alloc.routes),
         dns=DNS(alloc.dns.nameservers, alloc.dns.domain, alloc.dns.search, alloc.dns.options),
-        mac=alloc.mac or None)
+        mac=alloc.mac or None, conflict_probed=alloc.conflict_probed, gateways=alloc.gateways)
+
+
+def conflict_macs(lease: Allocation) -> dict[tuple[str, int], str]:
+    """What CHECK says about each of the attachment's addresses that ipamd put in conflict (a
+    foreign MAC answered for it or announced it while the pod held it), by addr_key."""
+    out = {}
+    for ip, mac in zip(lease.conflicts, lease.conflict_macs, strict=True):
+        out[addr_key(ip.address)] = (
+            f"address {ip.address} is in conflict on the network: another host (MAC {mac or 'unknown'}) "
+            "answered for it or announced it, and ipamd quarantined it; find and stop that host, "
+            "then re-create the pod")
+    return out
 
 
 class GatewayProber(Protocol):
@@ -50,12 +64,20 @@ class GatewayProber(Protocol):
 
 
 def gateway_check(client: GatewayProber, *, netns: str, ifname: str, ips: Sequence[IPConfig],
-                  timeout_ms: int, cache_key: str, where: str, hint: str) -> None:
-    """Probe each gateway from `ifname` in `netns`, with the pod's address as sender. `where`
-    completes the 103 message (the VLAN and bridge, or the netns and network); `hint` says
-    what to check."""
+                  timeout_ms: int, cache_key: str, where: str, hint: str,
+                  seen: Sequence[GatewaySeen] = ()) -> None:
+    """Each gateway is reachable: answered by what ipamd's probe port on the pod's L2 segment
+    saw recently (`seen`, from the Allocate answer: no probe, no wait), else probed from
+    `ifname` in `netns` with the pod's address as sender. `where` completes the 103 message
+    (the VLAN and bridge, or the netns and network); `hint` says what to check."""
+    known = {g.gateway: g for g in seen}
     for ip in ips:
         if ip.gateway is None:
+            continue
+        hit = known.get(ip.gateway)
+        if hit is not None:
+            _log.info("gateway %s reachable (%s, seen by ipamd's probe port %d ms ago)", ip.gateway, hit.mac,
+                      hit.age_ms)
             continue
         res = client.probe_gateway(netns=netns, ifname=ifname, gateway=ip.gateway, sender_ip=ip.address.ip,
                                    timeout_ms=timeout_ms, cache_key=cache_key)

@@ -19,13 +19,21 @@ them (cni.errors); DEL and GC, which collect errors and go on, map them with `as
 Where the port goes (bridge, tag) is resolved on the node (cni.ovn_attach.resolve): the
 config's bridge, OVN's integration bridge, or the bridge ovn-bridge-mappings names.
 
-ADD order (each creating step pushes its undo; cleanup failures are logged, never raised):
-preflight (where the port goes) -> veth (pod end created in the netns) [undo: delete veth] ->
-OVS port in one transaction, iface-id included [undo: delete port] -> (OVN bind: wait for
-ovn-installed) -> IPAM: ipamd allocate with conflict probe [undo: release] or delegate ADD
-[undo: delegate DEL] -> lease MAC -> (OVN managed: the logical switch port in one NB
-transaction [undo: delete it], wait for ovn-installed) -> addresses + routes -> gateway check
-(ipamd) -> gratuitous ARP / unsolicited NA -> OVS ids with MAC/IPs -> result.
+ADD order (each creating step pushes its undo; cleanup failures are logged, never raised),
+with ipamd on a plain OVS port (issue 14): preflight (where the port goes) -> [Allocate sent,
+with the port's L2 segment and the pod's MAC, chosen here; undo: release once it has answered]
+-> veth (pod end created in the netns with that MAC) [undo: delete veth] -> ipamd's answer (it
+probed from its own port on the segment, or took a pre-probed address) -> lease MAC -> the OVS
+port in ONE transaction with MAC and addresses [undo: delete port] -> (only when ipamd could not
+probe: the held addresses probed now, from the pod's interface) -> addresses + routes -> gateway
+check (answered by what ipamd's probe port saw, else probed from the pod) -> gratuitous ARP /
+unsolicited NA -> result. Why: the Allocate and the veth overlap, and the port is written once,
+so ovs-vswitchd and ovsdb-server see one change per pod.
+Otherwise the port comes before IPAM: OVN (bind: wait for ovn-installed, so that the probes
+from the pod see the logical network; managed: the logical switch port in one NB transaction
+after the allocation [undo: delete it], then the wait) and a delegated IPAM plugin (dhcp needs
+the interface on the bridge); the MAC and addresses are then recorded on the port in a second
+write.
 """
 
 from __future__ import annotations
@@ -36,12 +44,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cni import ovn_attach
 from cni.drivers import Drivers, default_drivers
 from cni.errors import CniError, Code, as_cni
-from cni.ipam import Addressing, addressing, gateway_check
+from cni.ipam import Addressing, addressing, conflict_macs, gateway_check
 from cni.netconf import (
     DelConf,
     DelegateBackend,
@@ -58,9 +66,13 @@ from cni.ovnconf import NodeNorthbound
 from cni.types import CmdArgs, Interface, IPConfig, Result, addr_key
 from core.attachment import IPAMD, NO_IPAM, Record, read_record, record_ids
 from core.errors import CoreError
+from core.frames import random_mac
 from core.names import OWNER, host_alias, host_ifname, network_key, same_attachment
 from core.ovnsettings import load_northbound
-from core.spec import ConfigError
+from core.spec import ConfigError, Segment
+
+if TYPE_CHECKING:
+    from cni.drivers import PendingAllocationDriver as PendingAllocation
 
 _log = logging.getLogger("ovs-underlay.plugin")
 
@@ -202,30 +214,21 @@ def _ipam_kind(conf: NetConf) -> str:
 def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
     host = host_ifname(args.container_id, args.ifname)
     alias = host_alias(args.container_id, args.ifname, conf.name)
-    managed = conf.ovn is not None and conf.ovn.managed
     with contextlib.ExitStack() as stack:
         target = preflight_bridge(conf, d, Code.INVALID_NETWORK_CONFIG)
         _phase("preflight")
+        mac = conf.mac or random_mac()  # known before the interface exists: ipamd records it
+        early = conf.ovn is None and isinstance(conf.ipam, IpamdBackend | NoIpam)
+        pending = _start_ipamd(args, conf, target, d, stack, mac) if early else None
+        _phase("allocate_sent")
         link = d.netlink.create_veth(host=host, netns=args.netns, ifname=args.ifname, alias=alias,
-                                     mtu=conf.mtu, mac=conf.mac)
+                                     mtu=conf.mtu, mac=mac)
         stack.callback(_undo, f"delete veth {host}", d.netlink.delete_host_link, host, alias)
         _phase("veth")
-        d.ovsdb.add_port(port_spec(args, conf, target, host, link.mac))
-        stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
-        _phase("ovsdb")
-        if conf.ovn is not None and not managed:  # bound before IPAM: probes see the network
-            ovn_attach.wait_installed(args, conf, d, target, host)
-            _phase("ovn")
-        addr = _ipam_add(args, conf, d, stack)
-        _phase("ipam")
-        mac = link.mac
-        if addr.mac and not conf.mac and addr.mac.lower() != mac.lower():
-            d.netlink.set_pod_mac(netns=args.netns, ifname=args.ifname, mac=addr.mac)
-            mac = addr.mac.lower()
-        if managed:  # the LSP needs the final MAC and the addresses
-            ovn_attach.add_lsp(args, conf, d, target, mac, addr.ips, stack)
-            ovn_attach.wait_installed(args, conf, d, target, host)
-            _phase("ovn")
+        if early:
+            addr, mac = _lease_and_port(args, conf, target, d, stack, host, link.mac, pending)
+        else:
+            addr, mac = _port_then_ipam(args, conf, target, d, stack, host, link.mac)
         d.netlink.configure(netns=args.netns, ifname=args.ifname, addresses=[ip.address for ip in addr.ips],
                             routes=addr.routes)
         _phase("configure")
@@ -236,14 +239,11 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
                 cache_key=_segment(conf, target),
                 where=f"on {_segment_text(conf, target)} via OVS bridge {target.bridge} (host port {host})",
                 hint="check the uplink trunk, the VLAN on the switch and the gateway; "
-                     "set ipam.gatewayCheck=false to skip")
+                     "set ipam.gatewayCheck=false to skip", seen=addr.gateways)
         _phase("probes")
         d.netlink.announce(netns=args.netns, ifname=args.ifname, addresses=[ip.address.ip for ip in addr.ips],
                            mac=mac)
         _phase("announce")
-        d.ovsdb.set_iface_ids(host, {"attached_mac": mac,
-                                     "ip_addresses": ",".join(str(ip.address) for ip in addr.ips)})
-        _phase("ovsdb_ids")
         result = Result(
             cni_version=conf.cni_version,
             interfaces=(Interface(name=host, mac=link.host_mac),
@@ -254,6 +254,99 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
               f", logical port {ovn_attach.logical_port(args, conf)}" if conf.ovn else "",
               ",".join(str(i.address) for i in addr.ips) or "none")
     return result
+
+
+def _l2(target: Target, conf: NetConf) -> Segment:
+    """The L2 segment of a plain port: where ipamd's probe port for it goes (the VLAN that the
+    port's untagged frames are in: access tag, native VLAN, else 0)."""
+    return Segment(bridge=target.bridge, vlan=target.tag if target.tag is not None else 0,
+                   trunks=target.trunks, ovsdb=conf.ovsdb_socket)
+
+
+def _start_ipamd(args: CmdArgs, conf: NetConf, target: Target, d: Drivers, stack: contextlib.ExitStack,
+                 mac: str) -> PendingAllocation | None:
+    """Send the Allocate before the veth exists, so that ipamd decides (and, from its probe port
+    on the segment, probes) while the kernel makes the veth. Its undo waits for the answer first:
+    a release must follow the grant, never race it."""
+    if not isinstance(conf.ipam, IpamdBackend):
+        return None
+    ipam = conf.ipam.conf
+    client = d.ipam_client(ipam)
+    pending = client.start_allocate(
+        network=conf.name, pool=ipam.pool, container_id=args.container_id, ifname=args.ifname, pod=conf.pod,
+        requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
+        conflict_check=ipam.conflict_check, conflict_check_wait_ms=ipam.conflict_check_wait_ms,
+        segment=_l2(target, conf), interface_mac=mac)
+
+    def release() -> None:
+        pending.settle()
+        client.release(network=conf.name, container_id=args.container_id, ifname=args.ifname)
+
+    stack.callback(_undo, "release lease", release)
+    return pending
+
+
+def _lease_and_port(args: CmdArgs, conf: NetConf, target: Target, d: Drivers, stack: contextlib.ExitStack,
+                    host: str, mac: str, pending: PendingAllocation | None) -> tuple[Addressing, str]:
+    """ipamd's answer (or no IPAM), then the OVS port in ONE write with the pod's MAC and
+    addresses. When ipamd could not probe (no probe port on the segment), it probes the
+    addresses now, from the pod's interface on the bridge, before anything uses them."""
+    addr = addressing(pending.result(), interface=1) if pending is not None else Addressing()
+    _phase("ipam")
+    mac = _lease_mac(args, conf, d, mac, addr)
+    d.ovsdb.add_port(port_spec(args, conf, target, host, mac, addr.ips))
+    stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
+    _phase("ovsdb")
+    if isinstance(conf.ipam, IpamdBackend) and conf.ipam.conf.conflict_check and not addr.conflict_probed:
+        ipam = conf.ipam.conf
+        again = addressing(d.ipam_client(ipam).allocate(
+            network=conf.name, pool=ipam.pool, container_id=args.container_id, ifname=args.ifname,
+            pod=conf.pod, requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
+            conflict_check=True, conflict_check_wait_ms=ipam.conflict_check_wait_ms, interface_mac=mac,
+            probe_held=True), 1)
+        if again.ips != addr.ips:  # an address was in use on the wire and was replaced
+            mac = _lease_mac(args, conf, d, mac, again)
+            _record(d, host, mac, again)
+        addr = again
+        _phase("probe_held")
+    return addr, mac
+
+
+def _port_then_ipam(args: CmdArgs, conf: NetConf, target: Target, d: Drivers, stack: contextlib.ExitStack,
+                    host: str, mac: str) -> tuple[Addressing, str]:
+    """OVN and delegated IPAM: the port first (bound by ovn-controller before IPAM, so that
+    probes from the pod see the logical network; on the bridge for dhcp), IPAM, then MAC and
+    addresses recorded in a second write."""
+    managed = conf.ovn is not None and conf.ovn.managed
+    d.ovsdb.add_port(port_spec(args, conf, target, host, mac))
+    stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
+    _phase("ovsdb")
+    if conf.ovn is not None and not managed:
+        ovn_attach.wait_installed(args, conf, d, target, host)
+        _phase("ovn")
+    addr = _ipam_add(args, conf, d, stack)
+    _phase("ipam")
+    mac = _lease_mac(args, conf, d, mac, addr)
+    if managed:  # the LSP needs the final MAC and the addresses
+        ovn_attach.add_lsp(args, conf, d, target, mac, addr.ips, stack)
+        ovn_attach.wait_installed(args, conf, d, target, host)
+        _phase("ovn")
+    _record(d, host, mac, addr)
+    _phase("ovsdb_ids")
+    return addr, mac
+
+
+def _record(d: Drivers, host: str, mac: str, addr: Addressing) -> None:
+    ips = ",".join(str(ip.address) for ip in addr.ips)
+    d.ovsdb.set_iface_ids(host, {"attached_mac": mac, "ip_addresses": ips})
+
+
+def _lease_mac(args: CmdArgs, conf: NetConf, d: Drivers, mac: str, addr: Addressing) -> str:
+    """The lease's MAC (macFromIP) on the pod interface, unless the config set one."""
+    if addr.mac and not conf.mac and addr.mac.lower() != mac.lower():
+        d.netlink.set_pod_mac(netns=args.netns, ifname=args.ifname, mac=addr.mac)
+        return addr.mac.lower()
+    return mac
 
 
 def _segment(conf: NetConf, target: Target) -> str:
@@ -468,11 +561,13 @@ def _check_lease(args: CmdArgs, conf: NetConf, d: Drivers, prev: Result) -> list
         case IpamdBackend(ipam):
             lease = d.ipam_client(ipam).get_lease(network=conf.name, container_id=args.container_id,
                                                   ifname=args.ifname)
-            if lease is None:
+            conflicts = conflict_macs(lease) if lease is not None else {}
+            if lease is None or not (lease.ips or any(addr_key(ip.address) in conflicts for ip in prev.ips)):
                 return [f"no ipamd lease for {args.container_id}/{args.ifname} in network {conf.name}"]
             held = {addr_key(a.address) for a in lease.ips}
-            return [f"address {ip.address} is not leased to this attachment" for ip in prev.ips
-                    if addr_key(ip.address) not in held]
+            missing = [ip.address for ip in prev.ips if addr_key(ip.address) not in held]
+            return [conflicts.get(addr_key(a), f"address {a} is not leased to this attachment")
+                    for a in missing]
         case DelegateBackend(plugin):
             try:
                 d.delegate.run(plugin, "CHECK", args)

@@ -21,7 +21,7 @@ Order of checks (nothing has a side effect before all of them passed):
 Start-up cost: at module level only the stdlib, core.errors/core.names and cni.errors/
 cni.version/cni.log are imported;
 verbs given as "module:function" strings are imported on first use, so VERSION imports none of
-pyroute2/ovs/grpc (nor netaddr).
+ovs/grpc (nor netaddr).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The warm path: hand a CNI call to a pre-imported fork server instead of importing the world.
 
-Why: a cold plugin exec spends most of an ADD importing pyroute2, ovs, grpc and netaddr.
+Why: a cold plugin exec spends most of an ADD importing ovs, grpc, protobuf and netaddr.
 `ovs-underlay --warm-server` (cni/warm_server.py, the same frozen bundle) imports all of that
 once and then forks one worker per call, for both plugins, `ovs-underlay` and
 `ovs-underlay-ipam`: the request names the plugin. The worker runs exactly the in-process code,

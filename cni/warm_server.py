@@ -61,7 +61,8 @@ ACCEPT_BACKOFF_S = 0.05  # after accept fails (EMFILE): the pending connection k
 PREIMPORT = (
     "cni.types", "cni.netconf", "cni.drivers", "cni.plugin", "cni.ipam", "cni.delegate", "cni.ipam_plugin",
     "core.netlink", "core.ovsdb", "core.vswitch", "core.spec", "core.ipamd_client", "core.wire",
-    "core.netns", "core.frames",
+    "core.netns", "core.frames", "core.rtnl", "core.calls", "core.ovn", "core.ovnsettings",
+    "cni.ovn_attach", "cni.ovnconf",  # the verbs' OVN steps: default_drivers imports core.ovn (~5 ms)
     "ovs.jsonrpc", "ovs.stream", "ovs.poller", "ovs.vlog", "ovs.json",
     # grpc imports these on the first channel: ~4 ms per worker if left to the worker.
     "grpc", "grpc._channel", "grpc._simple_stubs", "grpc.experimental",

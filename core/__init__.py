@@ -20,6 +20,7 @@ Errors: everything here raises the neutral exceptions of `core.errors` (what fai
 object, why). Each program maps them at its edge, in one table: `cni/errors.py` to CNI codes,
 `ipamd/errors.py` to gRPC status codes with a machine-readable reason.
 
-Start-up cost: the modules that pull in a heavy library (netlink: pyroute2, ovsdb: ovs,
-ipamd_client: grpc) are imported by the programs only when a verb needs them.
+Start-up cost: the modules that pull in a heavy library (ovsdb: ovs; ipamd_client: protobuf,
+and grpc only for what the call socket does not carry) are imported by the programs only when a
+verb needs them.
 """

@@ -8,6 +8,7 @@ never depend on the pod's kernel choosing a source address; the plugin announces
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -20,6 +21,14 @@ ZERO_MAC = b"\x00" * 6
 ICMPV6_NS, ICMPV6_NA = 135, 136
 _ETH = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC (what the kernel picks for a veth end), made
+    by us so that it is known before the interface exists."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return mac_text(bytes(raw))
 
 
 def mac_bytes(mac: str) -> bytes:

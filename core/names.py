@@ -26,6 +26,11 @@ from dataclasses import dataclass
 OWNER = "ovs-underlay"  # external_ids:owner of our OVS rows
 ALIAS_PREFIX = "ovs-underlay "  # IFLA_IFALIAS of our host veths: "<prefix><cid> <ifname> <network>"
 MAX_NETWORK_IN_ALIAS = 64
+# external_ids:owner of ipamd's probe ports (one OVS internal port per L2 segment, in a netns
+# ipamd owns): a different owner, so that nothing that manages pods' ports (DEL, GC, the
+# reconciler) ever sees them, and ipamd never sees a pod's port.
+PROBE_OWNER = "ovs-underlay-ipamd"
+PROBE_IF_PREFIX = "ovp"
 HOST_IF_PREFIX = "ovu"
 
 # CNI spec: container ids and network names (alphanumerics, then also _ . -).
@@ -137,3 +142,8 @@ def same_attachment(have: str | None, want: str) -> bool:
     a, b = parse_alias(have), parse_alias(want)
     return a is not None and b is not None and (a.container_id, a.ifname) == (b.container_id, b.ifname)
 
+
+def probe_port_name(netns: str, segment_key: str) -> str:
+    """The probe port of one ipamd (known by its probe netns) on one segment ("bridge/vlan"):
+    deterministic, so a restarted ipamd finds the port it made before; 15 characters."""
+    return PROBE_IF_PREFIX + hashlib.sha256(f"{netns}|{segment_key}".encode()).hexdigest()[:12]

@@ -15,6 +15,7 @@ stdlib only: the plugin imports this on the ADD path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import enum
@@ -28,9 +29,13 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Callable
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 0x100000
+MNT_DETACH = 2
+NETNS_RUN_DIR = "/run/netns"
 NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs fd: the namespace type (linux/nsfs.h)
 SIOCGIFINDEX = 0x8933
 
@@ -40,11 +45,16 @@ _libc_cache: list[ctypes.CDLL] = []
 
 
 def _libc() -> ctypes.CDLL:
-    """libc for setns(2), loaded on first use: find_library may run ldconfig, which a caller
-    that only opens a netns path (the warm client) must not pay for."""
+    """libc for setns(2) (and unshare/mount for named netns), loaded on first use: find_library
+    may run ldconfig, which a caller that only opens a netns path (the warm client) must not pay
+    for."""
     if not _libc_cache:
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         lib.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+        lib.unshare.argtypes = (ctypes.c_int,)
+        lib.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                              ctypes.c_void_p)
+        lib.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
         _libc_cache.append(lib)
     return _libc_cache[0]
 
@@ -195,6 +205,106 @@ def socket_in_netns(netns_path: str, family: int, type_: int, proto: int = 0) ->
     sock = box["sock"]
     assert isinstance(sock, socket.socket)
     return sock
+
+
+def _on_thread(fn: Callable[[], object], name: str) -> object:
+    """Run `fn` on a short-lived thread (it may change its own namespaces: the thread dies with
+    them) and return its result or raise its exception here."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # handed to the caller's thread below
+            box["err"] = exc
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]  # type: ignore[misc]
+    return box.get("out")
+
+
+def _errno_check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _shared_run_dir() -> None:
+    """/run/netns as a shared mount point, as `ip netns add` makes it (so that a netns made
+    here is seen by every mount namespace that shares the directory)."""
+    os.makedirs(NETNS_RUN_DIR, mode=0o755, exist_ok=True)
+    run_dir = NETNS_RUN_DIR.encode()
+    if _libc().mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) == 0:
+        return
+    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
+        _errno_check(-1, f"make {NETNS_RUN_DIR} shared")
+    _errno_check(_libc().mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None), f"bind {NETNS_RUN_DIR}")
+    _errno_check(_libc().mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None),
+                 f"make {NETNS_RUN_DIR} shared")
+
+
+def create_named(name: str) -> str:
+    """The named network namespace /run/netns/<name>, created as `ip netns add` creates it, or
+    the existing one of that name (reused: a restarted daemon finds the netns it made). Returns
+    its path. The new netns is made by a short-lived thread that unshares and dies."""
+    path = os.path.join(NETNS_RUN_DIR, name)
+    try:
+        check_netns(path)
+        return path
+    except NetnsError:
+        pass
+    _shared_run_dir()
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))  # the mount point
+    except OSError as exc:
+        raise NetnsError(exc.errno, f"cannot create {path}: {exc.strerror}") from exc
+
+    def make() -> None:
+        _errno_check(_libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        _errno_check(_libc().mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None),
+                     f"bind the new netns to {path}")
+
+    try:
+        _on_thread(make, "netns-create")
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise NetnsError(exc.errno, f"cannot create netns {name}: {exc.strerror}") from exc
+    return path
+
+
+def delete_named(name: str) -> None:
+    """Remove /run/netns/<name> (as `ip netns del`); a missing one is fine. The netns itself goes
+    once nothing holds it any more."""
+    path = os.path.join(NETNS_RUN_DIR, name)
+    if _libc().umount2(path.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted / not there: nothing to undo
+            raise NetnsError(err, f"cannot unmount {path}: {os.strerror(err)}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def write_sysctl(netns_path: str, key: str, value: str) -> None:
+    """Write a net.* sysctl (`key` as in sysctl(8), e.g. net.ipv6.conf.eth0.disable_ipv6) inside
+    the netns: /proc/sys/net resolves against the netns of the thread that opens it."""
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    path = "/proc/sys/" + key.replace(".", "/")
+
+    def write() -> None:
+        if _libc().setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(err, f"setns({netns_path}): {os.strerror(err)}")
+        with open(path, "w") as fh:
+            fh.write(value)
+
+    try:
+        _on_thread(write, "netns-sysctl")
+    finally:
+        os.close(fd)
 
 
 def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.socket, int]:

@@ -161,6 +161,31 @@ class IpAssignment:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """The L2 segment an attachment's OVS port joins: where ipamd's probe port for it goes.
+    `vlan` is the VLAN the port's untagged frames are in (the access tag or a trunk's native
+    VLAN; 0 = untagged), `trunks` the trunk's VLANs, `ovsdb` the OVSDB remote of the bridge."""
+
+    bridge: str
+    vlan: int = 0
+    trunks: tuple[int, ...] = ()
+    ovsdb: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.bridge}/{self.vlan}"
+
+
+@dataclass(frozen=True)
+class GatewaySeen:
+    """A gateway that a segment's probe port saw answer or announce itself `age_ms` ago."""
+
+    gateway: IPAddress
+    mac: str
+    age_ms: int
+
+
+@dataclass(frozen=True)
 class Allocation:
     network: str
     container_id: str
@@ -170,6 +195,10 @@ class Allocation:
     dns: DnsSpec = field(default_factory=DnsSpec)
     mac: str | None = None
     conflict_probed: bool = False
+    pre_probed: int = 0  # addresses taken from fresh pre-probed candidates
+    gateways: tuple[GatewaySeen, ...] = ()  # seen by the segment's probe port recently
+    conflicts: tuple[IpAssignment, ...] = ()  # GetLease: addresses quarantined while held
+    conflict_macs: tuple[str, ...] = ()  # the MAC that claimed each of `conflicts`
 
 
 @dataclass(frozen=True)

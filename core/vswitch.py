@@ -11,11 +11,12 @@ rewrites Bridge.ports on attach/detach: ~0.3 ms more per write at 1000 ports). T
 used are stable in the Open_vSwitch schema.
 
 Ownership: our Port and Interface rows carry external_ids `owner=ovs-underlay`, `container_id`,
-`ifname` (Interface also netns, network, pod, attached MAC, IPs). We never delete a row whose
-owner is not ours: deletes are guarded in the same transaction by a `wait` on the owning row
-still being ours (and unchanged since we looked), so a race aborts the transaction instead of
-removing someone else's port. Replacing a stale port of ours is delete + add in ONE
-transaction.
+`ifname` (Interface also netns, network, pod, attached MAC, IPs); ipamd's probe ports carry
+`owner=ovs-underlay-ipamd` instead, and a `Vswitch(owner=...)` acts as that owner only. We
+never delete a row whose owner is not ours: deletes are guarded in the same transaction by a
+`wait` on the owning row still being ours (and unchanged since we looked), so a race aborts the
+transaction instead of removing someone else's port. Replacing a stale port of ours is delete +
+add in ONE transaction.
 
 ADD waits until ovs-vswitchd has attached the port: an RFC 7047 `wait` on Interface.ofport
 "!=" empty makes ovsdb-server hold the reply until ovs-vswitchd writes ofport (one round trip,
@@ -91,6 +92,7 @@ class PortSpec:
     iface_ids: Mapping[str, str] = field(default_factory=dict)
     port_ids: Mapping[str, str] = field(default_factory=dict)
     ofport_request: int | None = None
+    iface_type: str = ""  # Interface.type: "" (a system device: our veths), "internal" (probe ports)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Found:
     port_ifaces: tuple[str, ...] = ()  # Port.interfaces
     iface: str | None = None  # _uuid of the Interface with this name
     iface_ids: Mapping[str, str] = field(default_factory=dict)
+    me: str = OWNER  # the owner we act as (ipamd's probe ports: names.PROBE_OWNER)
 
     @property
     def owner(self) -> str | None:
@@ -133,7 +136,7 @@ class Found:
 
     @property
     def ours(self) -> bool:
-        return self.port is not None and self.owner == OWNER
+        return self.port is not None and self.owner == self.me
 
     @property
     def stray_iface(self) -> bool:
@@ -158,7 +161,7 @@ def port_columns(spec: PortSpec) -> dict[str, Any]:
 
 
 def iface_columns(spec: PortSpec) -> dict[str, Any]:
-    cols: dict[str, Any] = {"name": spec.name, "type": "", "external_ids": dict(spec.iface_ids)}
+    cols: dict[str, Any] = {"name": spec.name, "type": spec.iface_type, "external_ids": dict(spec.iface_ids)}
     if spec.ofport_request is not None:
         cols["ofport_request"] = [spec.ofport_request]
     return cols
@@ -188,18 +191,18 @@ def lookup_steps(names: Sequence[str]) -> list[Step]:
     return out
 
 
-def parse_lookup(names: Sequence[str], results: Sequence[Mapping[str, Any]]) -> list[Found]:
+def parse_lookup(names: Sequence[str], results: Sequence[Mapping[str, Any]], me: str = OWNER) -> list[Found]:
     out = []
     for i, n in enumerate(names):
         ports, ifaces = rows_of(results[2 * i]), rows_of(results[2 * i + 1])
-        f = Found(n)
+        f = Found(n, me=me)
         if ports:
             p = ports[0]
             f = Found(n, port=from_atom(p["_uuid"]), port_ids=map_of(p["external_ids"]),
-                      port_ifaces=tuple(set_of(p["interfaces"])))
+                      port_ifaces=tuple(set_of(p["interfaces"])), me=me)
         if ifaces:
             f = Found(n, f.port, f.port_ids, f.port_ifaces, iface=from_atom(ifaces[0]["_uuid"]),
-                      iface_ids=map_of(ifaces[0]["external_ids"]))
+                      iface_ids=map_of(ifaces[0]["external_ids"]), me=me)
         out.append(f)
     return out
 
@@ -219,11 +222,12 @@ def _unchanged_guard(found: Found) -> list[Step]:
 def _owned_guard(found: Found) -> Step:
     """A `wait` that aborts the transaction unless the row proving our ownership still does."""
     assert found.port is not None
-    table, uuid = ("Port", found.port) if found.port_ids.get("owner") == OWNER else ("Interface", found.iface)
+    by_port = found.port_ids.get("owner") == found.me
+    table, uuid = ("Port", found.port) if by_port else ("Interface", found.iface)
     assert uuid is not None
-    return Step(op_wait(table, [eq("_uuid", Uuid(uuid)), includes("external_ids", {"owner": OWNER})],
+    return Step(op_wait(table, [eq("_uuid", Uuid(uuid)), includes("external_ids", {"owner": found.me})],
                         ["_uuid"], "==", [{"_uuid": to_datum(Uuid(uuid))}], 0),
-                f"port {found.name} still owned by {OWNER}", error=Changed(f"port {found.name}"))
+                f"port {found.name} still owned by {found.me}", error=Changed(f"port {found.name}"))
 
 
 def _remove(found: Found) -> list[Step]:
@@ -244,7 +248,7 @@ def add_port_steps(spec: PortSpec, found: Found) -> list[Step]:
     NotOwned (and builds nothing) when the name is held by a row that is not ours; the bridge
     guard fails with Missing."""
     if found.port is not None and not found.ours:
-        raise NotOwned(f"OVS port {spec.name} exists and is not owned by {OWNER} (owner {found.owner!r}); "
+        raise NotOwned(f"OVS port {spec.name} exists and is not owned by {found.me} (owner {found.owner!r}); "
                        "not replacing it")
     if found.stray_iface:
         raise NotOwned(f"OVS interface {spec.name} exists in another port (owner "
@@ -287,9 +291,9 @@ def delete_steps(found: Sequence[Found]) -> list[Step]:
     return steps
 
 
-def set_ids_steps(name: str, ids: Mapping[str, str]) -> list[Step]:
+def set_ids_steps(name: str, ids: Mapping[str, str], owner: str = OWNER) -> list[Step]:
     """Merge `ids` into external_ids of OUR Interface `name` (delete the keys, insert the pairs)."""
-    return [Step(op_mutate("Interface", [eq("name", name), includes("external_ids", {"owner": OWNER})],
+    return [Step(op_mutate("Interface", [eq("name", name), includes("external_ids", {"owner": owner})],
                            [["external_ids", "delete", to_datum(sorted(ids))],
                             ["external_ids", "insert", to_datum(dict(ids))]]),
                  f"update external_ids of {name}")]
@@ -312,9 +316,10 @@ class Vswitch:
     closed by close()). Every public call has a deadline of `timeout_s` seconds."""
 
     def __init__(self, remote: str = DEFAULT_REMOTE, timeout_s: float = 10.0,
-                 db: OvsdbClient | None = None) -> None:
+                 db: OvsdbClient | None = None, owner: str = OWNER) -> None:
         # `db`: share a connection with other Open_vSwitch operations (core/bridges.py).
         self.db = db if db is not None else OvsdbClient(remote, DB, timeout_s)
+        self.owner = owner  # the external_ids:owner we act as: we touch only rows of this owner
 
     @property
     def remote(self) -> str:
@@ -381,9 +386,9 @@ class Vswitch:
         return self._infos(rows, {}, deadline)[0] if rows else None
 
     def find_ports(self, want: Mapping[str, str]) -> list[PortInfo]:
-        """Ports whose Interface external_ids contain all of `want` (plus owner=ovs-underlay)."""
+        """Ports whose Interface external_ids contain all of `want` (plus our owner)."""
         deadline = self.db.deadline()
-        want = {"owner": OWNER, **want}
+        want = {"owner": self.owner, **want}
         ifaces = rows_of(self.db.transact([Step(
             op_select("Interface", [includes("external_ids", want)], IFACE_COLUMNS),
             "find interfaces by external_ids")], deadline)[0])
@@ -401,14 +406,39 @@ class Vswitch:
     # -- writes ----------------------------------------------------------------------------
 
     def _lookup(self, names: Sequence[str], deadline: float) -> list[Found]:
-        return parse_lookup(names, self.db.transact(lookup_steps(names), deadline))
+        return parse_lookup(names, self.db.transact(lookup_steps(names), deadline), self.owner)
 
     def add_port(self, spec: PortSpec) -> None:
         """Delete a port of this name if it exists and is ours, then add `spec`, in ONE
         transaction; then wait until ovs-vswitchd has attached it (ofport set). A same-named
         port we do not own is an error (never touched). If OVS cannot attach the port, it is
-        removed again and ADD fails with Interface.error."""
+        removed again and ADD fails with Interface.error.
+
+        One round trip in the usual case: the add assumes that no row has the name (its guard
+        says so, and fails the transaction otherwise) and the ofport wait is pipelined behind
+        it. Only when a row of that name exists does it look up, then replace or refuse."""
         deadline = self.db.deadline()
+        optimistic = Found(spec.name, me=self.owner)
+        add, wait = self.db.transact_all([add_port_steps(spec, optimistic),
+                                          ofport_steps(spec.name, self._ofport_budget(deadline))], deadline)
+        if isinstance(add, Changed):
+            self._replace_port(spec, deadline)
+            wait = self._await(spec.name, deadline)
+        elif isinstance(add, CoreError):
+            raise add
+        try:
+            if isinstance(wait, CoreError):
+                raise wait
+            self._check_ofport(spec.name, wait)
+        except CoreError:
+            try:
+                self.delete_ports([spec.name])
+            except CoreError as exc:
+                _log.warning("could not remove OVS port %s after the failed attach: %s", spec.name, exc.msg)
+            raise
+
+    def _replace_port(self, spec: PortSpec, deadline: float) -> None:
+        """The name is taken: look it up and replace a stale port of ours in one transaction."""
         for attempt in range(1, _ATTEMPTS + 1):
             (found,) = self._lookup([spec.name], deadline)
             try:
@@ -421,26 +451,26 @@ class Vswitch:
         if found.port is not None:
             _log.info("replaced stale OVS port %s (owner %s, container %s)", spec.name, found.owner,
                       found.iface_ids.get("container_id") or found.port_ids.get("container_id"))
-        try:
-            self._await_ofport(spec.name, deadline)
-        except CoreError:
-            try:
-                self.delete_ports([spec.name])
-            except CoreError as exc:
-                _log.warning("could not remove OVS port %s after the failed attach: %s", spec.name, exc.msg)
-            raise
 
-    def _await_ofport(self, name: str, deadline: float) -> int:
-        t0 = time.monotonic()
-        budget = min(OFPORT_WAIT_MS, int((deadline - t0) * 1000) - 200)
-        rows = rows_of(self.db.transact(ofport_steps(name, max(0, budget)), deadline)[1])
+    @staticmethod
+    def _ofport_budget(deadline: float) -> int:
+        return max(0, min(OFPORT_WAIT_MS, int((deadline - time.monotonic()) * 1000) - 200))
+
+    def _await(self, name: str, deadline: float) -> list[dict[str, Any]] | CoreError:
+        try:
+            return self.db.transact(ofport_steps(name, self._ofport_budget(deadline)), deadline)
+        except CoreError as exc:
+            return exc
+
+    @staticmethod
+    def _check_ofport(name: str, results: Sequence[Mapping[str, Any]]) -> int:
+        rows = rows_of(results[1])
         if not rows:
             raise CoreError(f"OVS interface {name} vanished while waiting for its ofport")
         ofport, error = optional(rows[0]["ofport"]), optional(rows[0]["error"])
         if not isinstance(ofport, int) or ofport <= 0:
             raise CoreError(f"OVS could not attach port {name} (ofport {ofport}): "
                             f"{error or 'no error given'}")
-        _log.debug("OVS port %s ready: ofport %d after %.1f ms", name, ofport, (time.monotonic() - t0) * 1000)
         return ofport
 
     def delete_ports(self, names: Sequence[str]) -> None:
@@ -483,7 +513,7 @@ class Vswitch:
     def set_iface_ids(self, name: str, ids: Mapping[str, str]) -> None:
         """Set (merge) external_ids keys on our Interface `name` in one transaction."""
         deadline = self.db.deadline()
-        (r,) = self.db.transact(set_ids_steps(name, ids), deadline)
+        (r,) = self.db.transact(set_ids_steps(name, ids, self.owner), deadline)
         if r.get("count") == 1:
             return
         rows = rows_of(self.db.transact([Step(op_select("Interface", [eq("name", name)], ["external_ids"]),
@@ -491,5 +521,5 @@ class Vswitch:
         if not rows:
             raise CoreError(f"OVS interface {name} vanished")
         owner = map_of(rows[0]["external_ids"]).get("owner")
-        raise NotOwned(f"OVS interface {name} is not owned by {OWNER} (owner {owner!r})")
+        raise NotOwned(f"OVS interface {name} is not owned by {self.owner} (owner {owner!r})")
 

@@ -24,10 +24,12 @@ from core.spec import (
     Allocation,
     ConfigError,
     DnsSpec,
+    GatewaySeen,
     IpAssignment,
     PodRef,
     PoolDef,
     RouteSpec,
+    Segment,
     parse_ipam,
 )
 
@@ -191,6 +193,37 @@ def ip_from_pb(value: str, what: str) -> IPAddress:
 
 
 # ---------------------------------------------------------------------------------------------
+# segments and what their probe ports saw
+
+BRIDGE_MAX = 255  # OVS bridge names are strings; ours travel as data, never into a command line
+
+
+def segment_to_pb(seg: Segment | None) -> pb.Segment | None:
+    if seg is None:
+        return None
+    return pb.Segment(bridge=seg.bridge, vlan=seg.vlan, trunks=list(seg.trunks), ovsdb=seg.ovsdb)
+
+
+def segment_from_pb(msg: pb.Segment) -> Segment:
+    """Validate a segment received on the wire. Raises spec.ConfigError naming the bad field."""
+    if not msg.bridge or len(msg.bridge) > BRIDGE_MAX or not msg.bridge.isprintable():
+        raise ConfigError(f"segment.bridge {msg.bridge[:80]!r} is not an OVS bridge name")
+    if msg.vlan > 4094 or any(t > 4094 for t in msg.trunks):
+        raise ConfigError(f"segment: VLAN {msg.vlan} / trunks {list(msg.trunks)[:8]} outside 0..4094")
+    if len(msg.ovsdb) > 4096 or (msg.ovsdb and not msg.ovsdb.startswith(("unix:", "tcp:", "ssl:"))):
+        raise ConfigError(f"segment.ovsdb {msg.ovsdb[:80]!r} is not an OVSDB remote")
+    return Segment(msg.bridge, int(msg.vlan), tuple(int(t) for t in msg.trunks), msg.ovsdb)
+
+
+def gateways_to_pb(seen: Iterable[GatewaySeen]) -> list[pb.GatewaySeen]:
+    return [pb.GatewaySeen(gateway=str(g.gateway), mac=g.mac, age_ms=g.age_ms) for g in seen]
+
+
+def gateways_from_pb(msgs: Iterable[pb.GatewaySeen]) -> tuple[GatewaySeen, ...]:
+    return tuple(GatewaySeen(IPAddress(g.gateway), g.mac, int(g.age_ms)) for g in msgs if g.gateway)
+
+
+# ---------------------------------------------------------------------------------------------
 # leases
 
 
@@ -200,10 +233,16 @@ def ips_of_lease(msg: pb.Lease) -> tuple[IpAssignment, ...]:
 
 
 def allocation_from_pb(lease: pb.Lease, routes: Iterable[pb.Route], dns: pb.Dns,
-                       conflict_probed: bool = False) -> Allocation:
+                       conflict_probed: bool = False, *, pre_probed: int = 0,
+                       gateways: Iterable[pb.GatewaySeen] = (),
+                       conflicts: Iterable[pb.Lease] = ()) -> Allocation:
     """An Allocate or GetLease answer as the plugin's `Allocation`."""
+    held = list(conflicts)
     return Allocation(
         network=lease.network, container_id=lease.container_id, ifname=lease.ifname,
         ips=ips_of_lease(lease), routes=routes_from_pb(routes), dns=dns_from_pb(dns),
-        mac=lease.mac or None, conflict_probed=conflict_probed,
+        mac=lease.mac or None, conflict_probed=conflict_probed, pre_probed=pre_probed,
+        gateways=gateways_from_pb(gateways),
+        conflicts=tuple(ip for c in held for ip in ips_of_lease(c)),
+        conflict_macs=tuple(c.conflict_mac for c in held for _ in c.ips),
     )

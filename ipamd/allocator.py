@@ -1,5 +1,5 @@
 """The allocator the service calls: the allocation policy, run through the commit pipeline, with
-conflict probing on top.
+conflict probing on top (and, on a request's L2 segment, pre-probed candidates: segments.py).
 
 Why a thin composition: the rules live in policy.py (plain functions), durability and
 concurrency in pipeline.py (decide under a lock, group commit, answer once durable), the
@@ -12,7 +12,9 @@ With a cluster store (`store.Cluster`) it also asks the store where this node ma
 to its occupancy as the store reports them.
 
 The store, not this module, guarantees that no address is ever ACTIVE twice; a stale hint costs a
-retry, never a duplicate.
+retry, never a duplicate. A pre-probed candidate is such a hint too: `_reserve` asks the segment
+for one next to `policy.pick` (a fresh candidate that the occupancy says is free), and it is
+reserved through the same pipeline and store write as any picked address.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netaddr import IPAddress, IPNetwork
 
 from core.spec import PoolDef
 from ipamd import policy
-from ipamd.conflicts import ConflictProber, probe_grant
+from ipamd.conflicts import ConflictProber, Detect, probe_grant
 from ipamd.errors import InvalidRequest, NetworkQuarantined
 from ipamd.group_commit import Write
 from ipamd.model import ACTIVE, QUARANTINED, RELEASED, Entry
@@ -36,6 +38,9 @@ from ipamd.pipeline import NeedsQuiesce, Pipeline, Plan, Prefetch
 from ipamd.policy import Grant, Request
 from ipamd.pool_state import PoolState
 from ipamd.store import Cluster, Store
+
+if TYPE_CHECKING:
+    from ipamd.segments import Joined, SegmentProbes
 
 __all__ = ["Allocator", "Grant", "PoolUsage", "Request"]
 
@@ -62,6 +67,7 @@ class Allocator:
         self.default_cooldown_s = default_cooldown_s
         self.quarantine_s = quarantine_s
         self.prober = prober
+        self.segments: SegmentProbes | None = None  # set by the daemon when probe ports are on
         self.clock = clock
         self._state = PoolState(store, default_cooldown_s=default_cooldown_s, quarantine_s=quarantine_s,
                                 now_ms=self._now_ms)
@@ -129,15 +135,36 @@ class Allocator:
 
     def allocate(self, req: Request) -> Grant:
         policy.check_mac(req.network, req.requested_mac)
+        policy.check_mac(req.network, req.interface_mac, "interface MAC")
         static = policy.static_by_subnet(req.network, req.pool, req.requested_ips)
+        seg = self._joined(req)
         pre = self._pipeline.prefetch(req.network, req.container_id, req.ifname)
-        grant = self._pipeline.execute(lambda quiesced: self._plan_allocate(req, static, pre, quiesced))
-        if grant.existing or not (req.conflict_check and req.netns and self.prober is not None):
+        grant = self._pipeline.execute(lambda quiesced: self._plan_allocate(req, static, pre, seg, quiesced))
+        if not req.conflict_check or (grant.existing and not req.probe_held):
             return grant
-        return probe_grant(req, grant, static, self.prober, self)
+        detect, where = self._detector(req, seg)
+        if detect is None:
+            return grant
+        return probe_grant(req, grant, static, detect, self, where)
+
+    def _joined(self, req: Request) -> Joined | None:
+        """The request's segment, with its probe port ready (None: no segment, probe ports off,
+        or the port cannot be made now). A held-address probe goes from the pod's interface."""
+        if self.segments is None or req.segment is None or req.probe_held:
+            return None
+        return self.segments.join(req)
+
+    def _detector(self, req: Request, seg: Joined | None) -> tuple[Detect | None, str]:
+        if seg is not None:
+            return seg.detect, f"probe port {seg.port} on {seg.segment.key}"
+        prober = self.prober
+        if prober is None or not req.netns:
+            return None, ""
+        where = f"{req.ifname} in {req.netns}"
+        return (lambda ip, wait_ms: prober.detect(req.netns, req.ifname, ip, wait_ms)), where
 
     def _plan_allocate(self, req: Request, static: dict[int, IPAddress], pre: Prefetch | None,
-                       quiesced: bool) -> Plan[Grant]:
+                       seg: Joined | None, quiesced: bool) -> Plan[Grant]:
         pool = req.pool
         self._need_quiesce(req.network, pool, quiesced)
         self._state.stage(req.network, pool)
@@ -151,29 +178,37 @@ class Allocator:
                     w = Write(lambda s: s.put_pool(req.network, staged), networks=frozenset({req.network}))
                     return Plan(grant, self._pipeline.submit(w, {}, ()))
                 return Plan(grant, pending, own=False)
-            entries, w = self._reserve(req, range(len(pool.subnets)), static, [])
-            return Plan(Grant(tuple(entries), pool), w)
+            entries, w, fresh = self._reserve(req, range(len(pool.subnets)), static, [], seg)
+            return Plan(Grant(tuple(entries), pool, pre_probed=fresh), w)
         finally:
             self._state.unstage(req.network)  # no-op once queued
 
     def _reserve(self, req: Request, subnets: Sequence[int], static: dict[int, IPAddress],
-                 held: list[Entry]) -> tuple[list[Entry], Write]:
+                 held: list[Entry], seg: Joined | None = None) -> tuple[list[Entry], Write, frozenset[int]]:
         """Pick one address per subnet entry and queue them as ONE reservation, so a dual-stack
         request never leaves half a lease behind (caller holds the lock). `held`: the
-        attachment's other live entries (when one address of it is replaced after a conflict)."""
+        attachment's other live entries (when one address of it is replaced after a conflict).
+        A dynamic address is a fresh pre-probed candidate of the segment when there is one
+        (returned in the set of such subnet entries), else what the policy picks."""
         pool, network = req.pool, req.network
         occs = self._state.occupancy(network)
         now = self._now_ms()
         for k in subnets:
             occs[k].expire(now)
-        picked = []
+        picked, fresh = [], set()
         for k in subnets:
             spec, want = pool.subnets[k], static.get(k)
             if want is not None:
                 policy.check_static_free(network, spec, want, self._pipeline.entry_at(network, str(want)),
                                          now_ms=now, quarantine_ms=self._state.quarantine_ms)
             place = self.cluster.placement(network, k) if self.cluster is not None else None
-            picked.append((k, policy.pick(network, spec, occs[k], want, place)))
+            off = None
+            if want is None and seg is not None and req.conflict_check:
+                order = policy.window(network, spec, occs[k], seg.size(k), place)
+                off = seg.take(k, occs[k], req.conflict_check_wait_ms, order)
+                if off is not None:
+                    fresh.add(k)
+            picked.append((k, off if off is not None else policy.pick(network, spec, occs[k], want, place)))
         entries = [policy.build_entry(req, k, occs[k].address(off), now, self.node) for k, off in picked]
         for k, off in picked:
             occs[k].mark_active(off, advance=True)
@@ -186,17 +221,19 @@ class Allocator:
 
         owner = (network, req.container_id, req.ifname)
         mine = tuple(sorted(held + entries, key=lambda e: e.subnet_index))
-        return entries, self._pipeline.submit(Write(apply), {owner: mine}, entries)
+        return entries, self._pipeline.submit(Write(apply), {owner: mine}, entries), frozenset(fresh)
 
     # ---- what conflict probing asks for (conflicts.Reservations) -----------------------------
 
-    def reserve_another(self, req: Request, subnet_index: int) -> Entry:
-        """Another address for one subnet entry of an attachment that keeps its other entries."""
+    def reserve_another(self, req: Request, subnet_index: int) -> tuple[Entry, bool]:
+        """Another address for one subnet entry of an attachment that keeps its other entries;
+        True when it is a fresh pre-probed candidate (no probe needed)."""
+        seg = self._joined(req)
 
-        def plan(quiesced: bool) -> Plan[Entry]:
+        def plan(quiesced: bool) -> Plan[tuple[Entry, bool]]:
             held, _ = self._pipeline.held(req.network, req.container_id, req.ifname)
-            entries, w = self._reserve(req, [subnet_index], {}, held)
-            return Plan(entries[0], w)
+            entries, w, fresh = self._reserve(req, [subnet_index], {}, held, seg)
+            return Plan((entries[0], subnet_index in fresh), w)
 
         return self._pipeline.execute(plan)
 
@@ -218,6 +255,66 @@ class Allocator:
         self._pipeline.execute(plan)
         log.warning("network=%s ip=%s conflict_mac=%s msg=%s", network, e.ip, mac,
                     "address answered on the wire: quarantined")
+
+    def quarantine_free(self, network: str, ip: IPAddress, mac: str) -> bool:
+        """Someone (`mac`) answered for or announced `ip`, which no attachment holds: quarantine
+        it, durably (a restart must not hand it out either). False when it is held or already
+        quarantined, or not an address of the network's pool (the caller judges a lease itself)."""
+
+        def plan(quiesced: bool) -> Plan[bool]:
+            pool = self._state.pool(network)
+            k = policy.subnet_of(pool, ip, -1) if pool is not None else None
+            if pool is None or k is None or not pool.subnets[k].allocatable(ip):
+                return Plan(False)
+            occ = self._state.occupancy(network)[k]
+            off = occ.offset(ip)
+            now = self._now_ms()
+            occ.expire(now)
+            if off is None or occ.is_active(off) or occ.is_quarantined(off):
+                return Plan(False)
+            spec = pool.subnets[k]
+            e = Entry(network=network, address=IPNetwork((int(ip), spec.subnet.prefixlen), ip.version),
+                      subnet_index=k, container_id="", ifname="", state=ACTIVE, gateway=spec.gateway,
+                      created_ms=now, changed_ms=now, node=self.node)
+            occ.mark_quarantined(off, now + self._state.quarantine_ms, was_active=False)
+
+            def apply(s: Store) -> None:
+                s.reserve([e], advance_cursor=False)
+                s.quarantine(network, str(ip), conflict_mac=mac, now_ms=now)
+
+            q = replace(e, state=QUARANTINED, conflict_mac=mac)
+            return Plan(True, self._pipeline.submit(Write(apply), {}, [q]))
+
+        done = self._pipeline.execute(plan)
+        if done:
+            log.warning("network=%s ip=%s conflict_mac=%s msg=%s", network, ip, mac,
+                        "a free address answered or was announced on the wire: quarantined")
+        return done
+
+    # ---- what the segments' pre-probing asks for (segments.Pools) ----------------------------
+
+    def window(self, network: str, subnet_index: int, n: int) -> list[IPAddress]:
+        """The next `n` addresses the policy would hand out in one subnet entry, in that order
+        (policy.window; with a cluster store, where this node may pick): what the segment keeps
+        pre-probed."""
+        with self._pipeline.lock:
+            pool = self._state.pool(network)
+            if pool is None or subnet_index >= len(pool.subnets):
+                return []
+            occ = self._state.occupancy(network)[subnet_index]
+            occ.expire(self._now_ms())
+            place = self.cluster.placement(network, subnet_index) if self.cluster is not None else None
+            order = policy.window(network, pool.subnets[subnet_index], occ, n, place)
+            return [occ.address(off) for off in order]
+
+    def pool(self, network: str) -> PoolDef | None:
+        with self._pipeline.lock:
+            return self._state.pool(network)
+
+    def durable_entry(self, network: str, ip: IPAddress) -> Entry | None:
+        """The store's entry at (network, ip), read without the pipeline lock (the passive
+        watch: a grant still in flight is not seen yet, its next frame is)."""
+        return self.store.get_entry(network, str(ip))
 
     # ---- release, gc, queries ----------------------------------------------------------------
 
@@ -353,6 +450,12 @@ class Allocator:
         with self._pipeline.lock:
             pool = self._state.pool(network)
         return self.store.get_by_owner(network, container_id, ifname), pool
+
+    def conflicts_of(self, network: str, container_id: str, ifname: str) -> list[Entry]:
+        """The attachment's addresses that were quarantined while it held them (a foreign MAC
+        answered for or announced them): what CHECK reports."""
+        return [e for e in self.store.list_entries(network, (QUARANTINED,))
+                if e.owner == (container_id, ifname)]
 
     def usage(self, network: str | None = None) -> list[PoolUsage]:
         out = []

@@ -5,6 +5,7 @@
             [--store sqlite|etcd] [--etcd-endpoints URL,...] [--etcd-cacert F]
             [--etcd-cert F] [--etcd-key F] [--etcd-prefix P] [--node-name N] [--block-size N]
             [--outage-reserve N] [--ovsdb unix:PATH] [--reconcile-interval S] [--reconcile-grace S]
+            [--probe-netns NAME] [--probe-candidates N] [--no-probe-ports]
                                                   flags override the file; no config = defaults;
                                                   TCP is mutual TLS only
     pools   [--network N] [-o table|json]         used/total per subnet entry
@@ -79,11 +80,17 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 16)")
     s.add_argument("--outage-reserve", type=int, help="addresses per subnet held for serving through an "
                    "etcd outage (default 4; 0 = none)")
-    s.add_argument("--ovsdb", help="this node's OVSDB, unix:PATH (default unix:/run/openvswitch/db.sock)")
+    s.add_argument("--ovsdb", help="this node's OVSDB: the probe ports' bridges, where the reconciler looks "
+                                   "for our ports (default unix:/run/openvswitch/db.sock)")
     s.add_argument("--reconcile-interval", type=int, metavar="SECONDS",
                    help="seconds between reconcile passes (default 60; 0 = only on demand)")
     s.add_argument("--reconcile-grace", type=int, metavar="SECONDS",
                    help="how long a lease or veth must look gone before it is freed (default 300; 0 allowed)")
+    s.add_argument("--probe-netns", help="netns of the probe ports (default ovu-probe-<hash of the socket>)")
+    s.add_argument("--probe-candidates", type=int, help="addresses kept pre-probed per subnet (default 8; "
+                                                        "0: probe each address when it is handed out)")
+    s.add_argument("--no-probe-ports", dest="probe_ports", action="store_false", default=None,
+                   help="no probe ports: conflict probes go from the pods' interfaces")
 
     def admin(name: str, help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help)
@@ -184,8 +191,11 @@ def _serve(args: argparse.Namespace) -> int:
                                  "etcd_cert": args.etcd_cert, "etcd_key": args.etcd_key,
                                  "etcd_prefix": args.etcd_prefix, "node_name": args.node_name,
                                  "block_size": args.block_size, "outage_reserve": args.outage_reserve,
-                                 "ovsdb": args.ovsdb, "reconcile_interval_seconds": args.reconcile_interval,
-                                 "reconcile_grace_seconds": args.reconcile_grace})
+                                 "ovsdb_socket": args.ovsdb,
+                                 "reconcile_interval_seconds": args.reconcile_interval,
+                                 "reconcile_grace_seconds": args.reconcile_grace,
+                                 "probe_netns": args.probe_netns, "probe_candidates": args.probe_candidates,
+                                 "probe_ports": args.probe_ports})
     except DaemonConfigError as exc:
         sys.stderr.write(f"{PROG} serve: {exc}\n")
         return 2

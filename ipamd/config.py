@@ -20,6 +20,7 @@ DEFAULT_ETCD_PREFIX = "/ovs-underlay"
 NODE_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?$")  # a Kubernetes node name
 _PREFIX_RE = re.compile(r"^(/[a-zA-Z0-9_.-]+)+$")
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
+NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class DaemonConfigError(ValueError):
@@ -41,6 +42,14 @@ class DaemonConfig:
     cooldown_seconds: int = 30  # default cool-down of released addresses (pool cooldownSeconds wins)
     quarantine_seconds: int = 600  # how long an address that answered on the wire is held back
     gateway_cache_seconds: float = 10.0  # positive gateway answers are reused this long
+    # Probe ports (issue 14): one OVS internal port per L2 segment, in a netns of ipamd's, that
+    # keeps candidates pre-probed, watches for conflicts and keeps the gateways' answers.
+    probe_ports: bool = True
+    probe_candidates: int = 8  # addresses kept pre-probed per network and subnet entry
+    probe_fresh_seconds: float = 10.0  # a pre-probed address is trusted this long after its probe
+    probe_netns: str = ""  # "" = ovu-probe-<8 hex of sha256(socket path)>
+    # This node's Open vSwitch: the bridges the probe ports join, where the reconciler looks for our ports.
+    ovsdb_socket: str = DEFAULT_OVSDB
     workers: int = 32
     shutdown_grace_seconds: float = 10.0
     health_interval_seconds: float = 5.0  # store check; a probe write only while writes fail
@@ -58,7 +67,6 @@ class DaemonConfig:
 
     def endpoints(self) -> tuple[str, ...]:
         return tuple(e.strip() for e in self.etcd_endpoints.split(",") if e.strip())
-    ovsdb: str = DEFAULT_OVSDB  # this node's Open vSwitch (the reconciler looks for our ports there)
     reconcile_interval_seconds: int = 60  # 0 = no periodic pass (`reconcile` on demand still works)
     reconcile_grace_seconds: int = 300  # a lease/veth must look gone this long before it is freed
 
@@ -74,8 +82,10 @@ _KEYS = {
     "blockSize": "block_size", "outageReserve": "outage_reserve",
     "healthIntervalSeconds": "health_interval_seconds",
     "tlsCert": "tls_cert", "tlsKey": "tls_key", "tlsClientCa": "tls_client_ca",
-    "ovsdb": "ovsdb", "reconcileIntervalSeconds": "reconcile_interval_seconds",
+    "reconcileIntervalSeconds": "reconcile_interval_seconds",
     "reconcileGraceSeconds": "reconcile_grace_seconds",
+    "probePorts": "probe_ports", "probeCandidates": "probe_candidates",
+    "probeFreshSeconds": "probe_fresh_seconds", "probeNetns": "probe_netns", "ovsdbSocket": "ovsdb_socket",
 }
 _TYPES = {f.name: f.type for f in fields(DaemonConfig)}
 
@@ -120,14 +130,11 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
             raise DaemonConfigError(f"{key} {value!r} must be an absolute path")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise DaemonConfigError(f"logLevel {cfg.log_level!r}: expected debug, info, warning or error")
-    if not cfg.ovsdb.startswith(("unix:", "tcp:", "ssl:")):
-        raise DaemonConfigError(f"ovsdb {cfg.ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or "
-                                "ssl:IP:PORT)")
     for key, v in (("reconcileIntervalSeconds", cfg.reconcile_interval_seconds),
                    ("reconcileGraceSeconds", cfg.reconcile_grace_seconds)):
         if v < 0:
             raise DaemonConfigError(f"{key} must be >= 0, got {v}")
-    return _check_cluster(cfg)
+    return _check_probes(_check_cluster(cfg))
 
 
 def _check_cluster(cfg: DaemonConfig) -> DaemonConfig:
@@ -159,12 +166,25 @@ def _check_cluster(cfg: DaemonConfig) -> DaemonConfig:
     return cfg
 
 
+def _check_probes(cfg: DaemonConfig) -> DaemonConfig:
+    if not cfg.ovsdb_socket.startswith(("unix:", "tcp:", "ssl:")):
+        raise DaemonConfigError(f"ovsdbSocket {cfg.ovsdb_socket!r}: expected unix:PATH, tcp:IP:PORT or "
+                                "ssl:IP:PORT")
+    if cfg.probe_netns and not NETNS_NAME_RE.match(cfg.probe_netns):
+        raise DaemonConfigError(f"probeNetns {cfg.probe_netns!r}: expected a name of letters, digits, "
+                                "- and _ (at most 64)")
+    if cfg.probe_fresh_seconds <= 0 or cfg.probe_candidates > 256:
+        raise DaemonConfigError("probeFreshSeconds must be > 0 and probeCandidates at most 256")
+    return cfg
+
+
 def _check(path: str, key: str, name: str, value: Any) -> Any:
     want = _TYPES[name]
     ok = (isinstance(value, str) if want == "str"
+          else isinstance(value, bool) if want == "bool"
           else isinstance(value, int) and not isinstance(value, bool) if want == "int"
           else isinstance(value, int | float) and not isinstance(value, bool))
-    if not ok or (want != "str" and value < 0):
+    if not ok or (want not in ("str", "bool") and value < 0):
         raise DaemonConfigError(f"config {path}: {key} must be a non-negative {want}, got {value!r}")
     return value
 

@@ -38,6 +38,7 @@ class SubnetOccupancy:
         self._cooling_until: dict[int, int] = {}
         self._quarantine: deque[tuple[int, int]] = deque()
         self._quarantine_until: dict[int, int] = {}
+        self._held_before: list[int] = []  # what hold() replaced, for unhold()
         self._reserved: set[int] = set()  # a cluster store's outage reserve (held, not active)
         self._blocked_active: set[int] = set()  # reserved-class addresses granted on request
         blocked = blocked_spans(spec)
@@ -93,6 +94,9 @@ class SubnetOccupancy:
             return True
         return (self.is_held(off) and off not in self._cooling_until and off not in self._quarantine_until
                 and off not in self._reserved and not self.is_blocked(off))
+
+    def is_quarantined(self, off: int) -> bool:
+        return off in self._quarantine_until
 
     def mark_active(self, off: int, *, advance: bool = True) -> None:
         self._cooling_until.pop(off, None)
@@ -224,6 +228,24 @@ class SubnetOccupancy:
             if self.is_free(off):
                 return off
         return None
+
+    def hold(self, off: int) -> None:
+        """Hold `off` for a moment (policy.window: what pick would hand out after it); `unhold`
+        puts back exactly what was there."""
+        if self.dense:
+            self._held_before.append(self._bitmap[off])
+            self._bitmap[off] = HELD
+        else:
+            self._held_before.append(int(off in self._held))
+            self._held.add(off)
+
+    def unhold(self, off: int) -> None:
+        """Undo the last `hold` (of `off`): holds are undone in reverse order."""
+        before = self._held_before.pop()
+        if self.dense:
+            self._bitmap[off] = before
+        elif not before:
+            self._held.discard(off)
 
     def oldest_cooling(self) -> int | None:
         """When nothing is free: the address that has cooled longest (better than failing)."""

@@ -20,7 +20,8 @@ Rules:
   from the addresses the store records as its own (blocks.Placement), and a static request waits;
 - a pool's stored definition only changes when the change strands no live lease and lets no
   address be handed out that the stored one held back (narrower exclusions are unsafe);
-- the lease MAC is the requested one, else macFromIP on the IPv4 entry.
+- the lease MAC is the requested one, else macFromIP on the IPv4 entry, else the interface's
+  own MAC when the plugin says which it is (what the passive conflict watch compares with).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from netaddr import IPAddress, IPNetwork
 
 from core.names import MAC_RE
-from core.spec import PodRef, PoolDef, SubnetSpec, mac_from_ipv4
+from core.spec import PodRef, PoolDef, Segment, SubnetSpec, mac_from_ipv4
 from ipamd.blocks import Placement
 from ipamd.errors import (
     AddressOutOfPool,
@@ -60,6 +61,9 @@ class Request:
     netns: str = ""
     conflict_check: bool = False
     conflict_check_wait_ms: int = 100
+    segment: Segment | None = None  # the L2 segment of the attachment's port (the main plugin)
+    interface_mac: str = ""  # the interface's MAC: the lease MAC unless requested/macFromIP
+    probe_held: bool = False  # probe what the attachment already holds (from its interface)
 
 
 @dataclass(frozen=True)
@@ -69,22 +73,24 @@ class Grant:
     conflict_probed: bool = False
     quarantined: tuple[str, ...] = ()
     existing: bool = False  # idempotent answer: the attachment already held these
+    pre_probed: frozenset[int] = frozenset()  # subnet entries given a fresh pre-probed candidate
 
 
 # ---- the request ---------------------------------------------------------------------------------
 
 
-def check_mac(network: str, mac: str) -> None:
-    """A requested MAC must be a unicast, non-zero MAC address (the plugins' rule, cni.netconf)."""
+def check_mac(network: str, mac: str, what: str = "requested MAC") -> None:
+    """A MAC (the requested one, or the interface's) must be a unicast, non-zero MAC address (the
+    plugins' rule, cni.netconf)."""
     if not mac:
         return
     if not MAC_RE.match(mac):
-        raise InvalidRequest(f"network {network}: requested MAC {mac!r} is not a MAC address "
+        raise InvalidRequest(f"network {network}: {what} {mac!r} is not a MAC address "
                              "(aa:bb:cc:dd:ee:ff)")
     if int(mac[:2], 16) & 1:
-        raise InvalidRequest(f"network {network}: requested MAC {mac} is a multicast address")
+        raise InvalidRequest(f"network {network}: {what} {mac} is a multicast address")
     if mac.replace(":", "") == "0" * 12:
-        raise InvalidRequest(f"network {network}: requested MAC {mac} is the all-zero address")
+        raise InvalidRequest(f"network {network}: {what} {mac} is the all-zero address")
 
 
 def static_by_subnet(network: str, pool: PoolDef, requested: Sequence[IPAddress]) -> dict[int, IPAddress]:
@@ -211,9 +217,36 @@ def pick_placed(network: str, spec: SubnetSpec, occ: SubnetOccupancy, place: Pla
     return off
 
 
-def lease_mac(requested_mac: str, pool: PoolDef, ip: IPAddress) -> str:
-    """The lease MAC: requested, else macFromIP on the IPv4 entry (0a:58:<ipv4 bytes>)."""
-    return requested_mac or (mac_from_ipv4(ip) if pool.mac_from_ip and ip.version == 4 else "")
+def window(network: str, spec: SubnetSpec, occ: SubnetOccupancy, n: int,
+           place: Placement | None = None) -> list[int]:
+    """The next `n` offsets that `pick` would hand out one after the other, in that order (fewer
+    when fewer are free): what a segment keeps pre-probed, and the order a fresh candidate is
+    taken in. Changes nothing (the caller holds the pipeline lock)."""
+    out: list[int] = []
+    try:
+        while len(out) < n:
+            try:
+                off = occ.next_free() if place is None else pick_placed(network, spec, occ, place)
+            except StoreUnavailable:
+                off = None
+            if off is None or off in out:
+                break
+            out.append(off)
+            occ.hold(off)
+    finally:
+        for off in reversed(out):
+            occ.unhold(off)
+    return out
+
+
+def lease_mac(requested_mac: str, pool: PoolDef, ip: IPAddress, interface_mac: str = "") -> str:
+    """The lease MAC: requested, else macFromIP on the IPv4 entry (0a:58:<ipv4 bytes>), else
+    the interface's own."""
+    if requested_mac:
+        return requested_mac
+    if pool.mac_from_ip and ip.version == 4:
+        return mac_from_ipv4(ip)
+    return interface_mac.lower()
 
 
 def build_entry(req: Request, k: int, ip: IPAddress, now_ms: int, node: str = "") -> Entry:
@@ -222,7 +255,8 @@ def build_entry(req: Request, k: int, ip: IPAddress, now_ms: int, node: str = ""
     return Entry(
         network=req.network, address=IPNetwork((int(ip), spec.subnet.prefixlen), ip.version),
         subnet_index=k, container_id=req.container_id, ifname=req.ifname, state=ACTIVE,
-        gateway=spec.gateway, pod=req.pod, mac=lease_mac(req.requested_mac, req.pool, ip),
+        gateway=spec.gateway, pod=req.pod,
+        mac=lease_mac(req.requested_mac, req.pool, ip, req.interface_mac),
         netns=req.netns, created_ms=now_ms, changed_ms=now_ms, node=node)
 
 

@@ -3,9 +3,11 @@
 Why these steps, in this order:
 - one daemon per socket: an flock on `<socket>.lock`, then a health call on an existing socket
   file (refuse if someone answers), then the stale file is removed;
-- the socket is created under umask 0177 and chmod'ed 0600: only root may ask for addresses;
-  the optional TCP listener (`listen`) is mutual TLS only: a client must present a certificate
-  signed by the configured client CA (the same whole API: nothing is served without it);
+- the socket is created under umask 0177 and chmod'ed 0600: only root may ask for addresses; so
+  is the call socket next to it (`<socket>.calls`, ipamd/calls_server.py: the plugins' hot calls
+  without gRPC); the optional TCP listener (`listen`) is mutual TLS only: a client must present a
+  certificate signed by the configured client CA (the same whole API: nothing is served without
+  it);
 - every stored network's occupancy is built before the socket is bound (a /16 with 60,000 leases
   takes about a second): no request pays for it; then what survived start-up is frozen
   (gc.freeze) so that a full cyclic-GC collection during an RPC no longer scans it (measured:
@@ -18,7 +20,11 @@ Why these steps, in this order:
   threads, and the outage reserve is topped up every RESERVE_INTERVAL_S;
 - the reconciler (ipamd/reconcile.py) makes its first pass once the socket serves, then one every
   `reconcile_interval_seconds` on its own thread; `Reconcile` RPCs make one on demand;
-- SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), close the store.
+- probe ports (issue 14, ipamd/segments.py) start after the store is warm; the segments in use
+  before are restored in the background (their ports made or reused), so serving never waits
+  for OVS;
+- SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish (grace), remove the
+  probe ports and their netns, close the store.
 """
 
 from __future__ import annotations
@@ -40,17 +46,21 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from core import calls
 from core._proto import ipam_pb2_grpc
 from core.ipamd_client import IpamClient
 from core.netlink import Netlink
 from core.vswitch import Vswitch
 from ipamd.allocator import Allocator
+from ipamd.calls_server import CallServer
 from ipamd.config import DaemonConfig, listen_address
 from ipamd.errors import CommitFailed
 from ipamd.metrics import Labels, Metrics, serve_metrics
 from ipamd.probe import Prober
+from ipamd.probe_port import ProbePorts, default_netns_name
 from ipamd.readiness import Readiness
 from ipamd.reconcile import Links, Periodic, Ports, Reconciler
+from ipamd.segments import SegmentProbes
 from ipamd.service import IpamService
 from ipamd.store import Cluster, Store
 from ipamd.store_sqlite import SqliteStore
@@ -141,6 +151,20 @@ class Daemon:
                                    node=cfg.node_name, cluster=self.cluster)
         self.readiness = Readiness(self._set_health, read=self._read_check, probe=self._probe_write)
         self.allocator.observe_commits(self.readiness.commit_result)
+        self.segments: SegmentProbes | None = None
+        if cfg.probe_ports:
+            ports = ProbePorts(cfg.ovsdb_socket, cfg.probe_netns or default_netns_name(cfg.socket))
+            self.segments = SegmentProbes(
+                ports, self.allocator, self.metrics, candidates=cfg.probe_candidates,
+                fresh_s=cfg.probe_fresh_seconds, gateway_s=cfg.gateway_cache_seconds, state_dir=cfg.state_dir)
+            self.allocator.segments = self.segments
+            self.metrics.add_gauges(self.segments.gauges)
+            self.metrics.describe("ipamd_conflicts_total", "counter",
+                                  "Addresses found in use by another host: source=probe (a candidate's "
+                                  "probe was answered), watch (the probe port heard it claimed)")
+            self.metrics.describe("ipamd_preprobed_total", "counter",
+                                  "Dynamic addresses handed out with a fresh pre-probed candidate "
+                                  "(result=fresh) or without one (cold: probed inline)")
         self.metrics.add_gauges(self._pool_gauges)
         self.metrics.describe("ipamd_networks_quarantined", "gauge",
                               "Networks whose stored definition does not parse (allocations refused)")
@@ -159,8 +183,9 @@ class Daemon:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="rpc"))
-        ipam_pb2_grpc.add_IpamServicer_to_server(  # type: ignore[no-untyped-call]
-            IpamService(self.allocator, self.prober, self.metrics, self.reconciler), self.server)
+        self.service = IpamService(self.allocator, self.prober, self.metrics, self.reconciler)
+        ipam_pb2_grpc.add_IpamServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
+        self.calls: CallServer | None = None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._metrics_srv: ThreadingHTTPServer | None = None
 
@@ -178,7 +203,7 @@ class Daemon:
     def _node_tools(self) -> tuple[Ports, Links]:
         """A fresh OVSDB connection and netlink socket per reconcile pass, on the pass's thread
         (pyroute2 sockets belong to the thread that made them)."""
-        return Vswitch(self.cfg.ovsdb), Netlink()
+        return Vswitch(self.cfg.ovsdb_socket), Netlink()
 
     def _pool_gauges(self) -> list[tuple[str, Labels, float]]:
         out: list[tuple[str, Labels, float]] = []
@@ -282,9 +307,13 @@ class Daemon:
             log.error("network=%s error=%s msg=%s", net, why,
                       "network QUARANTINED: its stored definition does not parse; its allocations are "
                       "refused until it is repaired, every other network is served")
+        if self.segments is not None:
+            self.segments.start()
         self._bind()
+        self.calls = CallServer(self.service, calls.socket_path(self.cfg.socket), self.cfg.workers)
         self.server.start()
         os.chmod(self.cfg.socket, 0o600)
+        self.calls.start()
         if self.cfg.metrics_port:
             self._metrics_srv = serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host,
                                               self._metrics_tls())
@@ -299,7 +328,7 @@ class Daemon:
         log.info("socket=%s state_dir=%s store=%s node=%s metrics_port=%s reconcile_interval_s=%d "
                  "reconcile_grace_s=%d ovsdb=%s msg=%s", self.cfg.socket, self.cfg.state_dir, self.cfg.store,
                  self.cfg.node_name, self.cfg.metrics_port or "-", self.cfg.reconcile_interval_seconds,
-                 self.cfg.reconcile_grace_seconds, self.cfg.ovsdb,
+                 self.cfg.reconcile_grace_seconds, self.cfg.ovsdb_socket,
                  "ipamd serving")
         self._stop.wait()
         self.shutdown()
@@ -312,9 +341,13 @@ class Daemon:
     def shutdown(self) -> None:
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self.calls is not None:
+            self.calls.stop()
         self.server.stop(self.cfg.shutdown_grace_seconds).wait()
         if self._metrics_srv is not None:
             self._metrics_srv.shutdown()
+        if self.segments is not None:
+            self.segments.stop(remove_ports=True)
         self.store.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.socket)

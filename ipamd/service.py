@@ -143,21 +143,27 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         _identity(request.network, request.container_id, request.ifname)
         parsed = self._parsed_pool(request.pool)
         pool = parsed.pool
-        grant = self.allocator.allocate(Request(
+        segment = wire.segment_from_pb(request.segment) if request.HasField("segment") else None
+        req = Request(
             network=request.network, pool=pool, container_id=request.container_id, ifname=request.ifname,
             pod=wire.pod_from_pb(request.pod), requested_ips=_request_ips(request.requested_ips),
             requested_mac=request.requested_mac, netns=_netns(request.netns),
             conflict_check=request.conflict_check,
             conflict_check_wait_ms=min(int(request.conflict_check_wait_ms or 100), 10_000),
-        ))
+            segment=segment, interface_mac=request.interface_mac, probe_held=request.probe_held,
+        )
+        grant = self.allocator.allocate(req)
         if not grant.existing:
             self.metrics.inc("ipamd_allocations_total", len(grant.entries), network=request.network)
-        log.info("rpc=Allocate network=%s container_id=%s ifname=%s ips=%s existing=%s conflict_probed=%s",
-                 request.network, request.container_id, request.ifname,
-                 ",".join(str(e.address) for e in grant.entries), grant.existing, grant.conflict_probed)
+        seen = self.allocator.segments.gateways_seen(req) if self.allocator.segments is not None else []
+        log.info("rpc=Allocate network=%s container_id=%s ifname=%s ips=%s existing=%s conflict_probed=%s "
+                 "pre_probed=%d gateways_seen=%d", request.network, request.container_id, request.ifname,
+                 ",".join(str(e.address) for e in grant.entries), grant.existing, grant.conflict_probed,
+                 len(grant.pre_probed), len(seen))
         return pb.AllocateResponse(
             lease=leases_to_pb(grant.entries)[0], routes=parsed.routes, dns=parsed.dns,
-            conflict_probed=grant.conflict_probed, quarantined=list(grant.quarantined))
+            conflict_probed=grant.conflict_probed, quarantined=list(grant.quarantined),
+            pre_probed=len(grant.pre_probed), gateways=wire.gateways_to_pb(seen))
 
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
@@ -176,12 +182,15 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         if pool is None:
             raise LeaseNotFound(f"network {request.network} is unknown to ipamd (no address was ever "
                                 "allocated in it)")
-        if not entries:
+        conflicts = self.allocator.conflicts_of(request.network, request.container_id, request.ifname)
+        if not entries and not conflicts:
             raise LeaseNotFound(f"network {request.network}: no lease for container {request.container_id} "
                                 f"ifname {request.ifname}")
+        lease = leases_to_pb(entries)[0] if entries else pb.Lease(
+            network=request.network, container_id=request.container_id, ifname=request.ifname)
         return pb.GetLeaseResponse(
-            lease=leases_to_pb(entries)[0],
-            routes=wire.routes_to_pb(wire.resolve_routes(pool)), dns=wire.dns_to_pb(pool.dns))
+            lease=lease, routes=wire.routes_to_pb(wire.resolve_routes(pool)), dns=wire.dns_to_pb(pool.dns),
+            conflicts=leases_to_pb(conflicts))
 
     @_rpc
     def GarbageCollect(self, request: pb.GcRequest, context: Any) -> pb.GcResponse:

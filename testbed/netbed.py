@@ -357,6 +357,11 @@ class Ipamd:
     log_path: str
     args: list[str]
 
+    @property
+    def probe_netns(self) -> str:
+        """The netns of this ipamd's probe ports (its --probe-netns)."""
+        return self.args[self.args.index("--probe-netns") + 1] if "--probe-netns" in self.args else ""
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh(sys.executable, "-m", "ipamd", *args, "--socket", self.socket, check=check)
 
@@ -410,8 +415,9 @@ def start_ipamd(workdir: str, extra_args: Sequence[str] = ()) -> Ipamd:
     state = os.path.join(workdir, "state")
     os.makedirs(state, exist_ok=True)
     quiet = () if "--reconcile-interval" in extra_args else NO_RECONCILE
-    args = [sys.executable, "-m", "ipamd", "serve", "--socket", sock, "--state-dir", state, *quiet,
-            *extra_args]
+    # The probe ports' netns carries the run's token, so the leftover check sees it.
+    args = [sys.executable, "-m", "ipamd", "serve", "--socket", sock, "--state-dir", state,
+            "--probe-netns", uniq("probe", limit=40), *quiet, *extra_args]
     d = Ipamd(sock, state, None, os.path.join(workdir, "ipamd.log"), args)
     d.start()
     return d

@@ -55,7 +55,8 @@ def _leftovers() -> list[str]:
     with contextlib.suppress(Exception):
         for row in netbed.ovs_rows("Interface", "name", "external_ids"):
             ids = row.get("external_ids") or {}
-            if f"test{netbed.TOKEN}" in str(ids.get("container_id", "")):
+            ours = f"test{netbed.TOKEN}" in str(ids.get("container_id", ""))
+            if ours or tok in str(ids.get("probe_netns", "")):  # a pod's port, or an ipamd's probe port
                 found.append(f"OVS interface {row['name']} (container {ids.get('container_id')})")
                 netbed.vsctl("--if-exists", "del-port", row["name"], check=False)
     with contextlib.suppress(Exception):

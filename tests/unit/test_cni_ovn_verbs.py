@@ -112,14 +112,15 @@ CONFS = {
     "managed-localnet": {**LOCALNET, "ovnNorthbound": NB.remote, "ipam": IPAMD},
     "localnet-direct": LOCALNET,
 }
-STEPS = {
-    "bind": ["inspect", "create_veth", "add_port", "wait_installed", "allocate", "set_pod_mac", "configure",
-             "probe_gateway", "announce", "set_iface_ids"],
+STEPS = {  # OVN: the port before IPAM, MAC and addresses recorded in a second write (cni.plugin)
+    "bind": ["inspect", "create_veth", "add_port", "wait_installed", "allocate", "set_pod_mac", "set_iface_ids",
+             "configure", "probe_gateway", "announce"],
     "managed": ["inspect", "create_veth", "add_port", "allocate", "set_pod_mac", "add_lsp", "wait_installed",
-                "configure", "probe_gateway", "announce", "set_iface_ids"],
+                "set_iface_ids", "configure", "probe_gateway", "announce"],
     "managed-localnet": ["inspect", "create_veth", "add_port", "allocate", "set_pod_mac", "add_lsp",
-                         "wait_installed", "configure", "probe_gateway", "announce", "set_iface_ids"],
-    "localnet-direct": ["inspect", "create_veth", "add_port", "configure", "announce", "set_iface_ids"],
+                         "wait_installed", "set_iface_ids", "configure", "probe_gateway", "announce"],
+    # a plain port on the mapped bridge without IPAM: written once
+    "localnet-direct": ["inspect", "create_veth", "add_port", "configure", "announce"],
 }
 
 

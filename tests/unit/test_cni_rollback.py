@@ -18,7 +18,7 @@ from cni.types import CmdArgs, Result
 from core.errors import CoreError, Unavailable
 from core.names import host_alias, host_ifname, parse_alias, same_attachment
 from core.netlink import PodLink
-from core.spec import Allocation, IpAssignment, ProbeResult, RouteSpec
+from core.spec import Allocation, GatewaySeen, IpAssignment, ProbeResult, RouteSpec
 from core.vswitch import BridgeView, PortInfo, PortSpec, iface_columns, port_columns
 
 
@@ -40,6 +40,9 @@ class World:
         self.gateway_ok = True
         self.gateway_skipped = False
         self.ipamd_up = True
+        self.ipamd_probes = True  # ipamd probed from its probe port (else: the held-address probe)
+        self.seen: tuple[GatewaySeen, ...] = ()  # gateways ipamd's probe port saw
+        self.allocated: list[dict[str, Any]] = []
 
     def step(self, name: str) -> None:
         self.journal.append(name)
@@ -127,6 +130,17 @@ class Lease:
     ips: tuple[str, ...]
 
 
+class FakePending:
+    def __init__(self, alloc: Allocation) -> None:
+        self.alloc = alloc
+
+    def result(self) -> Allocation:
+        return self.alloc
+
+    def settle(self) -> None:
+        pass
+
+
 class FakeIpam:
     def __init__(self, w: World) -> None:
         self.w = w
@@ -138,13 +152,19 @@ class FakeIpam:
         if not self.w.ipamd_up:
             raise Unavailable("ipamd at /x.sock is unreachable")
 
-    def allocate(self, *, network: str, container_id: str, ifname: str, **kw: Any) -> Allocation:
+    def allocate(self, *, network: str, container_id: str, ifname: str, probe_held: bool = False,
+                 **kw: Any) -> Allocation:
         self._up()
-        self.w.step("allocate")
+        self.w.step("allocate_held" if probe_held else "allocate")
         self.w.leases.add((container_id, ifname))
+        self.w.allocated.append(kw)
         return Allocation(network, container_id, ifname,
                           (IpAssignment(IPNetwork("10.0.0.5/24"), IPAddress("10.0.0.1")),),
-                          (RouteSpec(IPNetwork("0.0.0.0/0"), IPAddress("10.0.0.1")),), mac="0a:58:0a:00:00:05")
+                          (RouteSpec(IPNetwork("0.0.0.0/0"), IPAddress("10.0.0.1")),), mac="0a:58:0a:00:00:05",
+                          conflict_probed=self.w.ipamd_probes or probe_held, gateways=self.w.seen)
+
+    def start_allocate(self, **kw: Any) -> FakePending:
+        return FakePending(self.allocate(**kw))
 
     def release(self, *, network: str, container_id: str, ifname: str) -> list[Lease]:
         self._up()
@@ -215,10 +235,12 @@ def dl(a: CmdArgs, config: dict[str, Any] | None = None, cni_args: str = "") -> 
 
 
 STEPS = {
-    "ipamd": ["preflight", "create_veth", "add_port", "allocate", "set_pod_mac", "configure", "probe_gateway",
-              "announce", "set_iface_ids"],
-    "delegate": ["preflight", "create_veth", "add_port", "delegate_add", "configure", "announce", "set_iface_ids"],
-    "none": ["preflight", "create_veth", "add_port", "configure", "announce", "set_iface_ids"],
+    # ipamd: the Allocate goes out before the veth; the port is written once, after the answer.
+    "ipamd": ["preflight", "allocate", "create_veth", "set_pod_mac", "add_port", "configure", "probe_gateway",
+              "announce"],
+    # a delegated IPAM plugin runs with the port on the bridge; the addresses are a second write.
+    "delegate": ["preflight", "create_veth", "add_port", "delegate_add", "set_iface_ids", "configure", "announce"],
+    "none": ["preflight", "create_veth", "add_port", "configure", "announce"],
 }
 CONFS = {"ipamd": {"ipam": IPAMD}, "delegate": {"ipam": {"type": "host-local"}}, "none": {}}
 
@@ -247,13 +269,9 @@ def test_add_failure_at_each_step_rolls_back_everything(mode: str, step: str) ->
     assert w.links == {} and w.ports == {} and w.leases == set()
     done = STEPS[mode][: STEPS[mode].index(step)]
     undos = [j for j in w.journal if j.startswith("undo")]
-    expected = []
-    if "allocate" in done or "delegate_add" in done:
-        expected.append("undo:lease")
-    if "add_port" in done:
-        expected.append("undo:port")
-    if "create_veth" in done:
-        expected.append("undo:veth")
+    creates = {"allocate": "undo:lease", "delegate_add": "undo:lease", "add_port": "undo:port",
+               "create_veth": "undo:veth"}
+    expected = [creates[x] for x in reversed(done) if x in creates]
     assert undos == expected  # reverse order of creation
 
 
@@ -538,3 +556,74 @@ def test_provider_not_ready_is_50_for_status_and_11_for_add_without_side_effects
     res = plugin.cmd_add(a, c, drivers(w))
     host = host_ifname("c1", "eth0")
     assert w.ports[host].bridge == "br-net1" and res.interfaces[0].name == host
+
+
+# ---- issue 14: the Allocate before the veth, one port write, the probe port's answers ----------
+
+
+def test_allocate_names_the_segment_and_the_pods_mac_and_the_port_is_written_once() -> None:
+    w = World()
+    a, c = mk({"ipam": {**IPAMD, "macFromIP": False}, "trunk": [{"id": 7}], "vlan": 100})
+    d = drivers(w)
+    made: list[str | None] = []
+    create = d.netlink.create_veth
+
+    def spy(**kw: Any) -> PodLink:
+        made.append(kw["mac"])
+        return create(**kw)
+
+    d.netlink.create_veth = spy  # type: ignore[method-assign]
+    plugin.cmd_add(a, c, d)
+    (kw,) = w.allocated
+    seg = kw["segment"]
+    assert (seg.bridge, seg.vlan, seg.trunks, seg.ovsdb) == ("br0", 100, (7,), "unix:/run/openvswitch/db.sock")
+    assert kw["interface_mac"] == made[0] and made[0] is not None  # chosen before the veth exists
+    spec = w.ports[host_ifname("c1", "eth0")]
+    assert spec.iface_ids["ip_addresses"] == "10.0.0.5/24" and spec.iface_ids["attached_mac"] == "0a:58:0a:00:00:05"
+    assert "set_iface_ids" not in w.journal  # one OVSDB write per pod
+
+
+def test_without_a_probe_port_the_held_addresses_are_probed_from_the_pod_after_the_port() -> None:
+    w = World()
+    w.ipamd_probes = False  # ipamd could not probe (no probe port for the segment)
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    j = w.journal
+    assert j.index("add_port") < j.index("allocate_held") < j.index("configure")
+    assert "set_iface_ids" not in j  # the same address came back: nothing to rewrite
+
+
+def test_a_gateway_seen_by_the_probe_port_needs_no_probe_and_an_unseen_one_does() -> None:
+    w = World()
+    w.seen = (GatewaySeen(IPAddress("10.0.0.1"), "0a:00:00:00:00:01", 120),)
+    a, c = mk({"ipam": IPAMD})
+    plugin.cmd_add(a, c, drivers(w))
+    assert "probe_gateway" not in w.journal
+    w2 = World()
+    w2.seen = (GatewaySeen(IPAddress("10.0.0.99"), "0a:00:00:00:00:01", 120),)  # another gateway
+    plugin.cmd_add(a, c, drivers(w2))
+    assert "probe_gateway" in w2.journal
+
+
+def test_a_failed_veth_releases_the_lease_only_after_the_allocate_answered() -> None:
+    w = World(fail_at="create_veth")
+    order: list[str] = []
+
+    class Pending(FakePending):
+        def settle(self) -> None:
+            order.append("settled")
+
+    ipam = FakeIpam(w)
+    ipam.start_allocate = lambda **kw: Pending(ipam.allocate(**kw))  # type: ignore[method-assign]
+    release = ipam.release
+
+    def spy_release(**kw: Any) -> list[Lease]:
+        order.append("release")
+        return release(**kw)
+
+    ipam.release = spy_release  # type: ignore[method-assign]
+    d = Drivers(FakeNetlink(w), FakeOvsdb(w), lambda sock, t: ipam, FakeDelegate(w))
+    a, c = mk({"ipam": IPAMD})
+    with pytest.raises(CoreError):
+        plugin.cmd_add(a, c, d)
+    assert order == ["settled", "release"] and w.leases == set()

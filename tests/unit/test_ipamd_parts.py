@@ -56,6 +56,25 @@ def test_daemon_config_file_and_overrides(tmp_path: Path) -> None:
     assert listen_address("9090") == "127.0.0.1:9090"
 
 
+@pytest.mark.parametrize(("keys", "error"), [
+    ({"probePorts": "yes"}, "probePorts"),
+    ({"probeNetns": "../etc"}, "probeNetns"),
+    ({"probeFreshSeconds": 0}, "probeFreshSeconds"),
+    ({"ovsdbSocket": "/run/openvswitch/db.sock"}, "ovsdbSocket"),
+])
+def test_probe_port_settings_are_checked(tmp_path: Path, keys: dict[str, object], error: str) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"probePorts": False, "probeCandidates": 0, "probeNetns": "probe-1"}))
+    cfg = load(str(p), {"probe_ports": None})
+    assert (cfg.probe_ports, cfg.probe_candidates, cfg.probe_netns) == (False, 0, "probe-1")
+    defaults = load(None, {})
+    assert (defaults.probe_ports, defaults.probe_candidates, defaults.probe_fresh_seconds) == (True, 8, 10.0)
+    assert defaults.ovsdb_socket == "unix:/run/openvswitch/db.sock"
+    p.write_text(json.dumps(keys))
+    with pytest.raises(DaemonConfigError, match=error):
+        load(str(p), {})
+
+
 def test_metrics_render() -> None:
     m = Metrics()
     m.inc("ipamd_allocations_total", 2, network="n1")

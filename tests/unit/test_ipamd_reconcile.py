@@ -468,13 +468,13 @@ def test_the_fakes_satisfy_the_protocols() -> None:
 
 def test_config_keys_flags_and_the_example(tmp_path: Path) -> None:
     cfg = load(str(ROOT / "conf-examples" / "ipamd.json"), {})
-    assert (cfg.reconcile_interval_seconds, cfg.reconcile_grace_seconds, cfg.ovsdb) == (
+    assert (cfg.reconcile_interval_seconds, cfg.reconcile_grace_seconds, cfg.ovsdb_socket) == (
         60, 300, "unix:/run/openvswitch/db.sock")
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({"reconcileIntervalSeconds": 0, "reconcileGraceSeconds": 0, "ovsdb": "unix:/x"}))
+    p.write_text(json.dumps({"reconcileIntervalSeconds": 0, "reconcileGraceSeconds": 0, "ovsdbSocket": "unix:/x"}))
     cfg = load(str(p), {"reconcile_grace_seconds": 7})
-    assert (cfg.reconcile_interval_seconds, cfg.reconcile_grace_seconds, cfg.ovsdb) == (0, 7, "unix:/x")
-    for bad in ({"reconcileGraceSeconds": -1}, {"reconcileIntervalSeconds": "1m"}, {"ovsdb": "/run/db.sock"}):
+    assert (cfg.reconcile_interval_seconds, cfg.reconcile_grace_seconds, cfg.ovsdb_socket) == (0, 7, "unix:/x")
+    for bad in ({"reconcileGraceSeconds": -1}, {"reconcileIntervalSeconds": "1m"}, {"ovsdbSocket": "/run/db.sock"}):
         p.write_text(json.dumps(bad))
         with pytest.raises(DaemonConfigError):
             load(str(p), {})

@@ -242,8 +242,9 @@ def test_ipamd_runs_the_configmap_config_on_node_paths() -> None:
     assert posixpath.dirname(warm.DEFAULT_SOCKET) == sock_dir
     assert host_path_of(c, conf["stateDir"]) == conf["stateDir"]  # leases survive the pod
     assert host_path_of(c, "/run/netns") == "/run/netns"  # probes open the pod's netns
-    # the reconciler: the node's OVSDB socket, and the pods' netns as they appear after ipamd started
-    ovsdb_dir = posixpath.dirname(conf["ovsdb"].removeprefix("unix:"))
+    # the reconciler and the probe ports: the node's OVSDB socket, and the pods' netns as they
+    # appear after ipamd started
+    ovsdb_dir = posixpath.dirname(conf["ovsdbSocket"].removeprefix("unix:"))
     assert host_path_of(c, ovsdb_dir) == ovsdb_dir == "/run/openvswitch"
     assert [m.get("mountPropagation") for m in c["volumeMounts"] if m["mountPath"] == "/run/netns"] == [
         "HostToContainer"]
