@@ -417,7 +417,8 @@ class Soak:
         assert self.cn is not None
         tok = f"t{netbed.TOKEN}"
         netns_left = [ln.split()[0] for ln in netbed.sh("ip", "netns", "list").stdout.splitlines()
-                      if ln.split() and ln.split()[0].startswith(tok) and ln.split()[0] != self.cn.ns]
+                      if ln.split() and ln.split()[0].startswith(tok)
+                      and ln.split()[0] not in (self.cn.ns, self.cn.ipamd.probe_netns)]
         daemons = {"ipamd": self.cn.ipamd.proc, "warm": self.cn.warm.proc if self.cn.warm else None}
         return {
             "leases": [f"{r['containerID']} {r['ip']}" for r in self.cn.active_leases()],

@@ -35,6 +35,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() els
 DIST = ROOT / "dist" / "ovs-underlay"
 CNI_PATH = "/usr/lib/cni"
 ALIAS_PREFIX = "ovs-underlay "  # restated, not imported: the oracle does not use the code under test
+PROBE_OWNER = "ovs-underlay-ipamd"  # the owner of ipamd's probe ports (restated too)
 
 
 @dataclass
@@ -129,8 +130,11 @@ class CniNode:
                                   where=["external_ids:owner=ovs-underlay"])
 
     def bridge_ports(self) -> list[str]:
+        """The bridge's ports but ipamd's probe port (it lives as long as ipamd, not a pod's)."""
         res = self.node.vsctl("list-ports", self.bridge, check=False)
-        return res.stdout.split() if res.returncode == 0 else []
+        probe = {r["name"] for r in self.node.ovs_rows("Interface", "name", "external_ids",
+                                                       where=[f"external_ids:owner={PROBE_OWNER}"])}
+        return [p for p in res.stdout.split() if p not in probe] if res.returncode == 0 else []
 
     def our_veths(self) -> list[dict[str, Any]]:
         return [ln for ln in self.node.ip_json("-d", "link", "show")
@@ -173,7 +177,8 @@ def make_cni_node(name: str, work: Path, *, frozen: bool = False, warm: bool = F
         os.makedirs(state, exist_ok=True)
         ipamd_exe = [str(DIST / "ovs-underlay-ipamd")] if frozen else [PYTHON, "-m", "ipamd"]
         args = ["nsenter", f"--net=/run/netns/{node.ns}", *ipamd_exe, "serve", "--socket", sock,
-                "--state-dir", state, "--ovsdb", node.ovsdb, *ipamd_args]
+                "--state-dir", state, "--ovsdb", node.ovsdb, "--probe-netns", netbed.uniq("probe", limit=40),
+                *ipamd_args]
         d = netbed.Ipamd(sock, state, None, str(work / "ipamd.log"), args)
         d.start()
         plugin = [str(DIST / "ovs-underlay")] if frozen else [PYTHON, "-m", "cni"]

@@ -35,3 +35,20 @@ def make(d: Path) -> Path:
     cert(d, "admin", "client-ca", "extendedKeyUsage=clientAuth")
     cert(d, "intruder", "rogue-ca", "extendedKeyUsage=clientAuth")
     return d
+
+
+def ipamd_args(d: Path) -> list[str]:
+    """ipamd's TLS flags for a PKI from `make(d)` (its TCP listener and its metrics endpoint)."""
+    return ["--tls-cert", str(d / "ipamd.crt"), "--tls-key", str(d / "ipamd.key"),
+            "--tls-client-ca", str(d / "client-ca.crt")]
+
+
+def scrape(url: str, d: Path, who: str | None = "admin") -> str:
+    """GET `url` over TLS trusting server-ca, presenting `who`'s client certificate (None: none)."""
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(d / "server-ca.crt"))
+    if who:
+        ctx.load_cert_chain(str(d / f"{who}.crt"), str(d / f"{who}.key"))
+    return str(urllib.request.urlopen(url, timeout=5, context=ctx).read().decode())

@@ -228,8 +228,9 @@ def start_frozen_ipamd(workdir: Path) -> netbed.Ipamd:
     state = workdir / "state"
     state.mkdir(parents=True, exist_ok=True)
     sock = str(workdir / "ipamd.sock")
+    # The probe ports' netns carries the run's token, so the leftover checks see it.
     args = [str(DIST / "ovs-underlay-ipamd"), "serve", "--socket", sock, "--state-dir", str(state),
-            *netbed.NO_RECONCILE]
+            "--probe-netns", netbed.uniq("probe", limit=40), *netbed.NO_RECONCILE]
     d = netbed.Ipamd(sock, str(state), None, str(workdir / "ipamd.log"), args)
     d.start()
     return d

@@ -31,6 +31,7 @@ import pytest
 from core import wire
 from core._proto import ipam_pb2 as pb
 from core._proto import ipam_pb2_grpc
+from core.names import PROBE_OWNER
 from core.spec import parse_ipam
 from testbed import netbed
 
@@ -391,11 +392,14 @@ def leftovers(bed: Bed, cid: str) -> list[str]:
     left += [f"pod link {ln['ifname']}" for ln in netbed.links(ns=bed.pod.name) if ln["ifname"] != "lo"]
     left += [f"OVS interface {r['name']}" for r in netbed.ovs_rows("Interface", "name", "external_ids")
              if (r.get("external_ids") or {}).get("container_id") == cid]
-    left += [f"bridge port {p}" for p in netbed.bridge_ports(bed.bridge)]
+    # ipamd's probe port for the bed's segment lives as long as ipamd (it is not a pod's).
+    probe_ports = {r["name"] for r in netbed.ovs_rows("Port", "name", "external_ids")
+                   if (r.get("external_ids") or {}).get("owner") == PROBE_OWNER}
+    left += [f"bridge port {p}" for p in netbed.bridge_ports(bed.bridge) if p not in probe_ports]
     with sqlite3.connect(f"file:{bed.db}?mode=ro", uri=True) as db:
         left += [f"lease {ip} ({net})" for net, ip in db.execute(
             "SELECT network, ip FROM entries WHERE state = 'active' AND container_id = ?", (cid,))]
-    new_ns = set(os.listdir("/run/netns")) - bed.netns_before
+    new_ns = set(os.listdir("/run/netns")) - bed.netns_before - {bed.ipamd.probe_netns}
     left += [f"netns {n}" for n in new_ns if netbed.TOKEN in n]
     return left
 

@@ -316,24 +316,17 @@ def test_metrics_endpoint_is_mutual_tls_only(ipamd_factory: Callable[..., netbed
                          capture_output=True, text=True, timeout=30, cwd=netbed.ROOT)
     assert bad.returncode == 2 and "metricsPort" in bad.stderr and "mutual TLS" in bad.stderr
     pki = testbed_pki.make(tmp_path)
-    d = ipamd_factory("--metrics-port", str(port), "--tls-cert", str(pki / "ipamd.crt"), "--tls-key",
-                      str(pki / "ipamd.key"), "--tls-client-ca", str(pki / "client-ca.crt"), name="metrics")
+    d = ipamd_factory("--metrics-port", str(port), *testbed_pki.ipamd_args(pki), name="metrics")
     with IpamClient(d.socket) as c:
         c.allocate(network="m", pool=POOL, container_id=netbed.container_id("m"), ifname="eth0")
     url = f"https://127.0.0.1:{port}/metrics"
 
-    def scrape(who: str | None) -> str:
-        ctx = ssl.create_default_context(cafile=str(pki / "server-ca.crt"))
-        if who:
-            ctx.load_cert_chain(str(pki / f"{who}.crt"), str(pki / f"{who}.key"))
-        return str(urllib.request.urlopen(url, timeout=5, context=ctx).read().decode())
-
     for who in (None, "intruder"):
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
-            scrape(who)
+            testbed_pki.scrape(url, pki, who)
     with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP: no answer either
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    body = scrape("admin")
+    body = testbed_pki.scrape(url, pki)
     assert 'ipamd_allocations_total{network="m"} 2' in body
     assert 'ipamd_pool_used{network="m",subnet="10.20.0.0/22"} 1' in body
     assert "ipamd_commit_batches_total 1\n" in body and "ipamd_commit_writes_total 1\n" in body

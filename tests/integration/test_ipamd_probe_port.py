@@ -13,7 +13,6 @@ import json
 import signal
 import socket
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from netaddr import IPAddress
 from core.ipamd_client import IpamClient
 from core.names import probe_port_name
 from core.spec import Segment, parse_ipam
-from testbed import netbed
+from testbed import netbed, pki
 
 POOL = parse_ipam({"subnets": [{"subnet": "192.168.100.0/24", "gateway": "192.168.100.1",
                                 "rangeStart": "192.168.100.10", "rangeEnd": "192.168.100.60"}]}).pool
@@ -144,11 +143,13 @@ def test_candidates_are_pre_probed_and_a_squatter_is_quarantined_without_an_add(
 
 def test_the_watch_puts_a_leased_address_in_conflict_and_check_says_so(
         underlay: netbed.Underlay, ipamd_factory: Callable[..., netbed.Ipamd],
-        hand_pod: Callable[..., netbed.Netns], netns_factory: Callable[[str], netbed.Netns]) -> None:
+        hand_pod: Callable[..., netbed.Netns], netns_factory: Callable[[str], netbed.Netns],
+        tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = ipamd_factory("--metrics-port", str(port), name="watch")
+    tls = pki.make(tmp_path)
+    d = ipamd_factory("--metrics-port", str(port), *pki.ipamd_args(tls), name="watch")
     ipam = {"type": "ovs-underlay-ipam", "daemonSocket": d.socket,
             "subnets": [{"subnet": "192.168.100.0/24", "gateway": "192.168.100.1", "rangeStart": "192.168.100.70",
                          "rangeEnd": "192.168.100.90"}], "gatewayCheckTimeoutMs": 1500}
@@ -169,7 +170,7 @@ def test_the_watch_puts_a_leased_address_in_conflict_and_check_says_so(
             (ip, intruder_mac, a.container_id)]
         rc, out, err = a.run("CHECK", check)
         assert rc != 0 and "in conflict" in out["msg"] and intruder_mac in out["msg"] and ip in out["msg"], out
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        body = pki.scrape(f"https://127.0.0.1:{port}/metrics", tls)
         assert f'ipamd_conflicts_total{{kind="lease",network="{conf["name"]}",source="watch"}} 1' in body, body
         a.delete()
     finally:
