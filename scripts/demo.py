@@ -323,7 +323,8 @@ def show_ovs() -> None:
             continue
         ids = dict(ext[1]) if isinstance(ext, list) and ext[0] == "map" else {}
         tag_text = str(tag) if isinstance(tag, int) else "trunk"
-        owner = f"{ids.get('container_id', '')} {ids.get('ifname', '')}".strip() or "(uplink)"
+        owner = f"{ids.get('container_id', '')} {ids.get('ifname', '')}".strip() or (
+            "(ipamd's probe port)" if ids.get("owner") == "ovs-underlay-ipamd" else "(uplink)")
         print("   " + name.ljust(16) + tag_text.ljust(6) + owner)
 
 
