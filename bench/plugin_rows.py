@@ -31,8 +31,9 @@ SUBNET, GATEWAY = "10.77.0.0/16", "10.77.0.1"
 class Bed:
     def __init__(self, work: Path, n_netns: int) -> None:
         self.work = work
+        self.log = netbed.plugin_log("bench")  # the plugin's log (phases: lines), as OVS_UNDERLAY_LOG_FILE
         self.cleanup: list[Any] = []
-        self.cleanup.append(lambda: netbed.plugin_log("bench").unlink(missing_ok=True))
+        self.cleanup.append(lambda: self.log.unlink(missing_ok=True))
         self.underlay = netbed.make_underlay({VLAN: [f"{GATEWAY}/16"]})
         self.cleanup.append(self.underlay.destroy)
         (work / "ipamd").mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ class Bed:
             "CNI_NETNS": ns.path,
             "CNI_IFNAME": ifname,
             "CNI_PATH": f"{DIST}:{REF_DIR}" if mode.startswith("ipam-") else REF_DIR,
-            "OVS_UNDERLAY_LOG_FILE": str(netbed.plugin_log("bench")),
+            "OVS_UNDERLAY_LOG_FILE": str(self.log),
             "OVS_UNDERLAY_WARM_SOCKET": self.warm_sock,
             "OVS_UNDERLAY_WARM": "0" if mode.endswith("inproc") else "1",
         }
@@ -159,7 +160,7 @@ def _batch(
 
 def _log_size(bed: Bed) -> int:
     try:
-        return (bed.work / "plugin.log").stat().st_size
+        return bed.log.stat().st_size
     except OSError:
         return 0
 
@@ -168,7 +169,7 @@ def _phases(bed: Bed, command: str, ids: set[str] | None = None) -> dict[str, fl
     """Median ms of each phase of the `command` calls logged since the last _batch began (of
     the containers `ids` only, when given)."""
     try:
-        with open(bed.work / "plugin.log", "rb") as fh:
+        with open(bed.log, "rb") as fh:
             fh.seek(bed.log_mark)
             text = fh.read().decode(errors="replace")
     except OSError:
