@@ -68,14 +68,15 @@ class Reservations(Protocol):
 def probe_grant(req: Request, grant: Grant, static: Mapping[int, IPAddress], detect: Detect,
                 leases: Reservations, where: str = "") -> Grant:
     """Probe every entry of `grant` that was not a fresh pre-probed candidate; the grant as it
-    stands after quarantines and replacements (or the original grant, unprobed, when nothing
-    could probe). `where` names the probe's origin for the logs."""
+    stands after quarantines and replacements (conflict_probed False when, at some point, nothing
+    could probe: the entries from there on are unprobed). `where` names the probe's origin for the
+    logs."""
     pool = grant.pool
     quarantined: list[str] = []
     out: list[Entry] = []
     pre = set(grant.pre_probed)
     origin = f" from {where}" if where else ""
-    for e in grant.entries:
+    for i, e in enumerate(grant.entries):
         cur, fresh = e, e.subnet_index in pre
         for attempt in range(1, CONFLICT_TRIES + 1):
             if fresh:
@@ -85,7 +86,10 @@ def probe_grant(req: Request, grant: Grant, static: Mapping[int, IPAddress], det
                 log.info("network=%s container_id=%s ifname=%s netns=%s msg=%s", req.network,
                          req.container_id, req.ifname, req.netns,
                          f"nothing to probe{origin}: conflict probing skipped")
-                return replace(grant, conflict_probed=False)
+                # The grant as the store now holds it: an address already quarantined here was
+                # replaced in the lease, so its replacement (unprobed) is what the pod gets.
+                return replace(grant, entries=(*out, cur, *grant.entries[i + 1:]), conflict_probed=False,
+                               quarantined=tuple(quarantined), pre_probed=frozenset(pre))
             if not res.conflict:
                 break
             leases.quarantine(req.network, cur, res.mac)

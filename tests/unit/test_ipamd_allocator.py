@@ -391,3 +391,26 @@ def test_reserved_class_is_granted_on_request_only() -> None:
     with pytest.raises(PoolDefinitionConflict, match="picked automatically"):
         alloc(a, pool(subnets=[{"subnet": "10.0.0.0/29", "gateway": "10.0.0.1", "reserved": ["10.0.0.2"],
                                 "exclude": ["10.0.0.6"]}]), "e")
+
+
+@dataclass
+class VanishingProber(FakeProber):
+    """Answers for the first address, then the pod's interface is gone (nothing to probe)."""
+
+    def detect(self, netns: str, ifname: str, address: IPAddress, wait_ms: int) -> ConflictOutcome | None:
+        if self.calls:
+            self.calls.append(str(address))
+            return None
+        return super().detect(netns, ifname, address, wait_ms)
+
+
+def test_interface_gone_after_a_replacement_returns_the_replacement_not_the_quarantined_address() -> None:
+    """The grant returned must be the lease as stored: the answered address is quarantined and the
+    lease moved to its replacement, so the plugin must configure the replacement (unprobed)."""
+    prober = VanishingProber(busy={"10.0.0.2": "aa:aa:aa:aa:aa:02"})
+    a, store, _ = make(prober=prober)
+    g = a.allocate(probing())
+    assert prober.calls == ["10.0.0.2", "10.0.0.3"]
+    assert [str(e.ip) for e in g.entries] == ["10.0.0.3"] and not g.conflict_probed
+    assert g.quarantined == ("10.0.0.2",)
+    assert [str(e.ip) for e in store.get_by_owner("n1", "c", "eth0")] == ["10.0.0.3"]
