@@ -13,7 +13,9 @@
 #   PREFIX       the bundle's path as the target sees it (/opt/ovs-underlay)
 #   CNI_BIN_DIR  the runtime's plugin directory as the target sees it (/opt/cni/bin)
 #   EXTRA        optional directory copied over the release (README.md, examples/)
-# Environment: OVS_UNDERLAY_VERSION (names the release; default "release").
+# Environment: OVS_UNDERLAY_VERSION (names the release; default "release"); OVNK_ALIAS (1 = also
+#   link CNI_BIN_DIR/ovn-k8s-cni-overlay to ovs-underlay, so ovn-kubernetes NADs run unchanged on a
+#   node WITHOUT ovn-kubernetes; refused, before anything changes, over a file that is not our link).
 #
 # Layout on the target (PREFIX=/opt/ovs-underlay):
 #   /opt/ovs-underlay.releases/<version>-<hash>/  one release per content (sha256 of the tree,
@@ -23,6 +25,7 @@
 #   /opt/ovs-underlay/bin/ovs-underlay-node  -> ../ovs-underlay-node   the same for the agent)
 #   /opt/cni/bin/ovs-underlay      -> /opt/ovs-underlay/ovs-underlay        (absolute: they are
 #   /opt/cni/bin/ovs-underlay-ipam -> /opt/ovs-underlay/ovs-underlay-ipam    target paths)
+#   /opt/cni/bin/ovn-k8s-cni-overlay -> /opt/ovs-underlay/ovs-underlay    (OVNK_ALIAS=1 only)
 #
 # Why this is atomic for a running node (a rolling update of the DaemonSet, a `make install`
 # over a live install):
@@ -68,6 +71,19 @@ for p in ovs-underlay ovs-underlay-py ovs-underlay-ipam ovs-underlay-ipam-py ovs
   [ -x "$SOURCE/$p" ] || die "$SOURCE/$p missing: not a bundle (run \`make binary\`)"
 done
 [ -d "$SOURCE/_internal" ] || die "$SOURCE/_internal missing: not a bundle (run \`make binary\`)"
+
+# The ovn-kubernetes name only ever replaces our own link: anything else there is a real
+# ovn-kubernetes (hijacking it would take over every pod of the cluster network).
+ovnk=$ROOT$CNI_BIN_DIR/ovn-k8s-cni-overlay
+case ${OVNK_ALIAS:-0} in
+  1)
+    if { [ -e "$ovnk" ] || [ -L "$ovnk" ]; } && [ "$(readlink "$ovnk" || true)" != "$PREFIX/ovs-underlay" ]; then
+      die "$ovnk exists and is not ours (ovn-kubernetes?): not replacing it; leave OVNK_ALIAS unset"
+    fi
+    ;;
+  0 | "") ;;
+  *) die "OVNK_ALIAS: expected 1 or 0, got '$OVNK_ALIAS'" ;;
+esac
 
 dest=$ROOT$PREFIX
 name=${PREFIX##*/}
@@ -132,6 +148,11 @@ for p in ovs-underlay ovs-underlay-ipam; do
   mv -T "$link.tmp.$$" "$link"
 done
 log "$ROOT$CNI_BIN_DIR/{ovs-underlay,ovs-underlay-ipam} -> $PREFIX/"
+if [ "${OVNK_ALIAS:-0}" = 1 ]; then
+  ln -sfn "$PREFIX/ovs-underlay" "$ovnk.tmp.$$"
+  mv -T "$ovnk.tmp.$$" "$ovnk"
+  log "$ovnk -> $PREFIX/ovs-underlay"
+fi
 
 # 5. Keep this release and the previous one; remove older ones and abandoned staging copies.
 for r in "$releases"/* "$releases"/.staging.*; do

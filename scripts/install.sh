@@ -22,7 +22,8 @@
 #   CNI_BIN_DIR/ovs-underlay-ipam        -> PREFIX/ovs-underlay-ipam   name paths on the target)
 #   SBIN_DIR/ovs-underlay-ipamd          -> PREFIX/ovs-underlay-ipamd
 #   SBIN_DIR/ovs-underlay-node           -> PREFIX/ovs-underlay-node
-#   CNI_BIN_DIR/ovn-k8s-cni-overlay      -> PREFIX/ovs-underlay       (OVNK_ALIAS=1 only)
+#   CNI_BIN_DIR/ovn-k8s-cni-overlay      -> PREFIX/ovs-underlay       (OVNK_ALIAS=1 only; made, and
+#                                        refused over a real ovn-kubernetes, by install-bundle.sh)
 #   /etc/ovs-underlay/ipamd.json         (only when absent: an edited config is never replaced)
 #   SYSTEMD_DIR/ovs-underlay-{ipamd,warm,node}.service (not enabled)
 #
@@ -57,20 +58,6 @@ for prog in ovs-underlay-ipamd ovs-underlay-node; do
   mv -fT "$DESTDIR$SBIN_DIR/.$prog.tmp.$$" "$DESTDIR$SBIN_DIR/$prog"
   log "$DESTDIR$SBIN_DIR/$prog -> $PREFIX/$prog"
 done
-
-# ovn-kubernetes' NADs name "type": "ovn-k8s-cni-overlay". On a node WITHOUT ovn-kubernetes, this
-# link lets them run unchanged on ovs-underlay (README "OVN"). Never over anything that is not
-# already our link: that would hijack a real ovn-kubernetes.
-if [[ "${OVNK_ALIAS:-}" == 1 ]]; then
-  alias_path="$DESTDIR$CNI_BIN_DIR/ovn-k8s-cni-overlay"
-  if [[ -e "$alias_path" || -L "$alias_path" ]] && [[ "$(readlink "$alias_path")" != "$PREFIX/ovs-underlay" ]]; then
-    log "$alias_path exists and is not ours (ovn-kubernetes?): not replacing it; leave OVNK_ALIAS unset"
-    exit 1
-  fi
-  ln -sfn "$PREFIX/ovs-underlay" "$alias_path.tmp.$$"
-  mv -fT "$alias_path.tmp.$$" "$alias_path"
-  log "$alias_path -> $PREFIX/ovs-underlay"
-fi
 
 # ipamd's config: the unit points at it. Never overwrite one the operator has edited.
 conf_dir="$DESTDIR/etc/ovs-underlay"

@@ -36,7 +36,8 @@ warm-path server for a Kubernetes DaemonSet (conf-examples/kubernetes/ in the pr
 usage: ovs-underlay-entrypoint COMMAND [ARGS...]
   install-cni      install the bundle into \$HOST_ROOT\$PREFIX (now $HOST_ROOT$PREFIX) and link
                    ovs-underlay, ovs-underlay-ipam into \$HOST_ROOT\$CNI_BIN_DIR (now
-                   $HOST_ROOT$CNI_BIN_DIR); atomic, safe on a live node
+                   $HOST_ROOT$CNI_BIN_DIR); atomic, safe on a live node; OVNK_ALIAS=1 also
+                   links ovn-k8s-cni-overlay (nodes without ovn-kubernetes only)
   warm [ARGS]      ovs-underlay --warm-server [ARGS] (warm-path fork server)
   NAME [ARGS]      ovs-underlay-NAME [ARGS], e.g. ipamd serve --config /etc/ovs-underlay/ipamd.json
   --version        versions

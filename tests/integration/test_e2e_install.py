@@ -127,12 +127,34 @@ def busybox_path(tmp: Path) -> str:
     return str(bb)
 
 
-def install_bundle(source: Path, root: Path, tmp: Path, version: str = "9.9.9") -> subprocess.CompletedProcess[str]:
+def install_bundle(source: Path, root: Path, tmp: Path, version: str = "9.9.9", ok: bool = True,
+                   **env: str) -> subprocess.CompletedProcess[str]:
     res = subprocess.run([netbed.tool("busybox"), "sh", str(INSTALL_BUNDLE), str(source), str(root), "/opt/ovs-underlay",
-                          "/opt/cni/bin"], env={"PATH": busybox_path(tmp), "OVS_UNDERLAY_VERSION": version},
+                          "/opt/cni/bin"], env={"PATH": busybox_path(tmp), "OVS_UNDERLAY_VERSION": version, **env},
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert (res.returncode == 0) == ok, res.stderr
     return res
+
+
+def test_install_cni_ovnk_alias_is_made_by_the_shared_script_and_a_real_one_stops_it_first(
+        bundle: Path, tmp_path: Path) -> None:
+    """The image's install-cni (busybox sh, node root under ROOT) makes the ovn-k8s-cni-overlay
+    link too with OVNK_ALIAS=1; over a file that is not our link it refuses before it changes
+    anything (no release, no plugin links)."""
+    root = tmp_path / "node"
+    (root / "opt/cni/bin").mkdir(parents=True)
+    alias = root / "opt/cni/bin/ovn-k8s-cni-overlay"
+    alias.write_text("#!/bin/sh\n# ovn-kubernetes' shim\n")
+    res = install_bundle(bundle, root, tmp_path, ok=False, OVNK_ALIAS="1")
+    assert "not ours" in res.stderr and alias.read_text().startswith("#!/bin/sh")
+    assert not (root / "opt/ovs-underlay").exists() and not (root / "opt/cni/bin/ovs-underlay").exists()
+    res = install_bundle(bundle, root, tmp_path, ok=False, OVNK_ALIAS="yes")
+    assert "OVNK_ALIAS" in res.stderr
+    alias.unlink()
+    install_bundle(bundle, root, tmp_path, OVNK_ALIAS="1")
+    assert os.readlink(alias) == "/opt/ovs-underlay/ovs-underlay"
+    assert os.readlink(root / "opt/cni/bin/ovs-underlay") == "/opt/ovs-underlay/ovs-underlay"
+    install_bundle(bundle, root, tmp_path, OVNK_ALIAS="1")  # again: our own link is fine
 
 
 def variant(bundle: Path, tmp: Path, name: str) -> Path:
