@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,16 +68,15 @@ def test_frozen_version_answers_without_python(bundle: Path) -> None:
     assert res.stderr == ""
 
 
-def test_frozen_version_starts_fast(bundle: Path) -> None:
+def test_frozen_version_answers_on_stdout_only(bundle: Path) -> None:
+    """How fast it starts is `make bench`'s VERSION row (target 80 ms), not a timed test; what
+    keeps it fast (VERSION imports nothing heavy) is test_plugin_datapath's import check."""
     env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        subprocess.run([str(bundle / "ovs-underlay")], env=env, capture_output=True, input=b"", check=True)
-        times.append(time.perf_counter() - t0)
-    median = sorted(times)[len(times) // 2]
-    # Target 80 ms on an idle node; the CI machine runs other tests at the same time.
-    assert median < 0.4, f"frozen VERSION median {median * 1000:.0f} ms"
+    for prog in ("ovs-underlay", "ovs-underlay-ipam"):
+        res = subprocess.run([str(bundle / prog)], env=env, capture_output=True, input=b"", timeout=60)
+        assert res.returncode == 0 and res.stderr == b"", res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["supportedVersions"][-1] == "1.1.0" and doc["cniVersion"] == "1.1.0", doc
 
 
 def test_bundle_executables_share_one_internal_dir(bundle: Path) -> None:
