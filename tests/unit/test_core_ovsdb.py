@@ -299,7 +299,10 @@ def fake_server(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket, d
             socks.append(conn)
             buf, dec = "", json.JSONDecoder()
             while True:
-                data = conn.recv(65536)
+                try:
+                    data = conn.recv(65536)
+                except OSError:  # the fixture closed the connection at the test's end
+                    return
                 if not data:
                     return
                 buf += data.decode()
