@@ -279,6 +279,7 @@ class _UnixRpc:
         self._text = ""
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._json = json.JSONDecoder()
+        self.rx_bytes = 0  # read from ovsdb-server on this connection (how much a call costs us)
 
     def close(self) -> None:
         self.sock.close()
@@ -305,6 +306,7 @@ class _UnixRpc:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise EOFError("connection closed")
+            self.rx_bytes += len(chunk)
             self._text = text + self._utf8.decode(chunk)
 
 
@@ -322,6 +324,15 @@ class OvsdbClient:
         self._unix = remote[len("unix:"):] if remote.startswith("unix:") else None
         self._next_id = 0
         self.reply_ms: list[float] = []  # the last exchange: ms from sending to each reply (observability)
+        self._rx_closed = 0  # bytes read on connections dropped since
+
+    @property
+    def rx_bytes(self) -> int:
+        """Bytes read from a unix: remote so far, over every connection of this client (0 for
+        tcp:/ssl:, which go through the ovs library). What a reply costs us to read and parse
+        grows with it, so it shows whether a call's cost depends on the size of the database."""
+        conn = self._conn if isinstance(self._conn, _UnixRpc) else None
+        return self._rx_closed + (conn.rx_bytes if conn is not None else 0)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -348,6 +359,8 @@ class OvsdbClient:
     def _drop(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            if isinstance(conn, _UnixRpc):
+                self._rx_closed += conn.rx_bytes
             conn.close()
 
     def close(self) -> None:

@@ -207,8 +207,9 @@ def _timed(t: dict[str, float], key: str, fn: Callable[[], object]) -> None:
 
 def _cycle(br: str, host: str) -> dict[str, float]:
     """One plugin-like ADD and DEL, each with a fresh client (= one exec): wall ms per call,
-    and the CPU ms our process spent. ovs-vswitchd is left 0.3 s to go idle before add_port,
-    so the ofport wait is the attach of this port alone (not the tail of the previous DEL)."""
+    the CPU ms our process spent, and the bytes each read from ovsdb-server. ovs-vswitchd is
+    left 0.3 s to go idle before add_port, so the ofport wait is the attach of this port alone
+    (not the tail of the previous DEL)."""
     cid = netbed.container_id()
     t: dict[str, float] = {}
     waits: list[float] = []
@@ -223,6 +224,7 @@ def _cycle(br: str, host: str) -> dict[str, float]:
         add_ms, wait_done_ms = c.db.reply_ms
         waits.append(wait_done_ms - add_ms)
         _timed(t, "set_iface_ids", lambda: c.set_iface_ids(host, {"ip_addresses": "10.0.0.5"}))
+        t["bytes read (ADD)"] = c.db.rx_bytes
     finally:
         c.close()
     t["  ofport wait (in add_port)"] = waits[-1]
@@ -231,6 +233,7 @@ def _cycle(br: str, host: str) -> dict[str, float]:
         _timed(t, "find_ports", lambda: c.find_ports({"container_id": cid, "ifname": "eth0"}))
         _timed(t, "get_port", lambda: c.get_port(host))
         _timed(t, "delete_ports", lambda: c.delete_ports([host]))
+        t["bytes read (DEL)"] = c.db.rx_bytes
     finally:
         c.close()
     t["ADD excl. ofport wait"] = t["bridge_datapath"] + t["add_port"] - waits[-1] + t["set_iface_ids"]
@@ -241,9 +244,12 @@ def _cycle(br: str, host: str) -> dict[str, float]:
 
 @pytest.mark.timeout(600)
 def test_cost_does_not_grow_with_ports(veth: Callable[[], str]) -> None:
-    """9 ADD/DEL cycles at 10 and at 1000 ports. The bound is on the best-of-9 wall time (the
-    machine is shared and a 1000-port netdev bridge itself keeps ovs-vswitchd ~40% busy, which
-    inflates medians) and on our CPU time; medians are reported."""
+    """9 ADD/DEL cycles at 10 and at 1000 ports. Our side is O(1) in bridge size: every request
+    is filtered on the server (by name, by uuid), so what a call reads back from ovsdb-server
+    is the same at 1000 ports as at 10, byte for byte but for the digits of an ofport number.
+    That is the assertion (it holds on a busy machine); the times (wall, CPU, the ofport wait,
+    which is ovs-vswitchd reconfiguring the bridge: O(ports) inside OVS) are reported to
+    $OU_OVSDB_COST_FILE and `make bench` measures the rest."""
     reps = 9
     report: dict[str, Any] = {}
     for n in (10, 1000):
@@ -255,21 +261,16 @@ def test_cost_does_not_grow_with_ports(veth: Callable[[], str]) -> None:
         finally:
             _delete_filled(br)
         report[f"median @{n}"] = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-        report[f"min @{n}"] = {k: round(min(r[k] for r in runs), 2) for k in runs[0]}
-    for stat in ("median", "min"):
+        report[f"max @{n}"] = {k: round(max(r[k] for r in runs), 2) for k in runs[0]}
+    for stat in ("median",):
         small, big = report[f"{stat} @10"], report[f"{stat} @1000"]
-        report[f"{stat} ratio 1000/10"] = {k: round(big[k] / small[k], 2) for k in small}
+        report[f"{stat} ratio 1000/10"] = {k: round(big[k] / small[k], 2) for k in small if small[k]}
     with open(os.environ.get("OU_OVSDB_COST_FILE", "/tmp/ovs-underlay-ovsdb-cost.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
-    # Our side is O(1) in bridge size. The ofport wait is ovs-vswitchd reconfiguring the bridge
-    # (O(ports) inside OVS): reported, not bounded. Generous bounds against flakiness.
-    # A port add is one round trip (0.3 ms at 10 ports), so ovsdb-server's own O(ports) rewrite of
-    # Bridge.ports (~1 ms at 1000 ports) can triple it: a ratio bound alone would judge OVS.
-    ratio, small, big = report["min ratio 1000/10"], report["min @10"], report["min @1000"]
-    for k in ("ADD excl. ofport wait", "DEL"):
-        assert ratio[k] < 3 or big[k] - small[k] < 2.0, report
-    assert report["median ratio 1000/10"]["client CPU (ADD+DEL)"] < 3, report
+    for k in ("bytes read (ADD)", "bytes read (DEL)"):
+        small, big = report["max @10"][k], report["max @1000"][k]
+        assert small > 0 and big <= small + 32, (k, report)
 
 
 def test_bridge_kernel_device_exists_after_create_and_is_gone_after_delete() -> None:
