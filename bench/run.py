@@ -76,6 +76,7 @@ def phase_breakdown(bed: Any) -> dict[str, Any]:
     from bench.common import netbed
 
     ns = bed.netns[0]
+    log = netbed.plugin_log("bench-phases")
     env = {
         **os.environ,
         "CNI_COMMAND": "ADD",
@@ -83,18 +84,21 @@ def phase_breakdown(bed: Any) -> dict[str, Any]:
         "CNI_NETNS": ns.path,
         "CNI_IFNAME": "eth0",
         "CNI_PATH": REF_DIR,
-        "OVS_UNDERLAY_LOG_FILE": str(netbed.plugin_log("bench-phases")),
+        "OVS_UNDERLAY_LOG_FILE": str(log),
         "PYTHONPATH": str(ROOT),
     }
-    p = subprocess.run(
-        [PY, "-m", "bench.phases"],
-        input=json.dumps(bed.conf("warm")).encode(),
-        env=env,
-        capture_output=True,
-        cwd=ROOT,
-        check=False,
-        timeout=120,
-    )
+    try:
+        p = subprocess.run(
+            [PY, "-m", "bench.phases"],
+            input=json.dumps(bed.conf("warm")).encode(),
+            env=env,
+            capture_output=True,
+            cwd=ROOT,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        log.unlink(missing_ok=True)
     try:
         return dict(json.loads(p.stdout))
     except ValueError:
