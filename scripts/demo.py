@@ -15,7 +15,10 @@ It runs the product as a node runs it once installed, only on private sockets an
    defaults: no datapathType (the bridge is accepted as it is), gateway and conflict checks on,
 4. attaches three pods with `cnitool add` (the reference runtime CLI; `make cnitool`), exec'ing
    the plugin from CNI_PATH=dist/ovs-underlay (the native client, handing each call to the warm
-   server), and prints each pod's ADD time and which process ran it,
+   server), and prints each pod's ADD time, which process ran it and whether its address was
+   pre-probed by ipamd or probed inline (a network's first ADDs come before ipamd has any
+   pre-probed address); then one more pod on VLAN 100, added and deleted once ipamd has
+   pre-probed addresses, to show an ADD as most of a node's ADDs are,
 5. shows addresses, the gateway checks, a ping matrix (same VLAN: yes, across VLANs: no), the
    OVS ports with their tags and ipamd's lease table,
 6. tears everything down (cnitool del, ipamd and warm server stop, bridges, netns), also on
@@ -86,6 +89,7 @@ class Pod:
 VLANS = [Vlan(100, "vlan100", "192.168.100.0/24", "192.168.100.1"),
          Vlan(200, "vlan200", "192.168.200.0/24", "192.168.200.1")]
 PODS = [Pod("demo-pod1", VLANS[0]), Pod("demo-pod2", VLANS[0]), Pod("demo-pod3", VLANS[1])]
+LATER = Pod("demo-pod4", VLANS[0])  # added and deleted once ipamd has pre-probed addresses
 
 
 class DemoFailed(Exception):
@@ -144,6 +148,20 @@ def warm_worker(container_id: str) -> str | None:
     found = [ln.split("worker ", 1)[1].split(":", 1)[0] for ln in lines
              if f": ovs-underlay ADD container_id={container_id}" in ln]
     return found[-1] if found else None
+
+
+def address_source(container_id: str) -> str:
+    """Where the pod's address came from, by ipamd's log line of its Allocate."""
+    try:
+        lines = (WORK / "ipamd.log").read_text().splitlines()
+    except OSError:
+        return "address source unknown"
+    found = [ln for ln in lines if "rpc=Allocate " in ln and f"container_id={container_id} " in ln]
+    if not found:
+        return "address source unknown"
+    if "pre_probed=0" not in found[-1]:
+        return "address pre-probed by ipamd: no wait"
+    return "address probed inline: ipamd had no pre-probed one yet"
 
 
 def ipamd_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -266,12 +284,32 @@ def attach_pods() -> dict[str, dict[str, Any]]:
         addrs = ", ".join(ip["address"] for ip in result.get("ips", []))
         worker = warm_worker(pod.container_id)
         path = f"warm path, worker pid {worker}" if worker else "in-process (the warm server did not take it)"
-        info(f"{pod.name}: eth0 {addrs} on VLAN {pod.vlan.vid}: ADD {elapsed:.0f} ms ({path})")
+        info(f"{pod.name}: eth0 {addrs} on VLAN {pod.vlan.vid}: ADD {elapsed:.0f} ms ({path}; "
+             f"{address_source(pod.container_id)})")
         answer = gateway_answer(pod.container_id)
         if answer is None:
             raise DemoFailed(f"{pod.name}: the plugin log {PLUGIN_LOG} has no gateway check result")
         info(f"  gateway check: {answer}")
     return results
+
+
+def later_pod() -> None:
+    """One more ADD (and its DEL) on VLAN 100 once ipamd's probe port has pre-probed addresses:
+    what most ADDs on a node look like."""
+    step(f"A later pod on VLAN {LATER.vlan.vid}, once ipamd has pre-probed addresses")
+    time.sleep(1.0)  # the probe port probes the next candidates (100 ms each) in the background
+    run("ip", "netns", "add", LATER.name)
+    try:
+        t0 = time.monotonic()
+        res = run(str(CNITOOL), "add", LATER.vlan.network, LATER.netns, env=cnitool_env(LATER))
+        elapsed = (time.monotonic() - t0) * 1000
+        addrs = ", ".join(ip["address"] for ip in json.loads(res.stdout).get("ips", []))
+        info(f"{LATER.name}: eth0 {addrs}: ADD {elapsed:.0f} ms ({address_source(LATER.container_id)}; "
+             "cnitool's own work included)")
+        run(str(CNITOOL), "del", LATER.vlan.network, LATER.netns, env=cnitool_env(LATER))
+        info(f"{LATER.name}: deleted (its address goes back to the pool after the cool-down)")
+    finally:
+        quiet("ip", "netns", "del", LATER.name)
 
 
 def address_of(result: dict[str, Any]) -> str:
@@ -350,7 +388,7 @@ def show_leases() -> None:
 def teardown(ipamd: subprocess.Popen[bytes] | None, warm: subprocess.Popen[bytes] | None = None) -> list[str]:
     """Remove everything, in reverse order, continuing after errors. Returns the problems."""
     problems: list[str] = []
-    for pod in reversed(PODS):
+    for pod in reversed([*PODS, LATER]):
         conf = NETCONF / f"{10 + VLANS.index(pod.vlan)}-{pod.vlan.network}.conflist"
         if Path(pod.netns).exists() and conf.exists():
             r = subprocess.run([str(CNITOOL), "del", pod.vlan.network, pod.netns], env=cnitool_env(pod),
@@ -370,9 +408,9 @@ def teardown(ipamd: subprocess.Popen[bytes] | None, warm: subprocess.Popen[bytes
     with contextlib.suppress(Exception):
         for link in json.loads(run("ip", "-j", "link", "show").stdout):
             alias = link.get("ifalias") or ""
-            if any(p.container_id in alias for p in PODS):
+            if any(p.container_id in alias for p in [*PODS, LATER]):
                 quiet("ip", "link", "del", link["ifname"])
-    for pod in PODS:  # libcni's result cache
+    for pod in [*PODS, LATER]:  # libcni's result cache
         for f in Path("/var/lib/cni/results").glob(f"*{pod.container_id}*"):
             with contextlib.suppress(OSError):
                 f.unlink()
@@ -460,6 +498,7 @@ def main() -> int:
         write_configs()
         results = attach_pods()
         ping_matrix(results)
+        later_pod()
         show_ovs()
         show_leases()
         ok = True
