@@ -38,11 +38,11 @@ from agent import plan as P
 from agent.drivers import Drivers
 from agent.journal import JournalError, StateDir
 from core.errors import CoreError
+from core.names import DEFAULT_OVSDB, is_ovsdb_remote
 
 PROG = "ovs-underlay-node"
 DEFAULT_CONFIG = "/etc/ovs-underlay/provider-networks.yaml"
 DEFAULT_STATE_DIR = "/var/lib/ovs-underlay/node"
-DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 _log = logging.getLogger("ovs-underlay.agent")
 
 
@@ -159,7 +159,7 @@ def _err(msg: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if not str(args.ovsdb).startswith(("unix:", "tcp:", "ssl:")):
+    if not is_ovsdb_remote(args.ovsdb):
         p.error(f"--ovsdb {args.ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or ssl:IP:PORT)")
     _setup_logging(args.log_level)
     try:

@@ -54,7 +54,14 @@ from cni.ovnconf import (
 )
 from cni.types import CmdArgs, Result, parse_cni_args
 from core.attachment import MAX_NAME, name_problem
-from core.names import MAC_RE, PROVIDER_NAME_RE, ifname_problem, provider_bridge
+from core.names import (
+    DEFAULT_OVSDB,
+    MAC_RE,
+    PROVIDER_NAME_RE,
+    ifname_problem,
+    is_ovsdb_remote,
+    provider_bridge,
+)
 from core.spec import (
     DEFAULT_DAEMON_SOCKET,
     ConfigError,
@@ -68,7 +75,6 @@ from core.spec import (
 _log = logging.getLogger("ovs-underlay.netconf")
 IPAMD_TYPE = "ovs-underlay-ipam"
 DEFAULT_BRIDGE = "br-int"
-DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 
 # Peer spelling -> our canonical key (ovs-cni `socket_file`/`ofport_request`, snake_case).
 ALIASES: dict[str, str] = {
@@ -371,7 +377,7 @@ def parse_del(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound, *,
         problems.append(why)
         name = None
     ovsdb = conf.get("ovsdbSocket", DEFAULT_OVSDB)
-    if not isinstance(ovsdb, str) or not ovsdb.startswith(("unix:", "tcp:", "ssl:")):
+    if not is_ovsdb_remote(ovsdb):
         problems.append(f"ovsdbSocket {ovsdb!r} is not an OVSDB remote; using {DEFAULT_OVSDB}")
         ovsdb = DEFAULT_OVSDB
     ipam: DelIpam | None
@@ -427,7 +433,7 @@ def parse_netconf(args: CmdArgs, node_nb: NodeNorthbound = no_node_northbound) -
     if not isinstance(ptype, str) or not ptype:
         raise _bad(f"type: missing or invalid plugin type {ptype!r}")
     ovsdb = _str(conf, "ovsdbSocket", DEFAULT_OVSDB)
-    if not ovsdb.startswith(("unix:", "tcp:", "ssl:")):
+    if not is_ovsdb_remote(ovsdb):
         raise _bad(f"ovsdbSocket: {ovsdb!r} is not an OVSDB remote (unix:PATH, tcp:IP:PORT or ssl:IP:PORT)")
     cargs = parse_cni_args(args.args)
     rc = _mapping(conf, "runtimeConfig")

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 OWNER = "ovs-underlay"  # external_ids:owner of our OVS rows
+DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"  # the node's Open vSwitch, for every program
 ALIAS_PREFIX = "ovs-underlay "  # IFLA_IFALIAS of our host veths: "<prefix><cid> <ifname> <network>"
 MAX_NETWORK_IN_ALIAS = 64
 # external_ids:owner of ipamd's probe ports (one OVS internal port per L2 segment, in a netns
@@ -147,3 +148,9 @@ def probe_port_name(netns: str, segment_key: str) -> str:
     """The probe port of one ipamd (known by its probe netns) on one segment ("bridge/vlan"):
     deterministic, so a restarted ipamd finds the port it made before; 15 characters."""
     return PROBE_IF_PREFIX + hashlib.sha256(f"{netns}|{segment_key}".encode()).hexdigest()[:12]
+
+
+def is_ovsdb_remote(remote: object) -> bool:
+    """An OVSDB remote as ovsdb-server and every OVS tool spell it: unix:PATH, tcp:IP:PORT or
+    ssl:IP:PORT (what each program accepts for its ovsdbSocket / --ovsdb)."""
+    return isinstance(remote, str) and remote.startswith(("unix:", "tcp:", "ssl:"))

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import CoreError, Missing, NotOwned, Unavailable
-from core.names import OWNER
+from core.names import DEFAULT_OVSDB, OWNER
 from core.ovsdb import (
     Changed,
     NamedUuid,
@@ -63,7 +63,7 @@ from core.ovsdb import (
     to_datum,
 )
 
-DEFAULT_REMOTE = "unix:/run/openvswitch/db.sock"
+DEFAULT_REMOTE = DEFAULT_OVSDB
 DB = "Open_vSwitch"
 # Upper bound for ovs-vswitchd to attach a new port (ofport set). It reconfigures the bridge on
 # every change, so during a burst of ADDs on a busy node this takes seconds, not milliseconds:

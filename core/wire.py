@@ -20,6 +20,7 @@ from typing import Any
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from core._proto import ipam_pb2 as pb
+from core.names import is_ovsdb_remote
 from core.spec import (
     Allocation,
     ConfigError,
@@ -210,7 +211,7 @@ def segment_from_pb(msg: pb.Segment) -> Segment:
         raise ConfigError(f"segment.bridge {msg.bridge[:80]!r} is not an OVS bridge name")
     if msg.vlan > 4094 or any(t > 4094 for t in msg.trunks):
         raise ConfigError(f"segment: VLAN {msg.vlan} / trunks {list(msg.trunks)[:8]} outside 0..4094")
-    if len(msg.ovsdb) > 4096 or (msg.ovsdb and not msg.ovsdb.startswith(("unix:", "tcp:", "ssl:"))):
+    if len(msg.ovsdb) > 4096 or (msg.ovsdb and not is_ovsdb_remote(msg.ovsdb)):
         raise ConfigError(f"segment.ovsdb {msg.ovsdb[:80]!r} is not an OVSDB remote")
     return Segment(msg.bridge, int(msg.vlan), tuple(int(t) for t in msg.trunks), msg.ovsdb)
 

@@ -13,13 +13,13 @@ import socket
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from core.names import DEFAULT_OVSDB, is_ovsdb_remote
 from core.spec import DEFAULT_DAEMON_SOCKET
 
 DEFAULT_STATE_DIR = "/var/lib/ovs-underlay"
 DEFAULT_ETCD_PREFIX = "/ovs-underlay"
 NODE_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?$")  # a Kubernetes node name
 _PREFIX_RE = re.compile(r"^(/[a-zA-Z0-9_.-]+)+$")
-DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -167,7 +167,7 @@ def _check_cluster(cfg: DaemonConfig) -> DaemonConfig:
 
 
 def _check_probes(cfg: DaemonConfig) -> DaemonConfig:
-    if not cfg.ovsdb_socket.startswith(("unix:", "tcp:", "ssl:")):
+    if not is_ovsdb_remote(cfg.ovsdb_socket):
         raise DaemonConfigError(f"ovsdbSocket {cfg.ovsdb_socket!r}: expected unix:PATH, tcp:IP:PORT or "
                                 "ssl:IP:PORT")
     if cfg.probe_netns and not NETNS_NAME_RE.match(cfg.probe_netns):
