@@ -238,8 +238,12 @@ class Pinger:
         return int(m.group(1)) if m else 0
 
     def window_ms(self) -> float:
-        """The longest run of unanswered echoes (also at the start and the end), in ms."""
-        seqs = [0, *self.replies(), self.sent() + 1]  # ping numbers its echoes from 1
+        """The longest run of unanswered echoes (also at the start and the end), in ms. A ping
+        that reported nothing is an error, not a window of 0."""
+        sent = self.sent()
+        if sent == 0:
+            raise AssertionError(f"ping reported no echoes sent: {self.lines[-10:]}")
+        seqs = [0, *self.replies(), sent + 1]  # ping numbers its echoes from 1
         worst = max((b - a - 1 for a, b in itertools.pairwise(seqs)), default=0)
         return worst * self.interval_s * 1000
 

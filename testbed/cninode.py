@@ -170,6 +170,7 @@ def make_cni_node(name: str, work: Path, *, frozen: bool = False, warm: bool = F
     `state_dir`: ipamd's state dir (a small tmpfs for the soak); default under `work`."""
     work.mkdir(parents=True, exist_ok=True)
     node = nodebed.make_node(name)
+    started: list[netbed.Ipamd | netbed.WarmServer] = []  # stopped again if the node cannot be made
     try:
         bridge = "br-pods"
         node.vsctl("add-br", bridge, "--", "set", "Bridge", bridge, "datapath_type=netdev")
@@ -180,6 +181,7 @@ def make_cni_node(name: str, work: Path, *, frozen: bool = False, warm: bool = F
                 "--state-dir", state, "--ovsdb", node.ovsdb, "--probe-netns", netbed.uniq("probe", limit=40),
                 *ipamd_args]
         d = netbed.Ipamd(sock, state, None, str(work / "ipamd.log"), args)
+        started.append(d)
         d.start()
         plugin = [str(DIST / "ovs-underlay")] if frozen else [PYTHON, "-m", "cni"]
         cn = CniNode(node, work, bridge, d, plugin, log_file=str(work / "plugin.log"))
@@ -187,11 +189,15 @@ def make_cni_node(name: str, work: Path, *, frozen: bool = False, warm: bool = F
             argv = [*cn.nsenter(), str(DIST / "ovs-underlay-py") if frozen else PYTHON,
                     *(() if frozen else ("-m", "cni"))]
             cn.warm = netbed.WarmServer(argv, str(work / "warm" / "cni-warm.sock"), work / "warm.log")
+            started.append(cn.warm)
             cn.warm.start()
             cn.env["OVS_UNDERLAY_WARM_SOCKET"] = cn.warm.path
         else:
             cn.env["OVS_UNDERLAY_WARM"] = "0"
         return cn
     except BaseException:
+        for proc in reversed(started):
+            with contextlib.suppress(Exception):
+                proc.stop()
         node.destroy()
         raise

@@ -178,8 +178,9 @@ def test_the_watch_puts_a_leased_address_in_conflict_and_check_says_so(
 
 
 def test_gateway_from_the_cache_then_inline_when_it_is_gone(underlay: netbed.Underlay,
-                                                            ipamd_factory: Callable[..., netbed.Ipamd]) -> None:
-    d = ipamd_factory("--config", _config(gatewayCacheSeconds=1), name="gw")
+                                                            ipamd_factory: Callable[..., netbed.Ipamd],
+                                                            tmp_path: Path) -> None:
+    d = ipamd_factory("--config", _config(tmp_path, gatewayCacheSeconds=1), name="gw")
     net, seg = f"pg{netbed.TOKEN}", Segment(underlay.bridge, 100)
     router = underlay.routers[100]
     with IpamClient(d.socket) as c:
@@ -187,19 +188,16 @@ def test_gateway_from_the_cache_then_inline_when_it_is_gone(underlay: netbed.Und
         seen = _until(lambda: _allocate(c, net, seg).gateways)  # type: ignore[attr-defined]
         assert [(str(g.gateway), g.mac) for g in seen] == [  # type: ignore[union-attr]
             ("192.168.100.1", netbed.link(router.ifname, ns=router.netns.name)["address"])]
-        assert a is not None
+        assert [str(i.address) for i in a.ips] == ["192.168.100.10/24"]  # type: ignore[attr-defined]
         underlay.remove_router(100)
         time.sleep(1.5)  # past gatewayCacheSeconds: no answer refreshed it
         assert _allocate(c, net, seg).gateways == ()  # type: ignore[attr-defined]
 
 
-def _config(**keys: object) -> str:
-    import tempfile
-
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix=f"ou-{netbed.TOKEN}-")  # noqa: SIM115
-    json.dump(keys, f)
-    f.close()
-    return f.name
+def _config(d: Path, **keys: object) -> str:
+    path = d / "ipamd.json"
+    path.write_text(json.dumps(keys))
+    return str(path)
 
 
 @pytest.mark.parametrize(("vlan", "trunks", "tag"), [(100, (300,), 100), (0, (300, 301), 0)],

@@ -88,10 +88,13 @@ def test_ovs_restart(tor: nodebed.Tor, node_factory: Callable[[str], nodebed.Nod
 
 def test_destroy_leaves_nothing(tor: nodebed.Tor) -> None:
     a = nodebed.make_node("z")
-    tor.plug(a)
-    pids = [p.pid for p in (a.ovsdb_server, a.vswitchd) if p]
-    work, ns = a.workdir, a.ns
-    a.destroy()
+    try:
+        tor.plug(a)
+        pids = [p.pid for p in (a.ovsdb_server, a.vswitchd) if p]
+        assert len(pids) == 2
+        work, ns = a.workdir, a.ns
+    finally:
+        a.destroy()
     a.destroy()  # idempotent
     assert not work.exists()
     assert ns not in netbed.sh("ip", "netns", "list").stdout

@@ -141,18 +141,20 @@ def test_a_live_pod_that_lost_its_port_keeps_its_veth_and_lease(cn: CniNode, pod
 
 def test_the_periodic_pass_waits_for_the_grace(tmp_path: Path) -> None:
     cn = make_cni_node("rp", tmp_path / "node", ipamd_args=("--reconcile-interval", "1", "--reconcile-grace", "4"))
-    pods = Pods(cn, f"per{netbed.TOKEN}")
     try:
-        cid, ns = pods.add("per")
-        t_add = time.monotonic()
-        ns.delete()
-        deadline = t_add + 20
-        while cid in leased(cn) and time.monotonic() < deadline:
-            assert cid in leased(cn) or time.monotonic() - t_add >= 4
-            time.sleep(0.25)
-        held = time.monotonic() - t_add
-        assert cid not in leased(cn) and 4 <= held < 12, held
-        assert ports(cn) == set() and veths(cn) == set()
+        pods = Pods(cn, f"per{netbed.TOKEN}")
+        try:
+            cid, ns = pods.add("per")
+            t_add = time.monotonic()
+            ns.delete()
+            deadline = t_add + 20
+            while cid in leased(cn) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            held = time.monotonic() - t_add
+            # freed by a periodic pass (no `reconcile` call here), and not before the grace
+            assert cid not in leased(cn) and held >= 4, held
+            assert ports(cn) == set() and veths(cn) == set()
+        finally:
+            pods.cleanup()
     finally:
-        pods.cleanup()
         cn.destroy()
