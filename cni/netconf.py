@@ -53,7 +53,7 @@ from cni.ovnconf import (
     parse_ovn,
 )
 from cni.types import CmdArgs, Result, parse_cni_args
-from core.attachment import MAX_NAME, name_problem
+from core.attachment import IPAMD, MAX_NAME, name_problem
 from core.names import (
     DEFAULT_OVSDB,
     MAC_RE,
@@ -73,7 +73,7 @@ from core.spec import (
 )
 
 _log = logging.getLogger("ovs-underlay.netconf")
-IPAMD_TYPE = "ovs-underlay-ipam"
+IPAMD_TYPE = IPAMD  # the plugin type is what ADD records as `ipam` (core.attachment)
 DEFAULT_BRIDGE = "br-int"
 
 # Peer spelling -> our canonical key (ovs-cni `socket_file`/`ofport_request`, snake_case).
@@ -89,7 +89,6 @@ ALIASES: dict[str, str] = {
     "log_level": "logLevel",
 }
 VALID_ATTACHMENTS_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
-_log = logging.getLogger("ovs-underlay.netconf")
 
 
 @dataclass(frozen=True)

@@ -153,9 +153,10 @@ def lsp_spec(args: CmdArgs, conf: NetConf, target: Target, mac: str, ips: tuple[
                    switch_ids=switch_ids)
 
 
-def _undo(what: str, fn: Callable[..., Any], *a: Any) -> None:
+def undo(what: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> None:
+    """One rollback step of ADD (an ExitStack callback): a failure is logged, never raised."""
     try:
-        fn(*a)
+        fn(*a, **kw)
     except Exception as exc:  # rollback must go on; the original error is what the runtime sees
         _log.warning("rollback: %s failed: %s", what, exc)
     else:
@@ -169,7 +170,7 @@ def add_lsp(args: CmdArgs, conf: NetConf, d: Drivers, target: Target, mac: str,
     spec = lsp_spec(args, conf, target, mac, ips)
     nb = d.nb(conf.ovn.northbound)
     nb.add_lsp(spec)
-    stack.callback(_undo, f"delete logical switch port {spec.name}", nb.delete_attachment, dict(spec.ids))
+    stack.callback(undo, f"delete logical switch port {spec.name}", nb.delete_attachment, dict(spec.ids))
     _log.info("logical switch port %s on %s: %s", spec.name, spec.switch, " ".join([mac, *spec.ips]))
 
 

@@ -38,11 +38,11 @@ from core.spec import ConfigError
 OVNK_TYPE = "ovn-k8s-cni-overlay"
 DEFAULT_INSTALLED_TIMEOUT_MS = 20_000
 # Logical switch/port names: what OVN, OpenStack and ovn-kubernetes use (uuids, `ns.net_ovn_x`).
-OVN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/\-]{0,254}$")
+OVN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/\-]{0,254}\Z")
 # A bridge-mapping key: no ':' or ',' (the separators of ovn-bridge-mappings).
-PHYSNET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-DNS1123_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
-NAD_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$")
+PHYSNET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
+DNS1123_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?\Z")
+NAD_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?\Z")
 
 Topology = Literal["", "layer2", "localnet"]
 BridgeSource = Literal["config", "ovn-bridge", "bridge-mapping"]
@@ -52,7 +52,6 @@ OVNK_UNSUPPORTED: dict[str, str] = {
     "joinSubnet": "it configures ovn-kubernetes' primary user-defined networks",
     "defaultGatewayIPs": "it configures ovn-kubernetes' primary layer2 networks",
     "infrastructureSubnets": "it configures ovn-kubernetes' primary layer2 networks",
-    "reservedSubnets": "use excludeSubnets",
     "transport": "east-west traffic is whatever the logical switch uses (geneve)",
     "evpn": "EVPN is an ovn-kubernetes control-plane feature",
     "deviceID": "SR-IOV / DPU ports are not plugged by ovs-underlay",

@@ -61,7 +61,7 @@ from cni.netconf import (
     parse_del,
     parse_netconf,
 )
-from cni.ovn_attach import Target
+from cni.ovn_attach import Target, undo
 from cni.ovnconf import NodeNorthbound
 from cni.types import CmdArgs, Interface, IPConfig, Result, addr_key
 from core.attachment import IPAMD, NO_IPAM, Record, read_record, record_ids
@@ -167,15 +167,6 @@ def gc(args: CmdArgs) -> Result | None:
 # ADD
 
 
-def _undo(what: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> None:
-    try:
-        fn(*a, **kw)
-    except Exception as exc:  # rollback must go on; the original error is what the runtime sees
-        _log.warning("rollback: %s failed: %s", what, exc)
-    else:
-        _log.info("rollback: %s", what)
-
-
 def preflight_bridge(conf: NetConf, d: Drivers, code: int) -> Target:
     """Where the port goes on this node (cni.ovn_attach.resolve); `code` when it cannot."""
     return ovn_attach.resolve(conf, d, code)
@@ -223,7 +214,7 @@ def cmd_add(args: CmdArgs, conf: NetConf, d: Drivers) -> Result:
         _phase("allocate_sent")
         link = d.netlink.create_veth(host=host, netns=args.netns, ifname=args.ifname, alias=alias,
                                      mtu=conf.mtu, mac=mac)
-        stack.callback(_undo, f"delete veth {host}", d.netlink.delete_host_link, host, alias)
+        stack.callback(undo, f"delete veth {host}", d.netlink.delete_host_link, host, alias)
         _phase("veth")
         if early:
             addr, mac = _lease_and_port(args, conf, target, d, stack, host, link.mac, pending)
@@ -282,7 +273,7 @@ def _start_ipamd(args: CmdArgs, conf: NetConf, target: Target, d: Drivers, stack
         pending.settle()
         client.release(network=conf.name, container_id=args.container_id, ifname=args.ifname)
 
-    stack.callback(_undo, "release lease", release)
+    stack.callback(undo, "release lease", release)
     return pending
 
 
@@ -295,7 +286,7 @@ def _lease_and_port(args: CmdArgs, conf: NetConf, target: Target, d: Drivers, st
     _phase("ipam")
     mac = _lease_mac(args, conf, d, mac, addr)
     d.ovsdb.add_port(port_spec(args, conf, target, host, mac, addr.ips))
-    stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
+    stack.callback(undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
     _phase("ovsdb")
     if isinstance(conf.ipam, IpamdBackend) and conf.ipam.conf.conflict_check and not addr.conflict_probed:
         ipam = conf.ipam.conf
@@ -319,7 +310,7 @@ def _port_then_ipam(args: CmdArgs, conf: NetConf, target: Target, d: Drivers, st
     addresses recorded in a second write."""
     managed = conf.ovn is not None and conf.ovn.managed
     d.ovsdb.add_port(port_spec(args, conf, target, host, mac))
-    stack.callback(_undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
+    stack.callback(undo, f"delete OVS port {host}", d.ovsdb.delete_ports, [host])
     _phase("ovsdb")
     if conf.ovn is not None and not managed:
         ovn_attach.wait_installed(args, conf, d, target, host)
@@ -350,10 +341,11 @@ def _lease_mac(args: CmdArgs, conf: NetConf, d: Drivers, mac: str, addr: Address
 
 
 def _segment(conf: NetConf, target: Target) -> str:
-    """The L2 segment a gateway answer is cached for."""
+    """The L2 segment a gateway answer is cached for: the probe port's segment key, or the
+    logical switch."""
     if conf.ovn is not None and conf.ovn.logical_switch:
         return f"ovn:{conf.ovn.logical_switch}"
-    return f"{target.bridge}/{target.tag if target.tag is not None else 0}"
+    return _l2(target, conf).key
 
 
 def _segment_text(conf: NetConf, target: Target) -> str:
@@ -375,12 +367,12 @@ def _ipam_add(args: CmdArgs, conf: NetConf, d: Drivers, stack: contextlib.ExitSt
                 network=conf.name, pool=ipam.pool, container_id=args.container_id, ifname=args.ifname,
                 pod=conf.pod, requested_ips=conf.requested_ips, requested_mac=conf.mac, netns=args.netns,
                 conflict_check=probe, conflict_check_wait_ms=ipam.conflict_check_wait_ms)
-            stack.callback(_undo, "release lease", client.release, network=conf.name,
+            stack.callback(undo, "release lease", client.release, network=conf.name,
                            container_id=args.container_id, ifname=args.ifname)
             return addressing(alloc, interface=1)
         case DelegateBackend(plugin):
             res = d.delegate.run(plugin, "ADD", args)
-            stack.callback(_undo, f"IPAM {plugin} DEL", d.delegate.run, plugin, "DEL", args)
+            stack.callback(undo, f"IPAM {plugin} DEL", d.delegate.run, plugin, "DEL", args)
             if res is None or not res.ips:
                 raise CniError(Code.INTERNAL, f"IPAM plugin {plugin} returned no IP configuration")
             ips = tuple(IPConfig(ip.address, ip.gateway, 1) for ip in res.ips)

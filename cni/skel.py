@@ -74,11 +74,6 @@ class Verbs:
         return fn  # type: ignore[no-any-return]
 
 
-def validate_ifname(name: str) -> str | None:
-    """Why `name` is not a valid interface name, or None (the rule lives in core.names)."""
-    return ifname_problem(name)
-
-
 def main(verbs: Verbs, env: Mapping[str, str], stdin: IO[bytes], stdout: IO[str],
          stderr: IO[str] | None = None) -> int:
     """Run one CNI invocation. Returns the exit code; writes at most one JSON document."""
@@ -186,7 +181,7 @@ def _cmd_args(command: str, env: Mapping[str, str], data: bytes, config: Mapping
             raise CniError(Code.INVALID_ENV, f"CNI_CONTAINERID {container_id!r} is invalid: {why}")
         if not ifname:
             raise CniError(Code.INVALID_ENV, "CNI_IFNAME is required")
-        why = validate_ifname(ifname)
+        why = ifname_problem(ifname)
         if why:
             raise CniError(Code.INVALID_ENV, f"CNI_IFNAME {ifname!r} {why}")
     if command in ("ADD", "CHECK") and not netns:

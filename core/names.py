@@ -43,7 +43,7 @@ MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 # Provider networks (the node agent): a network `net1` is bridged into `br-net1`; the agent marks
 # the Bridge row's external_ids with these keys, and the CNI plugin's `"provider": "net1"` reads
 # them on the select it makes anyway (agent/, core/bridges.py, cni/plugin.py preflight_bridge).
-PROVIDER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?$")  # Kube-OVN: at most 12 characters
+PROVIDER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")  # Kube-OVN: at most 12 characters
 PROVIDER_NETWORK = "provider-network"
 PROVIDER_INTERFACE = "provider-interface"
 PROVIDER_MTU = "provider-mtu"

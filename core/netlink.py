@@ -55,8 +55,6 @@ from core.rtnl import Rtnl, RtnlError
 
 _log = logging.getLogger("ovs-underlay.netlink")
 
-IFA_F_NODAD = rtnl.IFA_F_NODAD
-IFF_UP = rtnl.IFF_UP
 _GONE = (errno.ENOENT, errno.EINVAL)  # no such path / the path is not a netns (any more)
 _NO_LINK = (errno.ENODEV, errno.ENOENT)
 

@@ -18,9 +18,9 @@ from core.spec import DEFAULT_DAEMON_SOCKET
 
 DEFAULT_STATE_DIR = "/var/lib/ovs-underlay"
 DEFAULT_ETCD_PREFIX = "/ovs-underlay"
-NODE_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?$")  # a Kubernetes node name
-_PREFIX_RE = re.compile(r"^(/[a-zA-Z0-9_.-]+)+$")
-NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NODE_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9])?\Z")  # a Kubernetes node name
+_PREFIX_RE = re.compile(r"^(/[a-zA-Z0-9_.-]+)+\Z")
+NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 class DaemonConfigError(ValueError):

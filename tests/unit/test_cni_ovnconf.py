@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netaddr import IPRange
 
 from cni.errors import CniError
 from cni.netconf import IpamdBackend, NetConf, parse_netconf
@@ -137,6 +138,16 @@ def test_ovnk_localnet_without_ovn_is_an_access_port_on_the_mapped_bridge() -> N
     c = parse(OVNK_LOCALNET)
     assert c.ovn is None and c.bridge_source == "bridge-mapping" and c.physical_network == "physnet1"
     assert c.vlan == 100 and c.trunk == ()
+
+
+def test_ovnk_reserved_subnets_keep_their_meaning() -> None:
+    """ovn-kubernetes' reservedSubnets: never picked automatically, granted to a static request
+    (our `reserved` class), in an ovn-kubernetes NAD as in our own configs."""
+    c = parse({**OVNK_LOCALNET, "reservedSubnets": "192.168.100.8/30"})
+    assert isinstance(c.ipam, IpamdBackend)
+    (s,) = c.ipam.conf.pool.subnets
+    assert s.reserved_ranges == (IPRange("192.168.100.8", "192.168.100.11"),)
+    assert s.exclude == (IPRange("192.168.100.1", "192.168.100.1"),)
 
 
 def test_ovnk_defaults() -> None:
