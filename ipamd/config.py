@@ -110,6 +110,12 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
             vals[_KEYS[key]] = _check(path, key, _KEYS[key], value)
         cfg = replace(cfg, **vals)
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    # Every number must be >= 0 whichever way it came (the file is checked above, flags here).
+    keys = {name: key for key, name in _KEYS.items()}
+    for name, want in _TYPES.items():
+        v = getattr(cfg, name)
+        if want in ("int", "float") and v < 0:
+            raise DaemonConfigError(f"{keys.get(name, name)} must be >= 0, got {v}")
     if not cfg.socket.startswith("/"):
         raise DaemonConfigError(f"socket {cfg.socket!r} must be an absolute path")
     tls = {"tlsCert": cfg.tls_cert, "tlsKey": cfg.tls_key, "tlsClientCa": cfg.tls_client_ca}
@@ -130,10 +136,6 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
             raise DaemonConfigError(f"{key} {value!r} must be an absolute path")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise DaemonConfigError(f"logLevel {cfg.log_level!r}: expected debug, info, warning or error")
-    for key, v in (("reconcileIntervalSeconds", cfg.reconcile_interval_seconds),
-                   ("reconcileGraceSeconds", cfg.reconcile_grace_seconds)):
-        if v < 0:
-            raise DaemonConfigError(f"{key} must be >= 0, got {v}")
     return _check_probes(_check_cluster(cfg))
 
 

@@ -112,3 +112,12 @@ def test_cluster_config_keys_and_checks(tmp_path: Path) -> None:
     ]:
         with pytest.raises(DaemonConfigError, match=msg):
             load(None, overrides)
+
+
+@pytest.mark.parametrize("flag", ["probe_candidates", "outage_reserve", "metrics_port", "workers",
+                                  "probe_fresh_seconds", "reconcile_grace_seconds"])
+def test_negative_numbers_from_flags_are_refused_like_from_the_file(flag: str) -> None:
+    """A flag is checked as the same key in the file is (a negative probeCandidates made every
+    conflict-checked ADD fail inside ipamd)."""
+    with pytest.raises(DaemonConfigError, match="must be >= 0"):
+        load(None, {flag: -1})
