@@ -598,20 +598,23 @@ def cmd_status(args: CmdArgs, conf: NetConf, d: Drivers) -> None:
 
 
 def _gc_portless_veths(conf: NetConf, valid: set[tuple[str, str]], d: Drivers) -> list[CniError]:
-    """Host veths of this network (by their alias, core.names) that are not valid and have no
-    OVS port (a port that OVS lost, or an ADD killed between the veth and the port). A veth
-    whose alias names no network (an older ADD) is left to the reconciler."""
+    """Host veths of this network that are not valid and have no OVS port (a port that OVS
+    lost, or an ADD killed between the veth and the port), judged as ipamd's reconciler judges
+    them (core.orphans: our alias AND the name derived from it). A veth whose alias names no
+    network (an older ADD) is left to the reconciler."""
+    from core import orphans  # GC only: not on the ADD/DEL import path
+
     key = network_key(conf.name)
     errors: list[CniError] = []
     try:
-        links = [(name, a) for name, a in d.netlink.owned_host_links()
-                 if a.network_key == key and (a.container_id, a.ifname) not in valid]
-        for name, a in links:
-            if d.ovsdb.get_port(name) is not None:
-                continue  # a port of ours or someone's: the port pass decided about it
-            if d.netlink.delete_host_link(name, host_alias(a.container_id, a.ifname)):
-                _log.info("GC: removed veth %s of stale attachment %s/%s (no OVS port)", name,
-                          a.container_id, a.ifname)
+        for v in orphans.portless_veths(orphans.scan(d.ovsdb, d.netlink)):
+            if v.network_key != key or (v.container_id, v.ifname) in valid:
+                continue
+            if d.ovsdb.get_port(v.name) is not None:
+                continue  # someone else's port of that name: not ours to judge
+            if d.netlink.delete_host_link(v.name, v.link.alias, index=v.link.index):
+                _log.info("GC: removed veth %s of stale attachment %s/%s (no OVS port)", v.name,
+                          v.container_id, v.ifname)
     except (CniError, CoreError) as exc:
         errors.append(as_cni(exc))
     return errors

@@ -49,7 +49,7 @@ from netaddr import IPAddress, IPNetwork
 from core import rtnl
 from core.errors import AlreadyExists, CoreError, NetnsUnusable, NotOwned
 from core.frames import ETH_P_ARP, arp_announcement, random_mac, unsolicited_na
-from core.names import ALIAS_PREFIX, Alias, parse_alias, same_attachment
+from core.names import same_attachment
 from core.netns import close_later, ifindex, open_netns, socket_in_netns
 from core.rtnl import Rtnl, RtnlError
 
@@ -223,16 +223,6 @@ class Netlink:
                 return False
             raise _nl_error(f"delete link {name}", exc) from exc
         return True
-
-    def owned_host_links(self) -> list[tuple[str, Alias]]:
-        """Every host link whose alias marks it as one of ours: (name, parsed alias). One dump;
-        for GC (core.orphans judges the same listing, with ifindexes, for the reconciler)."""
-        out = []
-        for ln in self.host_links(ALIAS_PREFIX):
-            alias = parse_alias(ln.alias)
-            if alias is not None:
-                out.append((ln.name, alias))
-        return out
 
     def create_veth(self, *, host: str, netns: str, ifname: str, alias: str, mtu: int | None,
                     mac: str | None) -> PodLink:

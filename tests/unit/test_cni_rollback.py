@@ -17,7 +17,7 @@ from cni.netconf import DelConf, NetConf, parse_del, parse_netconf
 from cni.types import CmdArgs, Result
 from core.errors import CoreError, Unavailable
 from core.names import host_alias, host_ifname, parse_alias, same_attachment
-from core.netlink import PodLink
+from core.netlink import HostLink, PodLink
 from core.spec import Allocation, GatewaySeen, IpAssignment, ProbeResult, RouteSpec
 from core.vswitch import BridgeView, PortInfo, PortSpec, iface_columns, port_columns
 
@@ -63,7 +63,7 @@ class FakeNetlink:
     def set_pod_mac(self, *, netns: str, ifname: str, mac: str) -> None:
         self.w.step("set_pod_mac")
 
-    def delete_host_link(self, name: str, alias: str) -> bool:
+    def delete_host_link(self, name: str, alias: str, index: int | None = None) -> bool:
         self.w.journal.append("undo:veth")
         if same_attachment(self.w.links.get(name), alias):
             del self.w.links[name]
@@ -73,8 +73,9 @@ class FakeNetlink:
     def host_link_alias(self, name: str) -> str | None:
         return self.w.links.get(name)
 
-    def owned_host_links(self) -> list[tuple[str, Any]]:
-        return [(n, a) for n, alias in self.w.links.items() if (a := parse_alias(alias)) is not None]
+    def host_links(self, alias_prefix: str) -> list[HostLink]:
+        return [HostLink(n, i, alias, "veth") for i, (n, alias) in enumerate(self.w.links.items(), 1)
+                if alias.startswith(alias_prefix)]
 
     def configure(self, *, netns: str, ifname: str, addresses: Sequence[Any], routes: Sequence[Any]) -> None:
         self.w.step("configure")
