@@ -167,3 +167,18 @@ def parse_nd(frame: bytes) -> Nd | None:
             lladdr = opts[2:8]
         opts = opts[olen:]
     return Nd(icmp[0], src_mac, IPAddress(int.from_bytes(ip6[8:24], "big"), 6), target, lladdr)
+
+
+def gateway_answer(frame: bytes, gateway: IPAddress, own_mac: bytes) -> bytes | None:
+    """The MAC of `gateway` when `frame` answers our ARP request (an ARP reply from it) or
+    neighbour solicitation (an NA for it), and is not our own frame; else None. The one rule for
+    every gateway check (ipamd's pod-side probe, its probe ports, the node agent)."""
+    if gateway.version == 6:
+        nd = parse_nd(frame)
+        if nd is None or nd.type != ICMPV6_NA or nd.target != gateway or nd.src_mac == own_mac:
+            return None
+        return nd.lladdr or nd.src_mac
+    pkt = parse_arp(frame)
+    if pkt is not None and pkt.op == 2 and arp_answers_for(pkt, gateway, own_mac):
+        return pkt.sha
+    return None

@@ -17,17 +17,13 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 import time
 
 from netaddr import IPAddress
 
 from core import frames
+from core.netns import PACKET_OUTGOING, join_allmulti
 
-SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP = 1
-PACKET_MR_ALLMULTI = 2
-PACKET_OUTGOING = 4
 RESEND_S = 0.25
 _log = logging.getLogger("ovs-underlay.gateway")
 
@@ -43,9 +39,7 @@ class GatewayProbe:
             sock.bind((dev, eth))
             own = sock.getsockname()[4]
             if v6:
-                ifindex = socket.if_nametoindex(dev)
-                mreq = struct.pack("iHH8s", ifindex, PACKET_MR_ALLMULTI, 0, b"")
-                sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+                join_allmulti(sock, socket.if_nametoindex(dev))
                 request = frames.neighbor_solicitation(own, sender, gateway)
             else:
                 request = frames.arp_request(own, sender, gateway)
@@ -64,20 +58,9 @@ class GatewayProbe:
                 frame, addr = sock.recvfrom(2048)
                 if addr[2] == PACKET_OUTGOING:
                     continue
-                mac = _answer(frame, gateway, own, v6)
-                if mac:
-                    return mac
+                mac = frames.gateway_answer(frame, gateway, own)
+                if mac is not None:
+                    return frames.mac_text(mac)
         finally:
             sock.close()
 
-
-def _answer(frame: bytes, gateway: IPAddress, own: bytes, v6: bool) -> str | None:
-    if v6:
-        nd = frames.parse_nd(frame)
-        if nd is not None and nd.type == frames.ICMPV6_NA and nd.target == gateway and nd.src_mac != own:
-            return frames.mac_text(nd.lladdr or nd.src_mac)
-        return None
-    pkt = frames.parse_arp(frame)
-    if pkt is not None and pkt.spa == gateway and pkt.sha != own:
-        return frames.mac_text(pkt.sha)
-    return None

@@ -307,9 +307,25 @@ def write_sysctl(netns_path: str, key: str, value: str) -> None:
         os.close(fd)
 
 
-def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.socket, int]:
-    """An AF_PACKET/SOCK_RAW socket bound to `ifname` inside the netns, receiving `ethertype`.
-    Returns the socket and the interface index (raises OSError ENODEV if ifname is missing).
+# linux/if_packet.h: what our packet sockets set and read.
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_ALLMULTI = 2
+PACKET_OUTGOING = 4  # sll_pkttype of a frame this host sent (recvfrom's addr[2])
+
+
+def join_allmulti(sock: socket.socket, ifindex: int) -> None:
+    """Receive every multicast frame on the interface (solicited-node groups of addresses we do
+    not hold, whatever the interface's own IPv6 state)."""
+    mreq = struct.pack("iHH8s", ifindex, PACKET_MR_ALLMULTI, 0, b"")
+    sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+
+
+def packet_socket(netns_path: str, ifname: str, ethertype: int, *,
+                  allmulti: bool = False) -> tuple[socket.socket, int]:
+    """An AF_PACKET/SOCK_RAW socket bound to `ifname` inside the netns, receiving `ethertype`
+    (and every multicast frame with `allmulti`). Returns the socket and the interface index
+    (raises OSError ENODEV if ifname is missing).
 
     Created with protocol 0, then bound to the ethertype: a socket created with a protocol has a
     packet hook registered already, and bind() must unregister it first, which waits for an RCU
@@ -320,6 +336,8 @@ def packet_socket(netns_path: str, ifname: str, ethertype: int) -> tuple[socket.
     try:
         sock.bind((ifname, ethertype))
         ifindex = _ifindex_of(sock)
+        if allmulti:
+            join_allmulti(sock, ifindex)
     except OSError:
         sock.close()
         raise

@@ -18,7 +18,6 @@ import errno
 import logging
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from collections.abc import Callable, Iterator
 from netaddr import IPAddress
 
 from core import frames
-from core.netns import NetnsError, check_netns, close_later, own_netns_inode, packet_socket
+from core.netns import PACKET_OUTGOING, NetnsError, check_netns, close_later, own_netns_inode, packet_socket
 from core.spec import ProbeResult
 from ipamd.conflicts import ConflictOutcome
 from ipamd.errors import InvalidNetns
@@ -34,12 +33,15 @@ from ipamd.metrics import Metrics
 
 log = logging.getLogger("ipamd.probe")
 
-SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP = 1
-PACKET_MR_ALLMULTI = 2
-PACKET_OUTGOING = 4
 MAX_TRIES = 3
 MIN_SPACING_MS = 50
+
+
+def send_times(start: float, wait_ms: int) -> list[float]:
+    """When a probe sends its frames: up to MAX_TRIES, at least MIN_SPACING_MS apart, spread
+    over its wait (RFC 5227's PROBE_NUM, in the time the config gives)."""
+    tries = max(1, min(MAX_TRIES, wait_ms // MIN_SPACING_MS))
+    return [start + i * (wait_ms / 1000) / tries for i in range(tries)]
 
 # match(frame, own_mac) -> the answering MAC when the frame is the answer we wait for.
 Matcher = Callable[[bytes, bytes], bytes | None]
@@ -93,9 +95,9 @@ class Prober:
                 return ProbeResult(answered=True, mac=hit[0], elapsed_ms=0.0, cached=True)
         if gateway.version == 4:
             eth, frame_of = frames.ETH_P_ARP, _arp_builder(sender_ip, gateway)
-            match = _arp_reply_from(gateway)
         else:
-            eth, frame_of, match = frames.ETH_P_IPV6, _ns_builder(sender_ip, gateway), _na_from(gateway)
+            eth, frame_of = frames.ETH_P_IPV6, _ns_builder(sender_ip, gateway)
+        match = _gateway_answer(gateway)
         start = time.monotonic()
         try:
             with self._pods.hold(netns):
@@ -150,10 +152,9 @@ class Prober:
         try:
             own = bytes(sock.getsockname()[4])[:6]
             frame = frame_of(own)
-            tries = max(1, min(MAX_TRIES, total_ms // MIN_SPACING_MS))
             start = time.monotonic()
             deadline = start + total_ms / 1000
-            sends = [start + i * (total_ms / 1000) / tries for i in range(tries)]
+            sends = send_times(start, total_ms)
             while True:
                 now = time.monotonic()
                 while sends and sends[0] <= now:
@@ -188,17 +189,11 @@ def _open(netns: str, ifname: str, ethertype: int) -> socket.socket:
         raise InvalidNetns(f"netns {netns}: {exc.strerror}") from exc
     if ino == own_netns_inode():
         raise InvalidNetns(f"netns {netns} is ipamd's own network namespace; refusing to probe from it")
-    try:
-        sock, ifindex = packet_socket(netns, ifname, ethertype)
+    try:  # all multicast: all-nodes / solicited-node groups whatever the pod's IPv6 state
+        sock, _ = packet_socket(netns, ifname, ethertype, allmulti=True)
     except OSError as exc:
         if exc.errno in (errno.ENODEV, errno.ENXIO):
             raise _Unusable(f"no interface {ifname} in {netns}") from exc
-        raise
-    try:  # receive all-nodes / solicited-node multicast whatever the pod's IPv6 state
-        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
-                        struct.pack("iHH8s", ifindex, PACKET_MR_ALLMULTI, 0, b""))
-    except OSError:
-        sock.close()
         raise
     return sock
 
@@ -229,13 +224,8 @@ def _ns_builder(sender: IPAddress | None, target: IPAddress) -> Callable[[bytes]
     return lambda own: frames.neighbor_solicitation(own, sender6, target)
 
 
-def _arp_reply_from(gateway: IPAddress) -> Matcher:
-    def match(data: bytes, own: bytes) -> bytes | None:
-        pkt = frames.parse_arp(data)
-        if pkt is not None and pkt.op == 2 and frames.arp_answers_for(pkt, gateway, own):
-            return pkt.sha
-        return None
-    return match
+def _gateway_answer(gateway: IPAddress) -> Matcher:
+    return lambda data, own: frames.gateway_answer(data, gateway, own)
 
 
 def _arp_conflict(address: IPAddress) -> Matcher:
@@ -246,15 +236,6 @@ def _arp_conflict(address: IPAddress) -> Matcher:
         if frames.arp_answers_for(pkt, address, own) or frames.arp_probe_collision(pkt, address, own):
             return pkt.sha
         return None
-    return match
-
-
-def _na_from(target: IPAddress) -> Matcher:
-    def match(data: bytes, own: bytes) -> bytes | None:
-        nd = frames.parse_nd(data)
-        if nd is None or nd.type != frames.ICMPV6_NA or nd.target != target or nd.src_mac == own:
-            return None
-        return nd.lladdr or nd.src_mac
     return match
 
 

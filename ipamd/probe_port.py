@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from core import netns, rtnl
 from core.errors import CoreError
 from core.names import PROBE_OWNER, probe_port_name
+from core.netlink import open_pod_rtnl
 from core.spec import Segment
 from core.vswitch import PortInfo, PortSpec, Vswitch
 
@@ -155,7 +156,7 @@ class ProbePorts:
             raise CoreError(f"probe port {name} vanished from netns {path}")
         netns.write_sysctl(path, f"net.ipv6.conf.{name}.disable_ipv6", "1")
         if not dev.up:
-            with _rtnl_in(path) as nl:
+            with open_pod_rtnl(path) as nl:
                 nl.call(rtnl.link_set(index=dev.index, up=True))
         return PortHandle(seg, name, path, dev.mac, dev.index)
 
@@ -203,20 +204,13 @@ class ProbePorts:
         log.info("netns=%s msg=%s", self.netns_name, "probe ports and their netns removed")
 
 
-def _rtnl_in(path: str) -> rtnl.Rtnl:
-    import socket
-
-    return rtnl.Rtnl(netns.socket_in_netns(path, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                           rtnl.NETLINK_ROUTE))
-
-
 def _link_in(path: str, name: str) -> rtnl.Link | None:
-    with _rtnl_in(path) as nl:
+    with open_pod_rtnl(path) as nl:
         return nl.get_link(name=name)
 
 
 def _delete_link_in(path: str, name: str) -> None:
-    with _rtnl_in(path) as nl:
+    with open_pod_rtnl(path) as nl:
         try:
             nl.call(rtnl.link_del(name=name))
         except rtnl.RtnlError as exc:

@@ -63,19 +63,19 @@ from typing import Protocol
 from netaddr import IPAddress, IPNetwork
 
 from core import frames
-from core.netns import close_later, packet_socket
+from core.netns import PACKET_OUTGOING, close_later, packet_socket
 from core.spec import GatewaySeen, PoolDef, Segment
 from ipamd.conflicts import ConflictOutcome
 from ipamd.metrics import Metrics
 from ipamd.model import ACTIVE, Entry
 from ipamd.occupancy import SubnetOccupancy
 from ipamd.policy import Request
+from ipamd.probe import send_times
 from ipamd.probe_port import PortHandle, ProbePorts
 
 log = logging.getLogger("ipamd.segments")
 
 ETH_P_ALL = 0x0003
-SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_ALLMULTI, PACKET_OUTGOING = 263, 1, 2, 4
 SO_ATTACH_FILTER = 26
 # tcpdump -dd 'arp or (ip6 and ip6[6] == 58 and (ip6[40] == 135 or ip6[40] == 136))': ARP and
 # ICMPv6 neighbour solicitations/advertisements only reach us; the rest of the segment's
@@ -83,7 +83,6 @@ SO_ATTACH_FILTER = 26
 _BPF = ((0x28, 0, 0, 12), (0x15, 6, 0, 0x0806), (0x15, 0, 6, 0x86DD), (0x30, 0, 0, 20),
         (0x15, 0, 4, 58), (0x30, 0, 0, 54), (0x15, 1, 0, 135), (0x15, 0, 1, 136),
         (0x6, 0, 0, 0x40000), (0x6, 0, 0, 0))
-MAX_TRIES, MIN_SPACING_MS = 3, 50  # as probe.py: frames per probe, spread over its wait
 TICK_S = 1.0  # every candidate window checked this often (a taken candidate: its network at once)
 MAX_STARTS = 32  # new background probes per segment per pass: a start with many networks is spread
 BURST_S = 5.0  # a window widens by the candidates taken from it within this long ...
@@ -364,8 +363,7 @@ class SegmentProbes:
     def _start(self, s: _Seg, address: IPAddress, *, conflict: bool, wait_ms: int,
                on_done: Callable[[_Probe], None] | None = None) -> _Probe | None:
         now = self.clock()
-        tries = max(1, min(MAX_TRIES, wait_ms // MIN_SPACING_MS))
-        p = _Probe(address, conflict, [now + i * (wait_ms / 1000) / tries for i in range(tries)],
+        p = _Probe(address, conflict, send_times(now, wait_ms),
                    now + wait_ms / 1000, now, on_done)
         with self._lock:
             if s.sock is None:
@@ -724,14 +722,12 @@ def _remote(r: str) -> str:
 
 def _watch_socket(h: PortHandle) -> socket.socket:
     """A packet socket on the probe port receiving ARP and ND only (BPF), all multicast too."""
-    sock, ifindex = packet_socket(h.netns_path, h.name, ETH_P_ALL)
+    sock, _ = packet_socket(h.netns_path, h.name, ETH_P_ALL, allmulti=True)
     try:
         prog = b"".join(struct.pack("HBBI", *ins) for ins in _BPF)
         buf = ctypes.create_string_buffer(prog)
         fprog = struct.pack("HL", len(_BPF), ctypes.addressof(buf))
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        mreq = struct.pack("iHH8s", ifindex, PACKET_MR_ALLMULTI, 0, b"")
-        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         sock.setblocking(False)
         _drain_all(sock)  # what arrived before the filter was attached
     except BaseException:

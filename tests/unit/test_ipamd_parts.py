@@ -36,6 +36,23 @@ def test_ns_frame_checksum_and_group() -> None:
     assert frames._checksum(pseudo + icmp) == 0
 
 
+def test_gateway_answer_is_a_reply_from_the_gateway_not_our_own_frame() -> None:
+    """The one rule of every gateway check (ipamd's probes and the node agent's verify)."""
+    own, gw_mac, gw = bytes.fromhex("020000000001"), bytes.fromhex("02000000000a"), IPAddress("10.0.0.1")
+    reply = bytearray(frames.arp_request(gw_mac, gw, IPAddress("10.0.0.7")))
+    reply[20:22] = (2).to_bytes(2, "big")  # the same frame as an ARP reply (op 2)
+    assert frames.gateway_answer(bytes(reply), gw, own) == gw_mac
+    assert frames.gateway_answer(frames.arp_request(gw_mac, gw, IPAddress("10.0.0.7")), gw, own) is None  # a request
+    assert frames.gateway_answer(bytes(reply), IPAddress("10.0.0.2"), own) is None  # another host
+    assert frames.gateway_answer(bytes(reply), gw, gw_mac) is None  # our own frame
+    ns = frames.neighbor_solicitation(gw_mac, None, IPAddress("fd00::1"))
+    assert frames.gateway_answer(ns, IPAddress("fd00::1"), own) is None  # a solicitation is no answer
+    na = bytearray(ns)
+    na[54] = frames.ICMPV6_NA  # the same frame as an advertisement for fd00::1
+    assert frames.gateway_answer(bytes(na), IPAddress("fd00::1"), own) == gw_mac
+    assert frames.gateway_answer(bytes(na), IPAddress("fd00::2"), own) is None
+
+
 def test_daemon_config_file_and_overrides(tmp_path: Path) -> None:
     p = tmp_path / "c.json"
     tls = {"tlsCert": "/etc/t/c.pem", "tlsKey": "/etc/t/k.pem", "tlsClientCa": "/etc/t/ca.pem"}
