@@ -4,7 +4,7 @@ Why Protocols: plans are computed from observed state and executed through these
 planner and the executor are unit-tested with in-memory fakes (tests/unit/test_agent_*.py)
 while the integration tests run the same code on real namespaces and a real OVS. The real
 implementations are the shared core's (`core.hostnet.HostNet`, `core.bridges.Bridges`,
-`core.probe.GatewayProbe`): neutral, raising `core.errors`.
+`core.gateway.GatewayProbe`): neutral, raising `core.errors`.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from agent.drivers import Drivers
 from agent.journal import JournalError, StateDir
 from core import bridges as B
 from core import netstate
-from core.errors import CoreError
+from core.errors import CoreError, Unavailable
 
 _log = logging.getLogger("ovs-underlay.agent.serve")
 BACKOFF_MIN_S, BACKOFF_MAX_S = 10.0, 300.0
@@ -175,10 +175,13 @@ class Server:
         except E.ApplyFailed as exc:
             _log.error("%s", exc)
             self._backoff(nn.name)
-        except CoreError as exc:
+        except Unavailable as exc:  # OVSDB unreachable: wait it out (logged once)
             if not self._ovs_down:
                 _log.warning("%s: %s; waiting for it", nn.name, exc.msg)
             self._ovs_down = True
+        except CoreError as exc:  # anything else (netlink, ownership): this network's own failure
+            _log.error("%s: %s", nn.name, exc.msg)
+            self._backoff(nn.name)
 
     def _looks_applied(self, nn: C.NodeNetwork, d: Drivers) -> bool:
         """The cheap check (see module docstring); False means "apply to find out"."""

@@ -4,7 +4,7 @@ Why a module of its own: the node agent snapshots a NIC before it bridges it, jo
 snapshot, moves the configuration to the bridge, and must later put back exactly what was there
 and prove it did. That needs a faithful, comparable, serialisable picture of the kernel's state
 that does not depend on pyroute2 (the journal is read back by a later process, the dry run and
-the unit tests run without root). `core.netlink` produces and consumes these records; nothing
+the unit tests run without root). `core.hostnet` produces and consumes these records; nothing
 here has side effects. stdlib + netaddr only.
 
 What "faithful" keeps, so a restore is exact:

@@ -201,8 +201,8 @@ class Daemon:
             self.allocator.probe_write()
 
     def _node_tools(self) -> tuple[Ports, Links]:
-        """A fresh OVSDB connection and netlink socket per reconcile pass, on the pass's thread
-        (pyroute2 sockets belong to the thread that made them)."""
+        """A fresh OVSDB connection and netlink socket per reconcile pass, made on the pass's
+        thread and closed with it (nothing the pass holds outlives it)."""
         return Vswitch(self.cfg.ovsdb_socket), Netlink()
 
     def _pool_gauges(self) -> list[tuple[str, Labels, float]]:
