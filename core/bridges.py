@@ -319,18 +319,8 @@ class Bridges:
         self.db = OvsdbClient(remote, DB, timeout_s)
         self._ports = Vswitch(db=self.db)  # our port operations, on the same connection
 
-    @property
-    def remote(self) -> str:
-        return self.db.remote
-
     def close(self) -> None:
         self.db.close()
-
-    def __enter__(self) -> Bridges:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -340,27 +330,10 @@ class Bridges:
         return parse_bridge(name, ports, self.db.transact(read_bridge_steps(name, ports)))
 
     def port_bridge(self, port: str) -> str | None:
-        """The bridge holding a port named `port`, None when there is no such port."""
-        deadline = self.db.deadline()
-        rows = rows_of(
-            self.db.transact(
-                [Step(op_select("Port", [eq("name", port)], ["_uuid"]), f"read port {port}")], deadline
-            )[0]
-        )
-        if not rows:
-            return None
-        u = from_atom(rows[0]["_uuid"])
-        br = rows_of(
-            self.db.transact(
-                [
-                    Step(
-                        op_select("Bridge", [includes("ports", [u])], ["name"]), f"find bridge of port {port}"
-                    )
-                ],
-                deadline,
-            )[0]
-        )
-        return str(br[0]["name"]) if br else None
+        """The bridge holding a port named `port`, None when there is no such port (or it is in
+        no bridge)."""
+        info = self._ports.get_port(port)
+        return info.bridge if info is not None else None
 
     # -- writes ----------------------------------------------------------------------------
 
