@@ -91,6 +91,10 @@ HEALTH_S = 5.0  # probe ports checked (and rebuilt) this often
 RETRY_S = 30.0  # a segment whose port could not be made is tried again after this
 GATEWAY_WAIT_MS = 500
 OK_CACHE_S = 60.0  # a lease seen with its own MAC is not read again for this long
+# An address with no lease to compare (free, cooling, a lease without a MAC) is not read again
+# for this long: a chatty host costs one store read per address per this, and a lease granted
+# meanwhile is judged within it.
+NO_LEASE_CACHE_S = 5.0
 STATE_FILE = "probe-segments.json"
 
 
@@ -458,6 +462,7 @@ class SegmentProbes:
                 self._finish(s, p)
             if ip in s.gateways or any(ip == g.gateway for n in s.networks.values() for g in n.pool.subnets):
                 s.gateways[ip] = (mac, now)
+                return  # a gateway holds no lease: nothing to judge (it answers our probes often)
             for net in s.networks.values():
                 k = _subnet_of(net.pool, ip)
                 if k is None:
@@ -488,16 +493,16 @@ class SegmentProbes:
 
     def _judge(self, s: _Seg, network: str, ip: IPAddress, mac: str) -> None:
         e = self.pools.durable_entry(network, ip)
-        if e is None or e.state != ACTIVE:
-            return  # free (its probe will tell) or already quarantined/cooling
-        if not e.mac:
-            return  # a lease whose interface MAC ipamd was never told: nothing to compare
-        if e.mac.lower() == mac.lower():
+        # free (its probe will tell), already quarantined/cooling, or a lease whose interface MAC
+        # ipamd was never told: nothing to compare, for a while
+        nothing = e is None or e.state != ACTIVE or not e.mac
+        if nothing or e.mac.lower() == mac.lower():  # type: ignore[union-attr]
             with self._lock:
-                s.ok[(network, int(ip))] = (mac, self.clock() + OK_CACHE_S)
+                s.ok[(network, int(ip))] = (mac, self.clock() + (NO_LEASE_CACHE_S if nothing else OK_CACHE_S))
                 if len(s.ok) > 65536:
                     s.ok.clear()
             return
+        assert e is not None
         self.pools.quarantine(network, e, mac)
         self._count("ipamd_conflicts_total", network=network, source="watch", kind="lease")
         log.warning("network=%s ip=%s container_id=%s ifname=%s lease_mac=%s conflict_mac=%s segment=%s "

@@ -234,6 +234,7 @@ def test_own_frames_and_other_subnets_are_ignored_and_gateways_are_remembered() 
     eng._frame(s, arp_from("10.9.9.9", "0a:cc:00:00:00:05"))
     assert eng._work.empty() and int(IPAddress("10.0.0.10")) in s.cands[("n1", 0)]
     eng._frame(s, arp_from("10.0.0.1", "0a:00:00:00:00:fe"))  # the gateway speaks
+    assert eng._work.empty()  # a gateway holds no lease: no store read for its frames
     seen = eng.gateways_seen(req("c9"))
     assert [(str(g.gateway), g.mac, g.age_ms) for g in seen] == [("10.0.0.1", "0a:00:00:00:00:fe", 0)]
     clock.t += 10.5
@@ -310,3 +311,16 @@ def test_window_is_what_pick_hands_out_next_and_changes_nothing(prefix: str) -> 
         sim.mark_active(off, advance=True)
         picks.append(off)
     assert order == picks
+
+
+def test_a_chatty_host_on_an_address_without_a_lease_costs_one_store_read_per_while() -> None:
+    clock = Clock()
+    eng, _alloc, _store, s, _wire = engine(clock)
+    eng._register(s, "n1", POOL, True, 100)
+    eng._frame(s, arp_from("10.0.0.200", "0a:cc:00:00:00:05"))  # no lease there
+    run_work(eng)
+    eng._frame(s, arp_from("10.0.0.200", "0a:cc:00:00:00:05"))
+    assert eng._work.empty()  # judged a moment ago: not read again
+    clock.t += 6
+    eng._frame(s, arp_from("10.0.0.200", "0a:cc:00:00:00:05"))
+    assert not eng._work.empty()  # a lease granted meanwhile would be judged now
