@@ -299,7 +299,7 @@ def _verify(v: Any, at: str) -> Verify:
     if v is False:
         return Verify(enabled=False)
     if not isinstance(v, Mapping) or set(v) - {"gateway", "gateways", "timeoutMs", "enabled"}:
-        raise ConfigError(f"{at}: expected false or {{gateway, timeoutMs}}, got {v!r}")
+        raise ConfigError(f"{at}: expected false or {{gateway (or gateways), timeoutMs, enabled}}, got {v!r}")
     if "gateway" in v and "gateways" in v:
         raise ConfigError(f"{at}: give gateway or gateways, not both")
     gws_raw = v.get("gateway", v.get("gateways"))
