@@ -76,10 +76,6 @@ class BridgeSpec:
 class BridgePort:
     name: str
     in_bridge: bool  # a port of the bridge asked about (else of another bridge)
-    type: str = ""  # Interface.type of the same-named interface ("" system, "internal")
-    tag: int | None = None
-    ofport: int | None = None
-    error: str = ""
     port_ids: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -125,11 +121,9 @@ def read_bridge_steps(name: str, ports: Sequence[str]) -> list[Step]:
             f"read bridge {name}",
         )
     ]
-    for p in ports:
-        steps += [
-            Step(op_select("Port", [eq("name", p)], ["_uuid", "tag", "external_ids"]), f"read port {p}"),
-            Step(op_select("Interface", [eq("name", p)], ["type", "ofport", "error"]), f"read interface {p}"),
-        ]
+    # A port's row is all the planner needs (is it in this bridge, is it ours): one select each.
+    steps += [Step(op_select("Port", [eq("name", p)], ["_uuid", "external_ids"]), f"read port {p}")
+              for p in ports]
     return steps
 
 
@@ -141,17 +135,12 @@ def parse_bridge(name: str, ports: Sequence[str], results: Sequence[Mapping[str,
     members = set(set_of(b["ports"]))
     found: dict[str, BridgePort] = {}
     for i, p in enumerate(ports):
-        prow, irow = rows_of(results[1 + 2 * i]), rows_of(results[2 + 2 * i])
+        prow = rows_of(results[1 + i])
         if not prow:
             continue
-        iface = irow[0] if irow else {}
         found[p] = BridgePort(
             name=p,
             in_bridge=from_atom(prow[0]["_uuid"]) in members,
-            type=str(iface.get("type", "")),
-            tag=optional(prow[0]["tag"]),
-            ofport=optional(iface["ofport"]) if iface else None,
-            error=str(optional(iface["error"]) or "") if iface else "",
             port_ids=map_of(prow[0]["external_ids"]),
         )
     dp = str(b["datapath_type"]) or "system"

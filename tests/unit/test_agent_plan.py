@@ -151,7 +151,7 @@ def applied_obs(nic: N.IfaceState | None = None, ready: bool = True) -> P.Observ
     br_rules = tuple(r.renamed("eth1", "br-net1") for r in st.rules)
     ids = {"owner": OWNER, B.NETWORK: "net1", B.INTERFACE: "eth1", B.MTU: "1500", B.READY: str(ready).lower()}
     bridge = BridgeInfo("br-net1", "u1", "netdev", MAC, ids, 2,
-                        {"br-net1": BridgePort("br-net1", True, "internal"),
+                        {"br-net1": BridgePort("br-net1", True),
                          "eth1": BridgePort("eth1", True, port_ids={"owner": OWNER})})
     bare = N.IfaceState(st.link, tuple(a for a in st.addresses if not N.movable_address(a)))
     return P.Observed(nic=bare, nic_bridge="br-net1", bridge=bridge,
