@@ -124,14 +124,20 @@ class Drivers:
     node: NodeDriver | None = None  # OVN chassis side (None: unit tests that never touch OVN)
     northbound: Callable[[Northbound], NbDriver] | None = None
     _clients: list[Any] = field(default_factory=list)
+    _ipam_clients: dict[tuple[str, int], IpamClientDriver] = field(default_factory=dict)
 
     def ipam_client(self, ipam: IpamConf) -> IpamClientDriver:
         return self.ipam_at(ipam.daemon_socket, ipam.timeout_ms)
 
     def ipam_at(self, socket_path: str, timeout_ms: int) -> IpamClientDriver:
-        """A client of the ipamd at `socket_path`, closed with the drivers."""
-        client = self.ipam(socket_path, timeout_ms)
-        self._clients.append(client)
+        """THE client of the ipamd at `socket_path` for this verb (one connection for all its
+        calls: its calls are sequential, an Allocate in flight is read or settled before the
+        next call), closed with the drivers."""
+        key = (socket_path, timeout_ms)
+        client = self._ipam_clients.get(key)
+        if client is None:
+            client = self._ipam_clients[key] = self.ipam(socket_path, timeout_ms)
+            self._clients.append(client)
         return client
 
     def nb(self, nb: Northbound) -> NbDriver:
