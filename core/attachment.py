@@ -71,13 +71,16 @@ class Record:
     problems: tuple[str, ...] = ()
 
 
+IPAMD_SOCKET_KEY = "ipamd_socket"  # which ipamd holds the attachment's lease (its reconciler's ports)
+
+
 def record_ids(*, container_id: str, ifname: str, netns: str, network: str, ipam: str,
                ipamd_socket: str | None, ovn_lsp: str | None = None) -> dict[str, str]:
     """The identity part of an Interface's external_ids for one attachment."""
     ids = {"owner": OWNER, "container_id": container_id, "ifname": ifname, "netns": netns,
            "network": network, "ipam": ipam}
     if ipamd_socket is not None:
-        ids["ipamd_socket"] = ipamd_socket
+        ids[IPAMD_SOCKET_KEY] = ipamd_socket
     if ovn_lsp is not None:
         ids["ovn_lsp"] = ovn_lsp
     return ids
@@ -98,8 +101,8 @@ def read_record(ids: Mapping[str, str]) -> Record | None:
     if ipam is not None and ipam != NO_IPAM and (why := name_problem(ipam, "ipam")):
         problems.append(why)
         ipam = None
-    sock: str | None = ids.get("ipamd_socket")
-    if sock is not None and (why := socket_problem(sock, "ipamd_socket")):
+    sock: str | None = ids.get(IPAMD_SOCKET_KEY)
+    if sock is not None and (why := socket_problem(sock, IPAMD_SOCKET_KEY)):
         problems.append(why)
         sock = None
     if ipam == IPAMD and sock is None:

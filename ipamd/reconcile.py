@@ -71,6 +71,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from core.attachment import IPAMD_SOCKET_KEY
 from core.errors import CoreError
 from core.names import host_ifname
 from core.netlink import HostLink
@@ -92,7 +93,6 @@ SKIPPED = "skipped"  # the re-check before acting found it in use again, or gone
 FAILED = "failed"  # acting raised; the detail says what
 OUTCOMES = (DONE, WOULD, DEFERRED, KEPT, SKIPPED, FAILED)
 
-IPAMD_SOCKET_ID = "ipamd_socket"  # Interface external_ids key: the ipamd an ADD used (issue 11 item 5)
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,7 @@ class Reconciler:
 
     def _ours(self, port: PortInfo) -> bool:
         """Ports that recorded another ipamd's socket are that ipamd's to reconcile."""
-        sock = port.iface_ids.get(IPAMD_SOCKET_ID, "")
+        sock = port.iface_ids.get(IPAMD_SOCKET_KEY, "")
         return not sock or sock == self.ipamd_socket
 
     def run(self, *, dry_run: bool = False, grace_s: float | None = None, trigger: str = "request") -> Report:
