@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,27 +24,6 @@ from testbed.agentbed import Agent, Pinger, iface_view, node_view, run_cni, wait
 
 GW4, GW6 = "172.31.0.1", "fd00:31::1"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def tor() -> Iterator[nodebed.Tor]:
-    t = nodebed.make_tor(vlans={100: ["192.168.100.1/24"], 200: ["192.168.200.1/24"]})
-    yield t
-    t.destroy()
-
-
-@pytest.fixture
-def node_factory() -> Iterator[Callable[[str], nodebed.Node]]:
-    made: list[nodebed.Node] = []
-
-    def make(name: str) -> nodebed.Node:
-        n = nodebed.make_node(name)
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        n.destroy()
 
 
 @dataclass

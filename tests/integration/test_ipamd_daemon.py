@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import plugin_helpers as ph
 import pytest
 from netaddr import IPAddress
 
@@ -414,14 +415,7 @@ def test_health_says_not_serving_while_writes_fail_on_a_full_disk(
         time.sleep(1.0)
         assert c.health() is False  # the probe writes fail too
         filler.unlink()
-        assert _wait(c.health)
+        assert ph.wait_for(c.health)
     assert "NOT_SERVING" in d.log() and "writes succeed" in d.log()
 
 
-def _wait(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return bool(pred())

@@ -9,32 +9,11 @@ the ToR, and an OVS restart (with or without losing the database) gives a workin
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from testbed import netbed, nodebed
-
-
-@pytest.fixture
-def tor() -> Iterator[nodebed.Tor]:
-    t = nodebed.make_tor(vlans={100: ["192.168.100.1/24"]})
-    yield t
-    t.destroy()
-
-
-@pytest.fixture
-def node_factory() -> Iterator[Callable[[str], nodebed.Node]]:
-    made: list[nodebed.Node] = []
-
-    def make(name: str) -> nodebed.Node:
-        n = nodebed.make_node(name)
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        n.destroy()
 
 
 def test_two_nodes_on_one_tor(tor: nodebed.Tor, node_factory: Callable[[str], nodebed.Node]) -> None:
