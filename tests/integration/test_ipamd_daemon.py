@@ -417,5 +417,3 @@ def test_health_says_not_serving_while_writes_fail_on_a_full_disk(
         filler.unlink()
         assert ph.wait_for(c.health)
     assert "NOT_SERVING" in d.log() and "writes succeed" in d.log()
-
-
