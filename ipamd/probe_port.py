@@ -187,10 +187,6 @@ class ProbePorts:
                          "removed probe ports of segments no longer in use")
             return stale
 
-    def remove(self, seg: Segment) -> None:
-        with self._lock, self._vswitch() as ovs:
-            ovs.delete_ports([self.name_of(seg)])
-
     def remove_all(self) -> None:
         """Every probe port of this ipamd, then its netns (clean shutdown)."""
         with self._lock:

@@ -157,10 +157,10 @@ def test_frozen_ipam_shim_under_the_reference_bridge_is_served_warm(
     """`ovs-underlay-ipam` is the same native client: under the reference `bridge` plugin its
     ADD and DEL are served by the one warm server (the worker that the server logs is the pid
     that logs the IPAM verb), with the address in the pod and the lease in ipamd, and gone after DEL."""
+    br, ns, cid = netbed.uniq("ib"), netns_factory("ib"), netbed.container_id("ib")
     server = netbed.WarmServer([str(bundle / "ovs-underlay")], str(tmp_path / "run" / "cni-warm.sock"),
                                tmp_path / "warm-server.log", args=("--log-level", "debug"))
-    server.start()
-    br, ns, cid = netbed.uniq("ib"), netns_factory("ib"), netbed.container_id("ib")
+    server.start()  # stopped in the finally below: nothing between here and the try can fail
     log = netbed.plugin_log(tmp_path.name)  # the plugin logs only inside /var/log/ovs-underlay
     conf = {"cniVersion": "1.0.0", "name": f"ib{netbed.TOKEN}", "type": "bridge", "bridge": br,
             "ipam": {"type": "ovs-underlay-ipam", "daemonSocket": frozen_ipamd.socket,

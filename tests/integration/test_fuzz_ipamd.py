@@ -38,13 +38,16 @@ FUZZ = settings(max_examples=120, deadline=None,
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, Path]]:
     work = tmp_path_factory.mktemp("fuzz-ipamd")
     d = netbed.start_ipamd(str(work))
-    fifo = work / "fifo"
-    os.mkfifo(fifo)
-    with grpc.insecure_channel(f"unix://{d.socket}") as ch:
-        stub = ipam_pb2_grpc.IpamStub(ch)
-        stub.Allocate(pb.AllocateRequest(network="fz", pool=POOL, container_id="seed", ifname="eth0"), timeout=10)
-        yield stub, str(fifo), Path(d.state_dir) / "ipam.db"
-    d.stop()
+    try:
+        fifo = work / "fifo"
+        os.mkfifo(fifo)
+        with grpc.insecure_channel(f"unix://{d.socket}") as ch:
+            stub = ipam_pb2_grpc.IpamStub(ch)
+            stub.Allocate(pb.AllocateRequest(network="fz", pool=POOL, container_id="seed", ifname="eth0"),
+                          timeout=10)
+            yield stub, str(fifo), Path(d.state_dir) / "ipam.db"
+    finally:
+        d.stop()
 
 
 def snapshot(db: Path) -> tuple[list[Any], list[Any], list[Any]]:
